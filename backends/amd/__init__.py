@@ -1,0 +1,1 @@
+"""The amd backend (not implemented yet: see its issue)."""

@@ -1,0 +1,14 @@
+"""The amd backend plugin. Until its kernels land it reports itself unusable; it never pretends."""
+
+from __future__ import annotations
+
+from dsv3.hookspecs import BackendInfo, hookimpl
+
+
+@hookimpl
+def dsv3_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name="amd",
+        description="amd backend",
+        unusable_reason="not implemented yet",
+    )

@@ -1,0 +1,1 @@
+"""The ascend backend (not implemented yet: see its issue)."""

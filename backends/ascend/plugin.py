@@ -1,0 +1,14 @@
+"""The ascend backend plugin. Until its kernels land it reports itself unusable; it never pretends."""
+
+from __future__ import annotations
+
+from dsv3.hookspecs import BackendInfo, hookimpl
+
+
+@hookimpl
+def dsv3_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name="ascend",
+        description="ascend backend",
+        unusable_reason="not implemented yet",
+    )

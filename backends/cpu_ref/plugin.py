@@ -1,0 +1,75 @@
+"""The cpu_ref backend plugin: implements every operator for every format; never declines."""
+
+from __future__ import annotations
+
+from dsv3.hookspecs import BackendInfo, OpRequest, hookimpl
+from dsv3.weights import FORMATS
+
+from . import attention as _attention
+from . import basic, moe, quant
+
+
+@hookimpl(trylast=True)
+def dsv3_backend_info() -> BackendInfo:
+    return BackendInfo(
+        name="cpu_ref",
+        description="pure PyTorch reference (runs on any device's tensors; the fallback everywhere)",
+        device="cpu",
+        dist_backend="gloo",
+        formats=FORMATS,
+    )
+
+
+@hookimpl(trylast=True)
+def dsv3_op_embedding(request: OpRequest):
+    return basic.embedding
+
+
+@hookimpl(trylast=True)
+def dsv3_op_rms_norm(request: OpRequest):
+    return basic.rms_norm
+
+
+@hookimpl(trylast=True)
+def dsv3_op_rotary(request: OpRequest):
+    return basic.rotary
+
+
+@hookimpl(trylast=True)
+def dsv3_op_attention(request: OpRequest):
+    return _attention.attention
+
+
+@hookimpl(trylast=True)
+def dsv3_op_mla_latent_attention(request: OpRequest):
+    return _attention.mla_latent_attention
+
+
+@hookimpl(trylast=True)
+def dsv3_op_linear(request: OpRequest):
+    return quant.linear_for(request.fmt, request.act_quant)
+
+
+@hookimpl(trylast=True)
+def dsv3_op_dequantize(request: OpRequest):
+    return quant.dequantize
+
+
+@hookimpl(trylast=True)
+def dsv3_op_moe_gate(request: OpRequest):
+    return moe.moe_gate
+
+
+@hookimpl(trylast=True)
+def dsv3_op_moe_experts(request: OpRequest):
+    return moe.moe_experts_with(quant.linear_for(request.fmt, request.act_quant))
+
+
+@hookimpl(trylast=True)
+def dsv3_op_silu_and_mul(request: OpRequest):
+    return basic.silu_and_mul
+
+
+@hookimpl(trylast=True)
+def dsv3_op_sample(request: OpRequest):
+    return basic.sample

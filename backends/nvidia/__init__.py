@@ -1,0 +1,1 @@
+"""The nvidia backend (not implemented yet: see its issue)."""

@@ -1,0 +1,217 @@
+"""The Python API: ``dsv3.load(path, backend=...)`` and the Engine it returns."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import registry
+from .checkpoint import (
+    CheckpointFiles,
+    apply_scale_fmt_and_prepare,
+    format_of_checkpoint,
+    load_weights,
+    share_mtp_duplicates,
+)
+from .config import ModelConfig, load_config
+from .errors import Dsv3Error
+from .generate import SamplingParams, generate
+from .model import ATTN_IMPLS, BuildOptions, Transformer
+from .weights import ACT_QUANT_MODES, HP
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class Completion:
+    """One prompt's result: the generated text and token ids (prompt excluded)."""
+
+    prompt: str | list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+def embedded_model_path() -> Path | None:
+    """The small model shipped inside the package, if this installation has it."""
+    from importlib.resources import files
+
+    try:
+        path = Path(str(files("dsv3") / "embedded" / "tiny-dsv3"))
+    except ModuleNotFoundError:
+        return None
+    return path if (path / "config.json").exists() else None
+
+
+def _dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise Dsv3Error(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build_model(
+    cfg: ModelConfig,
+    backend: str = registry.REFERENCE,
+    dtype: str | torch.dtype = "float32",
+    attn_impl: str = "absorb",
+    act_quant: str = "none",
+    formats: tuple[str, ...] = (HP,),
+    fmt_of=None,
+    device: str | None = None,
+) -> Transformer:
+    """Instantiate a model (uninitialised weights) with the backend's operators resolved once."""
+    if attn_impl not in ATTN_IMPLS:
+        raise Dsv3Error(f"unknown attention form {attn_impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
+    if act_quant not in ACT_QUANT_MODES:
+        raise Dsv3Error(f"unknown --act-quant {act_quant!r}; choose one of {', '.join(ACT_QUANT_MODES)}")
+    backends = registry.discover()
+    chosen = registry.get_backend(backend, backends)
+    torch_dtype = _dtype(dtype)
+    ops = registry.resolve_ops(chosen, formats, act_quant, torch_dtype, backends[registry.REFERENCE])
+    opts = BuildOptions(torch_dtype, device or chosen.info.device, attn_impl, fmt_of)
+    model = Transformer(cfg, ops, opts)
+    model.backend_info = chosen.info
+    return model
+
+
+class Engine:
+    """A loaded model, its tokenizer (if the checkpoint has one) and generation."""
+
+    def __init__(self, model: Transformer, tokenizer=None, path: Path | None = None):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.cfg = model.cfg
+
+    # ----------------------------------------------------------------- tokens
+    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt; through the chat template when the tokenizer has one (or chat=True)."""
+        tok = self._need_tokenizer()
+        use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+        if use_chat:
+            if not getattr(tok, "chat_template", None):
+                raise Dsv3Error("this tokenizer has no chat template; use raw completion")
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        ids = tok.encode(prompt, add_special_tokens=False)
+        if tok.bos_token_id is not None:
+            ids = [tok.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._need_tokenizer().decode(ids, skip_special_tokens=True)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise Dsv3Error(f"{self.path}: no tokenizer files in the checkpoint; pass token ids instead of text")
+        return self.tokenizer
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.cfg.eos_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    # ----------------------------------------------------------------- generation
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool | None = None,
+    ) -> list[Completion]:
+        """Complete each prompt (text, or a list of token ids) and return one Completion per prompt."""
+        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [p if isinstance(p, list) else self.encode(p, chat) for p in prompts]
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, self.eos_ids)
+        out = generate(self.model, ids, params)
+        texts = [self.decode(o) if self.tokenizer is not None else "" for o in out.token_ids]
+        return [
+            Completion(p, t, o, r) for p, t, o, r in zip(prompts, texts, out.token_ids, out.finish_reasons, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def logits(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+        """Full-sequence logits: token_ids (B, T) int64 -> (B, T, V) float32 (no cache)."""
+        tokens = torch.as_tensor(token_ids, dtype=torch.long, device=self.model.embed.device)
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        return self.model.logits(self.model(tokens))
+
+
+def load(
+    ckpt_path: str | Path | None = None,
+    backend: str = registry.REFERENCE,
+    dtype: str | torch.dtype = "bfloat16",
+    attn_impl: str = "absorb",
+    act_quant: str = "none",
+    config: str | Path | None = None,
+    progress: bool | None = None,
+) -> Engine:
+    """Load a Hugging Face-format DeepSeek-V2/V3 checkpoint directory (default: the embedded model).
+
+    config: optional JSON/YAML config overriding the directory's config.json.
+    """
+    if ckpt_path is None:
+        ckpt_path = embedded_model_path()
+        if ckpt_path is None:
+            raise Dsv3Error("no --ckpt-path given and this installation has no embedded model")
+    path = Path(ckpt_path)
+    files = CheckpointFiles(path)
+    cfg = load_config(config if config is not None else path / "config.json")
+    cfg = drop_absent_mtp(cfg, files)
+    fmt_of, quant_suffix = format_of_checkpoint(files, cfg)
+    formats = (HP,) if cfg.quantization is None else (HP, fmt_of_quantized(cfg))
+    model = build_model(cfg, backend, dtype, attn_impl, act_quant, formats, fmt_of, device="meta")
+    device = model.backend_info.device
+    load_weights(model, files, cfg, quant_suffix, device, _dtype(dtype), progress)
+    model.opts = BuildOptions(model.opts.dtype, device, attn_impl, fmt_of)
+    scale_fmt = cfg.quantization.scale_fmt if cfg.quantization else None
+    apply_scale_fmt_and_prepare(model, scale_fmt, model.backend_info.prepare_weight)
+    share_mtp_duplicates(model)
+    model.eval()
+    if model.ops.fallbacks and model.ops.backend != registry.REFERENCE:
+        print(
+            f"dsv3: backend {model.ops.backend} falls back to cpu_ref for: {', '.join(model.ops.fallbacks)}",
+            file=sys.stderr,
+        )
+    return Engine(model, _load_tokenizer(path), path)
+
+
+def drop_absent_mtp(cfg: ModelConfig, files: CheckpointFiles) -> ModelConfig:
+    """transformers declares num_nextn_predict_layers but saves no MTP weights: such a checkpoint has none."""
+    if cfg.num_nextn_predict_layers == 0:
+        return cfg
+    prefix = f"model.layers.{cfg.num_hidden_layers}."
+    if any(k.startswith(prefix) for k in files.keys()):
+        return cfg
+    return dataclasses.replace(cfg, num_nextn_predict_layers=0)
+
+
+def fmt_of_quantized(cfg: ModelConfig) -> str:
+    from .weights import FP8_BLOCK, INT8_W8A8
+
+    return FP8_BLOCK if cfg.quantization.quant_method == "fp8" else INT8_W8A8
+
+
+def _load_tokenizer(path: Path):
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:
+        raise Dsv3Error(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None

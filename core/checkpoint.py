@@ -1,0 +1,275 @@
+"""Reading Hugging Face-format checkpoints: safetensors only, checked tensor by tensor.
+
+One table (``hf_name``) maps the model's own parameter names to the checkpoint's. Routed
+experts, stored one tensor per expert, are stacked into ``(E, out, in)`` at load.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .config import ModelConfig
+from .errors import Dsv3Error
+from .weights import FP8_BLOCK, HP, INT8_W8A8, Weight
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+_ATTN = {
+    "wq_a": "q_a_proj",
+    "q_norm": "q_a_layernorm",
+    "wq_b": "q_b_proj",
+    "wq": "q_proj",
+    "wkv_a": "kv_a_proj_with_mqa",
+    "kv_norm": "kv_a_layernorm",
+    "wkv_b": "kv_b_proj",
+    "wo": "o_proj",
+}
+_MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_SCALE_SUFFIX = {FP8_BLOCK: "weight_scale_inv", INT8_W8A8: "weight_scale"}
+
+
+def _suffix(leaf: str, quant_suffix: str) -> str:
+    return quant_suffix if leaf == "scale" else leaf
+
+
+def _block_name(rest: str, quant_suffix: str) -> str | None:
+    """Map a decoder-layer-relative name (``attn.wq_a.weight``) to the HF one (``self_attn.q_a_proj.weight``)."""
+    if rest == "attn_norm.weight":
+        return "input_layernorm.weight"
+    if rest == "ffn_norm.weight":
+        return "post_attention_layernorm.weight"
+    if rest == "ffn.gate_weight":
+        return "mlp.gate.weight"
+    if rest == "ffn.gate_bias":
+        return "mlp.gate.e_score_correction_bias"
+    parts = rest.split(".")
+    if parts[0] == "attn" and len(parts) == 3 and parts[1] in _ATTN:
+        return f"self_attn.{_ATTN[parts[1]]}.{_suffix(parts[2], quant_suffix)}"
+    if parts[0] == "ffn" and len(parts) == 4 and parts[1] == "shared" and parts[2] in _MLP:
+        return f"mlp.shared_experts.{_MLP[parts[2]]}.{_suffix(parts[3], quant_suffix)}"
+    if parts[0] == "ffn" and len(parts) == 3 and parts[1] in _MLP:
+        return f"mlp.{_MLP[parts[1]]}.{_suffix(parts[2], quant_suffix)}"
+    return None
+
+
+def hf_name(name: str, cfg: ModelConfig, quant_suffix: str = "weight_scale_inv") -> str:
+    """The checkpoint name of one of the model's tensors.
+
+    Routed experts come back with an ``{e}`` placeholder: ``model.layers.3.mlp.experts.{e}.gate_proj.weight``.
+    """
+    if name == "embed":
+        return "model.embed_tokens.weight"
+    if name == "norm.weight":
+        return "model.norm.weight"
+    if name == "head.weight":
+        return "lm_head.weight"
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m:
+        base, rest = f"model.layers.{m.group(1)}.", m.group(2)
+    else:
+        m = re.fullmatch(r"mtp\.(\d+)\.(.+)", name)
+        if not m:
+            raise KeyError(name)
+        base, rest = f"model.layers.{cfg.num_hidden_layers + int(m.group(1))}.", m.group(2)
+        mtp_own = {
+            "embed": "embed_tokens.weight",
+            "enorm.weight": "enorm.weight",
+            "hnorm.weight": "hnorm.weight",
+            "norm.weight": "shared_head.norm.weight",
+            "head.weight": "shared_head.head.weight",
+        }
+        if rest in mtp_own:
+            return base + mtp_own[rest]
+        if rest.startswith("eh_proj."):
+            return base + "eh_proj." + _suffix(rest.split(".")[1], quant_suffix)
+        if not rest.startswith("block."):
+            raise KeyError(name)
+        rest = rest[len("block.") :]
+    em = re.fullmatch(r"ffn\.(w[123])\.(weight|scale)", rest)
+    if em and _is_moe(rest, base, cfg):
+        return base + f"mlp.experts.{{e}}.{_MLP[em.group(1)]}.{_suffix(em.group(2), quant_suffix)}"
+    mapped = _block_name(rest, quant_suffix)
+    if mapped is None:
+        raise KeyError(name)
+    return base + mapped
+
+
+def _is_moe(rest: str, base: str, cfg: ModelConfig) -> bool:
+    layer = int(base.split(".")[2])
+    return cfg.is_moe_layer(layer)
+
+
+class CheckpointFiles:
+    """The safetensors files of a checkpoint directory and which tensor lives where."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise Dsv3Error(f"{self.path}: checkpoint directory not found")
+        if not self.path.is_dir():
+            raise Dsv3Error(f"{self.path}: not a directory (pass the checkpoint directory)")
+        index = self.path / "model.safetensors.index.json"
+        self.where: dict[str, Path] = {}
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except Exception as exc:
+                raise Dsv3Error(f"{index}: cannot read weight_map: {exc}") from None
+            for tensor, fname in weight_map.items():
+                file = self.path / fname
+                if not file.exists():
+                    raise Dsv3Error(f"{file}: listed in {index.name} for tensor {tensor} but missing")
+                self.where[tensor] = file
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                pickled = [p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+                if pickled:
+                    raise Dsv3Error(
+                        f"{self.path / pickled[0]}: pickled weights are refused (they can run code); "
+                        "convert the checkpoint to safetensors"
+                    )
+                raise Dsv3Error(f"{self.path}: no model.safetensors or model.safetensors.index.json found")
+            for file in files:
+                for tensor in self._open(file).keys():
+                    self.where[tensor] = file
+        self._handles: dict[Path, object] = {}
+
+    @staticmethod
+    def _open(file: Path):
+        try:
+            return safe_open(str(file), framework="pt")
+        except Exception as exc:
+            raise Dsv3Error(f"{file}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+    def keys(self) -> set[str]:
+        return set(self.where)
+
+    def shape(self, tensor: str) -> tuple[int, ...]:
+        return tuple(self._handle(tensor).get_slice(tensor).get_shape())
+
+    def _handle(self, tensor: str):
+        file = self.where[tensor]
+        if file not in self._handles:
+            self._handles[file] = self._open(file)
+        return self._handles[file]
+
+    def get(self, tensor: str) -> torch.Tensor:
+        try:
+            return self._handle(tensor).get_tensor(tensor)
+        except Dsv3Error:
+            raise
+        except Exception as exc:
+            raise Dsv3Error(
+                f"{self.where[tensor]}: cannot read tensor {tensor} ({str(exc).splitlines()[0]})"
+            ) from None
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in set(self.where.values()))
+
+
+def format_of_checkpoint(files: CheckpointFiles, cfg: ModelConfig):
+    """Return ``fmt_of(module_path) -> format`` from the tensors present (a scale means quantized)."""
+    keys = files.keys()
+    quant = cfg.quantization
+    fmt_q = FP8_BLOCK if quant is None or quant.quant_method == "fp8" else INT8_W8A8
+    suffix = _SCALE_SUFFIX[fmt_q]
+
+    def fmt_of(module_path: str) -> str:
+        if quant is None:
+            return HP
+        name = hf_name(module_path + ".scale", cfg, suffix).replace("{e}", "0")
+        return fmt_q if name in keys else HP
+
+    return fmt_of, suffix
+
+
+def load_weights(
+    model: torch.nn.Module,
+    files: CheckpointFiles,
+    cfg: ModelConfig,
+    quant_suffix: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+    progress: bool | None = None,
+) -> None:
+    """Fill ``model`` (built on the meta device) from the checkpoint, checking every tensor.
+
+    Raises Dsv3Error naming the first missing, misshapen or surplus tensor.
+    """
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    expected = {k: v for k, v in expected.items() if not k.startswith("rope_")}
+    used: set[str] = set()
+    state: dict[str, torch.Tensor] = {}
+    n_experts = cfg.n_routed_experts
+    bar = tqdm(expected.items(), desc="loading weights", unit="tensor", disable=None if progress is None else not progress)
+    for name, meta in bar:
+        src = hf_name(name, cfg, quant_suffix)
+        names = [src.format(e=e) for e in range(n_experts)] if "{e}" in src else [src]
+        parts = []
+        for hf in names:
+            if hf not in files.where:
+                what = "scale tensor" if hf.endswith(("_scale_inv", "_scale")) else "tensor"
+                raise Dsv3Error(f"{files.path}: missing {what} {hf}")
+            t = files.get(hf)
+            parts.append(t)
+            used.add(hf)
+        tensor = torch.stack(parts) if len(names) > 1 or "{e}" in src else parts[0]
+        if tuple(tensor.shape) != tuple(meta.shape):
+            shown = names[0] if len(names) == 1 else f"{names[0]} (and the other experts)"
+            got = tuple(parts[0].shape) if len(names) > 1 else tuple(tensor.shape)
+            want = tuple(meta.shape[1:]) if len(names) > 1 else tuple(meta.shape)
+            raise Dsv3Error(f"{files.where[names[0]]}: tensor {shown} has shape {list(got)}, expected {list(want)}")
+        if meta.dtype in (torch.float8_e4m3fn, torch.int8):
+            if tensor.dtype != meta.dtype:
+                raise Dsv3Error(
+                    f"{files.where[names[0]]}: tensor {names[0]} has dtype {tensor.dtype}, expected {meta.dtype}"
+                )
+        elif not tensor.is_floating_point():
+            raise Dsv3Error(f"{files.where[names[0]]}: tensor {names[0]} has dtype {tensor.dtype}, expected a float")
+        state[name] = tensor.to(device=device, dtype=meta.dtype)
+    surplus = sorted(files.keys() - used)
+    if surplus:
+        more = f" (and {len(surplus) - 1} more)" if len(surplus) > 1 else ""
+        raise Dsv3Error(f"{files.path}: unexpected tensor {surplus[0]}{more} does not fit the config")
+    model.load_state_dict(state, strict=False, assign=True)
+    for name in ("rope_cos", "rope_sin"):
+        setattr(model, name, getattr(model, name).to(device))
+
+
+def iter_linear_modules(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:
+    from .model import Linear
+
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, Linear))
+
+
+def apply_scale_fmt_and_prepare(model: torch.nn.Module, scale_fmt: str | None, prepare) -> None:
+    """Set each quantized linear's scale format and let the backend convert its weight once."""
+    for _, lin in iter_linear_modules(model):
+        if lin.fmt == HP:
+            continue
+        lin.scale_fmt = scale_fmt
+        if prepare is not None:
+            w: Weight = prepare(lin.as_weight())
+            if w is not None:
+                lin.weight, lin.scale = w.data, w.scale
+
+
+def share_mtp_duplicates(model) -> None:
+    """The MTP layers store copies of the embedding and output head: keep one tensor when equal."""
+    for mtp in model.mtp:
+        if mtp.embed.shape == model.embed.shape and torch.equal(mtp.embed, model.embed):
+            mtp.embed = model.embed
+        if (
+            mtp.head.fmt == HP
+            and mtp.head.weight.shape == model.head.weight.shape
+            and torch.equal(mtp.head.weight, model.head.weight)
+        ):
+            mtp.head.weight = model.head.weight

@@ -1,0 +1,1 @@
+"""Subcommands of the ``dsv3`` command line, one module each."""

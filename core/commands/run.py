@@ -1,0 +1,133 @@
+"""``dsv3 run``: complete prompts (one, a file of them, or interactively) on a chosen backend."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .. import registry
+from ..api import DTYPES, load
+from ..errors import Dsv3Error
+from ..model import ATTN_IMPLS
+from ..weights import ACT_QUANT_MODES
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags every command that loads a model shares."""
+    p.add_argument("--ckpt-path", help="Hugging Face-format checkpoint directory (default: the embedded model)")
+    p.add_argument("--config", help="JSON or YAML config to use instead of the directory's config.json")
+    p.add_argument("--backend", default=registry.REFERENCE, help="backend plugin (see `dsv3 backends`)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype")
+    p.add_argument("--attn-impl", choices=ATTN_IMPLS, default="absorb", help="MLA form: latent cache or per-head K/V")
+    p.add_argument(
+        "--act-quant", choices=ACT_QUANT_MODES, default="none", help="quantize activations for quantized weights"
+    )
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("run", help="generate text from prompts")
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    src.add_argument("--input-file", help="file with one prompt per line (batch completion)")
+    src.add_argument("--interactive", action="store_true", help="chat on the terminal (/exit, /clear)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.2, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    p.add_argument("--output-format", choices=("text", "jsonl"), default="text")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="chat", action="store_true", default=None, help="force the chat template")
+    mode.add_argument("--raw", dest="chat", action="store_false", help="force raw completion (no chat template)")
+    return p
+
+
+def _check_args(args) -> None:
+    if args.max_new_tokens <= 0:
+        raise Dsv3Error("--max-new-tokens must be positive")
+    if args.temperature < 0:
+        raise Dsv3Error("--temperature must be >= 0")
+    if not 0 < args.top_p <= 1:
+        raise Dsv3Error("--top-p must be in (0, 1]")
+
+
+def _read_prompts(args) -> list[str]:
+    if args.input_file:
+        path = Path(args.input_file)
+        if not path.is_file():
+            raise Dsv3Error(f"{path}: input file not found")
+        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise Dsv3Error(f"{path}: no prompts in the file")
+        return prompts
+    if args.prompt:
+        return args.prompt
+    raise Dsv3Error("give --prompt TEXT, --input-file FILE or --interactive")
+
+
+def load_from_args(args):
+    return load(args.ckpt_path, args.backend, args.dtype, args.attn_impl, args.act_quant, args.config)
+
+
+def main(args) -> int:
+    _check_args(args)
+    prompts = None if args.interactive else _read_prompts(args)
+    engine = load_from_args(args)
+    if args.interactive:
+        return _interactive(engine, args)
+    start = time.perf_counter()
+    results = engine.generate(
+        prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat=args.chat
+    )
+    elapsed = time.perf_counter() - start
+    for r in results:
+        if args.output_format == "jsonl":
+            record = {"prompt": r.prompt, "completion": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        elif len(results) == 1:
+            print(r.text, flush=True)
+        else:
+            print(f"Prompt: {r.prompt}\nCompletion: {r.text}\n", flush=True)
+    n = sum(len(r.token_ids) for r in results)
+    print(f"dsv3: {n} tokens in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    return 0
+
+
+def _interactive(engine, args) -> int:
+    tok = engine._need_tokenizer()
+    chat = bool(getattr(tok, "chat_template", None)) if args.chat is None else args.chat
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        if line.strip() == "/exit":
+            return 0
+        if line.strip() == "/clear":
+            messages.clear()
+            continue
+        if not line.strip():
+            continue
+        if chat:
+            messages.append({"role": "user", "content": line})
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            ids = list(ids)
+        else:
+            ids = engine.encode(line, chat=False)
+        try:
+            result = engine.generate([ids], args.max_new_tokens, args.temperature, args.top_p, args.seed)[0]
+        except Dsv3Error as exc:  # e.g. the conversation outgrew the context: say so, keep the session
+            print(f"dsv3: error: {exc}", file=sys.stderr)
+            if chat:
+                messages.pop()
+            continue
+        print(result.text, flush=True)
+        if chat:
+            messages.append({"role": "assistant", "content": result.text})

@@ -1,0 +1,341 @@
+"""Model configuration: the fields of a Hugging Face DeepSeek-V2/V3 config.json, validated.
+
+Reads both spellings of the RoPE settings (``rope_scaling`` + top-level ``rope_theta`` as in
+the released checkpoints, or ``rope_parameters`` as transformers 5 writes them) and fills the
+fields transformers omits from the ``model_type`` defaults (deepseek_v2: softmax scoring,
+no bias; deepseek_v3: sigmoid scoring with e_score_correction_bias).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from .errors import Dsv3Error
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How the MoE gate chooses experts (see ``dsv3_op_moe_gate``)."""
+
+    top_k: int
+    n_experts: int
+    scoring: str  # "sigmoid" or "softmax"
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    scale: float
+    has_bias: bool
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN RoPE extension (``rope_type == "yarn"``)."""
+
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """``quantization_config`` of an FP8 (or INT8) checkpoint."""
+
+    quant_method: str  # "fp8" or "int8"
+    fmt: str = "e4m3"
+    activation_scheme: str = "dynamic"
+    weight_block_size: tuple[int, int] = (128, 128)
+    scale_fmt: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A DeepSeek-V3-architecture model. Field names follow the Hugging Face config."""
+
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_nextn_predict_layers: int = 0
+    num_attention_heads: int = 128
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    n_group: int = 8
+    topk_group: int = 4
+    norm_topk_prob: bool = True
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    max_position_embeddings: int = 163840
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    yarn: YarnConfig | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    hidden_act: str = "silu"
+    quantization: QuantConfig | None = None
+    source: str = "<config>"
+    extra: dict = field(default_factory=dict, compare=False)
+
+    # -------------------------------------------------------------- derived
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def uses_bias(self) -> bool:
+        return self.topk_method == "noaux_tc"
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer >= self.first_k_dense_replace
+            and layer % max(self.moe_layer_freq, 1) == 0
+        )
+
+    @property
+    def routing(self) -> Routing:
+        n_group = self.n_group if self.topk_method in ("noaux_tc", "group_limited_greedy") else 1
+        return Routing(
+            top_k=self.num_experts_per_tok,
+            n_experts=self.n_routed_experts,
+            scoring=self.scoring_func,
+            n_group=max(n_group, 1),
+            topk_group=self.topk_group if n_group > 1 else 1,
+            norm_topk_prob=self.norm_topk_prob,
+            scale=self.routed_scaling_factor,
+            has_bias=self.uses_bias,
+        )
+
+    @property
+    def softmax_scale(self) -> float:
+        """qk_head_dim^-0.5, times mscale^2 with mscale = 0.1 * mscale_all_dim * ln(factor) + 1 under YaRN."""
+        scale = self.qk_head_dim**-0.5
+        if self.yarn is not None and self.yarn.factor > 1 and self.yarn.mscale_all_dim:
+            m = 0.1 * self.yarn.mscale_all_dim * math.log(self.yarn.factor) + 1.0
+            scale *= m * m
+        return scale
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    # -------------------------------------------------------------- checks
+    def validate(self) -> ModelConfig:
+        """Raise a Dsv3Error naming the first field that contradicts another."""
+        src = self.source
+
+        def bad(msg: str) -> Dsv3Error:
+            return Dsv3Error(f"{src}: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank"):
+            if getattr(self, name) <= 0:
+                raise bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+            raise bad(f"qk_rope_head_dim must be a positive even number, got {self.qk_rope_head_dim}")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            raise bad(f"scoring_func must be 'sigmoid' or 'softmax', got {self.scoring_func!r}")
+        if self.topk_method not in ("noaux_tc", "greedy", "group_limited_greedy"):
+            raise bad(f"unknown topk_method {self.topk_method!r}")
+        if self.hidden_act != "silu":
+            raise bad(f"hidden_act {self.hidden_act!r} is not supported (DeepSeek uses 'silu')")
+        if self.n_routed_experts > 0:
+            if self.num_experts_per_tok > self.n_routed_experts:
+                raise bad(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) > n_routed_experts "
+                    f"({self.n_routed_experts})"
+                )
+            if self.num_experts_per_tok <= 0:
+                raise bad("num_experts_per_tok must be positive")
+            r = self.routing
+            if self.n_routed_experts % r.n_group:
+                raise bad(f"n_routed_experts ({self.n_routed_experts}) is not divisible by n_group ({r.n_group})")
+            if r.topk_group > r.n_group:
+                raise bad(f"topk_group ({r.topk_group}) > n_group ({r.n_group})")
+            per_group = self.n_routed_experts // r.n_group
+            if r.n_group > 1 and r.has_bias and per_group < 2:
+                raise bad("noaux_tc group scoring needs at least 2 experts per group")
+            if r.topk_group * per_group < self.num_experts_per_tok:
+                raise bad(
+                    f"topk_group ({r.topk_group}) groups of {per_group} experts cannot supply "
+                    f"num_experts_per_tok ({self.num_experts_per_tok})"
+                )
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise bad(
+                f"first_k_dense_replace ({self.first_k_dense_replace}) > num_hidden_layers "
+                f"({self.num_hidden_layers})"
+            )
+        if self.yarn is not None and self.yarn.factor < 1:
+            raise bad(f"rope_scaling.factor must be >= 1, got {self.yarn.factor}")
+        if self.quantization is not None:
+            q = self.quantization
+            if q.quant_method not in ("fp8", "int8"):
+                raise bad(f"quantization_config.quant_method {q.quant_method!r} is not supported (fp8, int8)")
+            if q.quant_method == "fp8" and q.fmt != "e4m3":
+                raise bad(f"quantization_config.fmt {q.fmt!r} is not supported (e4m3)")
+            if q.quant_method == "fp8" and tuple(q.weight_block_size) != (128, 128):
+                raise bad(f"quantization_config.weight_block_size {list(q.weight_block_size)} is not [128, 128]")
+            if q.scale_fmt not in (None, "ue8m0"):
+                raise bad(f"quantization_config.scale_fmt {q.scale_fmt!r} is not supported (ue8m0)")
+        return self
+
+    # -------------------------------------------------------------- I/O
+    def to_hf_dict(self) -> dict:
+        """A config.json in the released layout (rope_scaling + rope_theta)."""
+        out = {"architectures": ["DeepseekV3ForCausalLM"]} if self.model_type == "deepseek_v3" else {}
+        out.update(self.extra)
+        for f in fields(self):
+            if f.name in ("yarn", "quantization", "source", "extra"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        out["rope_scaling"] = None
+        if self.yarn is not None:
+            y = self.yarn
+            out["rope_scaling"] = {
+                "type": "yarn",
+                "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position_embeddings,
+                "beta_fast": y.beta_fast,
+                "beta_slow": y.beta_slow,
+                "mscale": y.mscale,
+                "mscale_all_dim": y.mscale_all_dim,
+            }
+        if self.quantization is not None:
+            q = self.quantization
+            out["quantization_config"] = {
+                "quant_method": q.quant_method,
+                "fmt": q.fmt,
+                "activation_scheme": q.activation_scheme,
+                "weight_block_size": list(q.weight_block_size),
+            }
+            if q.scale_fmt:
+                out["quantization_config"]["scale_fmt"] = q.scale_fmt
+        return out
+
+
+_MODEL_TYPE_DEFAULTS = {
+    "deepseek_v3": {"scoring_func": "sigmoid", "topk_method": "noaux_tc"},
+    "deepseek_v2": {"scoring_func": "softmax", "topk_method": "greedy", "norm_topk_prob": False},
+}
+
+
+def config_from_dict(raw: dict, source: str = "<config>") -> ModelConfig:
+    """Build a validated ModelConfig from a Hugging Face config dict (V2 or V3 spellings)."""
+    if not isinstance(raw, dict):
+        raise Dsv3Error(f"{source}: expected a JSON/YAML mapping at the top level")
+    model_type = raw.get("model_type", "deepseek_v3")
+    if model_type not in _MODEL_TYPE_DEFAULTS:
+        raise Dsv3Error(f"{source}: model_type {model_type!r} is not a DeepSeek-V2/V3 model")
+    known = {f.name for f in fields(ModelConfig)} - {"yarn", "quantization", "source", "extra"}
+    values: dict = dict(_MODEL_TYPE_DEFAULTS[model_type])
+    values["model_type"] = model_type
+    extra = {}
+    for key, val in raw.items():
+        if key in known:
+            values[key] = val
+        elif key not in ("rope_scaling", "rope_parameters", "quantization_config", "model_type"):
+            extra[key] = val
+    if model_type == "deepseek_v2" and "topk_method" not in raw and raw.get("n_group", 1) > 1:
+        values["topk_method"] = "group_limited_greedy"
+    if values.get("q_lora_rank") in (0, None):
+        values["q_lora_rank"] = None
+    if values.get("n_routed_experts") is None:
+        values["n_routed_experts"] = 0
+    for key in ("n_group", "topk_group", "n_shared_experts"):
+        if values.get(key) is None:
+            values[key] = 1 if key != "n_shared_experts" else 0
+
+    rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise Dsv3Error(f"{source}: rope_scaling must be a mapping or null")
+    if "rope_theta" in rope and "rope_theta" not in raw:
+        values["rope_theta"] = rope["rope_theta"]
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "yarn":
+        try:
+            values["yarn"] = YarnConfig(
+                factor=float(rope["factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+                beta_fast=float(rope.get("beta_fast") or 32),
+                beta_slow=float(rope.get("beta_slow") or 1),
+                mscale=float(rope.get("mscale") if rope.get("mscale") is not None else 1.0),
+                mscale_all_dim=float(rope.get("mscale_all_dim") or 0.0),
+            )
+        except KeyError as exc:
+            raise Dsv3Error(f"{source}: rope_scaling of type yarn lacks field {exc.args[0]!r}") from None
+    elif rope_type not in ("default", None):
+        raise Dsv3Error(f"{source}: rope type {rope_type!r} is not supported (default, yarn)")
+
+    q = raw.get("quantization_config")
+    if q is not None:
+        if not isinstance(q, dict) or "quant_method" not in q:
+            raise Dsv3Error(f"{source}: quantization_config lacks field 'quant_method'")
+        values["quantization"] = QuantConfig(
+            quant_method=q["quant_method"],
+            fmt=q.get("fmt", "e4m3"),
+            activation_scheme=q.get("activation_scheme", "dynamic"),
+            weight_block_size=tuple(q.get("weight_block_size", (128, 128))),
+            scale_fmt=q.get("scale_fmt"),
+        )
+    values["source"] = source
+    values["extra"] = extra
+    try:
+        cfg = ModelConfig(**values)
+    except TypeError as exc:
+        raise Dsv3Error(f"{source}: {exc}") from None
+    for f in fields(ModelConfig):
+        val = getattr(cfg, f.name)
+        if f.type in ("int", "float") and not isinstance(val, (int, float)):
+            raise Dsv3Error(f"{source}: field {f.name} must be a number, got {val!r}")
+    return cfg.validate()
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Read a config from a JSON or YAML file (or a checkpoint directory's config.json)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise Dsv3Error(f"{path}: config file not found")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(text)
+        else:
+            raw = json.loads(text)
+    except Exception as exc:
+        raise Dsv3Error(f"{path}: cannot parse config: {str(exc).splitlines()[0]}") from None
+    return config_from_dict(raw, source=str(path))
+
+
+def builtin_config(name: str) -> Path:
+    """Path of a config shipped in dsv3.configs (e.g. ``deepseek-v3-671b``)."""
+    from importlib.resources import files
+
+    for suffix in (".json", ".yaml"):
+        candidate = files("dsv3.configs") / f"{name}{suffix}"
+        if candidate.is_file():
+            return Path(str(candidate))
+    raise Dsv3Error(f"no built-in config called {name!r}")

@@ -1,0 +1,93 @@
+"""Batched generation with a KV cache: prefill every prompt at once, then decode step by step.
+
+Rows keep their own positions, so prompts of different lengths share one batch without
+padding masks: a row's cache entries past its position are never attended to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import Dsv3Error
+from .model import ModelCache, Transformer
+
+
+@dataclass
+class SamplingParams:
+    """temperature 0 is greedy; top_p 1 keeps every token; seed makes sampling reproducible."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    eos_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class GenerationOutput:
+    token_ids: list[list[int]]
+    finish_reasons: list[str]
+    stats: dict = field(default_factory=dict)
+
+
+def check_lengths(model: Transformer, prompts: list[list[int]], max_new_tokens: int) -> int:
+    """Total cache length needed; a clear error when a prompt cannot fit the model's context."""
+    if not prompts:
+        raise Dsv3Error("no prompts given")
+    limit = model.cfg.max_position_embeddings
+    for i, p in enumerate(prompts):
+        if not p:
+            raise Dsv3Error(f"prompt {i} is empty")
+        if len(p) + max_new_tokens > limit:
+            raise Dsv3Error(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds the model's "
+                f"limit of {limit} positions (max_position_embeddings)"
+            )
+    return max(len(p) for p in prompts) + max_new_tokens
+
+
+def prefill(model: Transformer, prompts: list[list[int]], cache: ModelCache) -> torch.Tensor:
+    """Run all prompts (right-padded) through the model; returns each row's last hidden state (B, D)."""
+    device = model.embed.device
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    width = int(lens.max())
+    tokens = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, device=device)
+    positions = torch.arange(width, device=device).expand(len(prompts), width)
+    hidden = model(tokens, positions, cache)  # (B, W, D)
+    return hidden[torch.arange(len(prompts), device=device), lens - 1]
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> GenerationOutput:
+    """Generate up to ``params.max_new_tokens`` tokens after each prompt; stop a row at EOS."""
+    total = check_lengths(model, prompts, params.max_new_tokens)
+    device = model.embed.device
+    b = len(prompts)
+    cache = model.new_cache(b, total)
+    sample = model.ops.sample
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    temperature = torch.full((b,), float(params.temperature), device=device)
+    top_p = torch.full((b,), float(params.top_p), device=device)
+    eos = torch.tensor(params.eos_ids or [-1], device=device)
+
+    hidden = prefill(model, prompts, cache)
+    positions = torch.tensor([len(p) for p in prompts], device=device)  # where each row's next token goes
+    out: list[list[int]] = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for step in range(params.max_new_tokens):
+        next_tokens = sample(model.logits(hidden), temperature, top_p, generator)  # (B,)
+        for i in (~done).nonzero().flatten().tolist():
+            out[i].append(int(next_tokens[i]))
+        done |= torch.isin(next_tokens, eos)
+        if bool(done.all()) or step == params.max_new_tokens - 1:
+            break
+        hidden = model(next_tokens.unsqueeze(1), positions.unsqueeze(1), cache)[:, 0]
+        positions = positions + 1
+    reasons = ["stop" if o and o[-1] in params.eos_ids else "length" for o in out]
+    return GenerationOutput(out, reasons)

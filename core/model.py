@@ -1,0 +1,375 @@
+"""The DeepSeek-V3 model graph, in paper order: norm/rope -> MLA -> gate/MoE -> block -> MTP -> transformer.
+
+No hardware here: every operator comes from an :class:`~dsv3.registry.OpTable` resolved once
+when the model is built. Weight formats ride on each linear (see ``dsv3.weights``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .registry import OpTable
+from .rope import cos_sin_table
+from .weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
+
+ATTN_IMPLS = ("absorb", "naive")
+
+#: Storage dtype of each quantized format's data (scales are float32).
+_QUANT_DTYPES = {FP8_BLOCK: torch.float8_e4m3fn, INT8_W8A8: torch.int8, INT8_WO: torch.int8}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How a model is instantiated: compute dtype, device, attention form, weight formats.
+
+    fmt_of: maps a module path (e.g. ``layers.3.attn.wq_b``) to the weight format its
+        checkpoint tensor has; ``None`` means every linear is high precision.
+    """
+
+    dtype: torch.dtype = torch.bfloat16
+    device: str = "cpu"
+    attn_impl: str = "absorb"
+    fmt_of: Callable[[str], str] | None = None
+
+
+class Linear(nn.Module):
+    """``y = x @ W.T`` for a weight in any format. weight (out, in); scale per format."""
+
+    def __init__(self, in_features: int, out_features: int, ops: OpTable, fmt: str, opts: BuildOptions, experts=0):
+        super().__init__()
+        shape = (experts, out_features, in_features) if experts else (out_features, in_features)
+        self.fmt = fmt
+        if fmt == HP:
+            self.weight = nn.Parameter(torch.empty(shape, dtype=opts.dtype, device=opts.device))
+            self.scale = None
+        else:
+            self.register_buffer("weight", torch.empty(shape, dtype=_QUANT_DTYPES[fmt], device=opts.device))
+            if fmt == FP8_BLOCK:
+                sshape = shape[:-2] + (-(-out_features // 128), -(-in_features // 128))
+            else:
+                sshape = shape[:-1]
+            self.register_buffer("scale", torch.empty(sshape, dtype=torch.float32, device=opts.device))
+        self.scale_fmt: str | None = None
+        self._fn = ops.linear[fmt]
+
+    def as_weight(self) -> Weight:
+        return Weight(self.weight, self.fmt, self.scale, 128, self.scale_fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x, self.as_weight())
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm over the last dimension; weight (dim,)."""
+
+    def __init__(self, dim: int, eps: float, ops: OpTable, opts: BuildOptions):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=opts.dtype, device=opts.device))
+        self.eps = eps
+        self._fn = ops.rms_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x, self.weight, self.eps)
+
+
+class LayerCache:
+    """One attention layer's cache, indexed by token position.
+
+    naive: ``k (B, S, H, Dqk)``, ``v (B, S, H, Dv)``. absorb: ``kv (B, S, C)``, ``pe (B, S, R)``.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def write_and_read(self, new: dict[str, torch.Tensor], positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store ``new[name] (B, T, ...)`` at ``positions (B, T)``; return every entry up to the max position."""
+        b = positions.shape[0]
+        rows = torch.arange(b, device=positions.device).unsqueeze(1).expand_as(positions)  # (B, T)
+        s = int(positions.max()) + 1
+        out = {}
+        for name, value in new.items():
+            buf = self.tensors[name]
+            buf.index_put_((rows, positions), value.to(buf.dtype))
+            out[name] = buf[:b, :s]
+        return out
+
+    def nbytes_per_token(self) -> int:
+        return sum(t[0, 0].numel() * t.element_size() for t in self.tensors.values())
+
+
+class MLA(nn.Module):
+    """Multi-head Latent Attention with decoupled (interleaved) RoPE."""
+
+    def __init__(self, cfg: ModelConfig, ops: OpTable, opts: BuildOptions, prefix: str):
+        super().__init__()
+        fmt = opts.fmt_of or (lambda _name: HP)
+        self.cfg, self.ops = cfg, ops
+        self.n_heads = cfg.num_attention_heads
+        self.attn_impl = opts.attn_impl
+        d, h = cfg.hidden_size, self.n_heads
+        if cfg.q_lora_rank:
+            self.wq_a = Linear(d, cfg.q_lora_rank, ops, fmt(f"{prefix}.wq_a"), opts)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, ops, opts)
+            self.wq_b = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, ops, fmt(f"{prefix}.wq_b"), opts)
+        else:
+            self.wq = Linear(d, h * cfg.qk_head_dim, ops, fmt(f"{prefix}.wq"), opts)
+        self.wkv_a = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, ops, fmt(f"{prefix}.wkv_a"), opts)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, ops, opts)
+        self.wkv_b = Linear(
+            cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), ops, fmt(f"{prefix}.wkv_b"), opts
+        )
+        self.wo = Linear(h * cfg.v_head_dim, d, ops, fmt(f"{prefix}.wo"), opts)
+        self.scale = cfg.softmax_scale
+        self._absorbed: torch.Tensor | None = None
+
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-token cache entry shapes for this layer's attention form."""
+        c = self.cfg
+        if self.attn_impl == "naive":
+            return {"k": (self.n_heads, c.qk_head_dim), "v": (self.n_heads, c.v_head_dim)}
+        return {"kv": (c.kv_lora_rank,), "pe": (c.qk_rope_head_dim,)}
+
+    def absorbed_wkv_b(self) -> torch.Tensor:
+        """wkv_b as ``(H, Dnope + Dv, C)`` in the compute dtype; dequantized once for quantized formats."""
+        c = self.cfg
+        shape = (self.n_heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        if self.wkv_b.fmt == HP:
+            return self.wkv_b.weight.view(shape)
+        if self._absorbed is None:
+            dtype = self.kv_norm.weight.dtype
+            with torch.no_grad():
+                self._absorbed = self.ops.dequantize[self.wkv_b.fmt](self.wkv_b.as_weight(), dtype).view(shape)
+        return self._absorbed
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None,
+    ) -> torch.Tensor:
+        """x (B, T, D), positions (B, T), cos/sin (B, T, R/2) -> (B, T, D)."""
+        c, ops = self.cfg, self.ops
+        b, t, _ = x.shape
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if c.q_lora_rank else self.wq(x)  # (B, T, H*Dqk)
+        q = q.view(b, t, self.n_heads, c.qk_head_dim)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
+        q_pe = ops.rotary(q_pe, cos, sin)  # (B, T, H, R)
+        kv_pe = self.wkv_a(x)  # (B, T, C + R)
+        latent, k_pe = kv_pe.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        latent = self.kv_norm(latent)  # (B, T, C)
+        k_pe = ops.rotary(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, R)
+
+        if self.attn_impl == "naive":
+            kv = self.wkv_b(latent).view(b, t, self.n_heads, -1)  # (B, T, H, Dnope + Dv)
+            k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)  # (B, T, H, Dqk)
+            kv_all = {"k": k, "v": v} if cache is None else cache.write_and_read({"k": k, "v": v}, positions)
+            q_full = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, Dqk)
+            out = ops.attention(q_full, kv_all["k"], kv_all["v"], positions, self.scale)  # (B, T, H, Dv)
+        else:
+            w = self.absorbed_wkv_b()  # (H, Dnope + Dv, C)
+            w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]
+            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
+            lat_all = {"kv": latent, "pe": k_pe}
+            if cache is not None:
+                lat_all = cache.write_and_read(lat_all, positions)
+            o_latent = ops.mla_latent_attention(q_latent, q_pe, lat_all["kv"], lat_all["pe"], positions, self.scale)
+            out = torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, Dv)
+        return self.wo(out.flatten(2))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    """Gated feed-forward ``w2(silu(w1 x) * w3 x)``: dense layers and shared experts."""
+
+    def __init__(self, dim: int, inter: int, ops: OpTable, opts: BuildOptions, prefix: str):
+        super().__init__()
+        fmt = opts.fmt_of or (lambda _name: HP)
+        self.w1 = Linear(dim, inter, ops, fmt(f"{prefix}.w1"), opts)
+        self.w3 = Linear(dim, inter, ops, fmt(f"{prefix}.w3"), opts)
+        self.w2 = Linear(inter, dim, ops, fmt(f"{prefix}.w2"), opts)
+        self._act = ops.silu_and_mul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(self._act(self.w1(x), self.w3(x)))
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE: shared experts plus top-k routed experts.
+
+    Routed experts are stacked: w1/w3 ``(E_local, I, D)``, w2 ``(E_local, D, I)``; this module holds
+    experts ``[expert_offset, expert_offset + E_local)`` (all of them on one device).
+    """
+
+    def __init__(self, cfg: ModelConfig, ops: OpTable, opts: BuildOptions, prefix: str):
+        super().__init__()
+        fmt = opts.fmt_of or (lambda _name: HP)
+        self.routing = cfg.routing
+        d, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+        self.gate_weight = nn.Parameter(torch.empty(e, d, dtype=torch.float32, device=opts.device))
+        if self.routing.has_bias:
+            self.register_buffer("gate_bias", torch.zeros(e, dtype=torch.float32, device=opts.device))
+        else:
+            self.gate_bias = None
+        self.expert_offset = 0
+        self.w1 = Linear(d, i, ops, fmt(f"{prefix}.w1"), opts, experts=e)
+        self.w3 = Linear(d, i, ops, fmt(f"{prefix}.w3"), opts, experts=e)
+        self.w2 = Linear(i, d, ops, fmt(f"{prefix}.w2"), opts, experts=e)
+        self.shared = MLP(d, cfg.n_shared_experts * i, ops, opts, f"{prefix}.shared") if cfg.n_shared_experts else None
+        self._gate = ops.moe_gate
+        self._experts = ops.moe_experts[self.w1.fmt]
+        self.load: torch.Tensor | None = None  # set to zeros (E,) to count tokens per expert
+        self.last_ids: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D)."""
+        flat = x.reshape(-1, x.shape[-1])  # (N, D)
+        weights, ids = self._gate(flat, self.gate_weight, self.gate_bias, self.routing)  # (N, k)
+        if self.load is not None:
+            self.load += torch.bincount(ids.flatten(), minlength=self.load.numel()).to(self.load)
+        routed = self._experts(
+            flat, weights, ids, self.w1.as_weight(), self.w3.as_weight(), self.w2.as_weight(), self.expert_offset
+        )
+        out = routed.view_as(x)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
+
+    def __init__(self, layer: int, cfg: ModelConfig, ops: OpTable, opts: BuildOptions, prefix: str | None = None):
+        super().__init__()
+        prefix = prefix or f"layers.{layer}"
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, opts)
+        self.attn = MLA(cfg, ops, opts, f"{prefix}.attn")
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops, opts)
+        if cfg.is_moe_layer(layer):
+            self.ffn = MoE(cfg, ops, opts, f"{prefix}.ffn")
+        else:
+            self.ffn = MLP(cfg.hidden_size, cfg.intermediate_size, ops, opts, f"{prefix}.ffn")
+
+    def forward(self, x, positions, cos, sin, cache: LayerCache | None) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), positions, cos, sin, cache)
+        return h + self.ffn(self.ffn_norm(h))
+
+
+class MTPLayer(nn.Module):
+    """One multi-token-prediction module: predicts token t+2 from the hidden state at t and token t+1.
+
+    ``h' = block(eh_proj(concat(enorm(embed(next_token)), hnorm(h))))``; logits = head(norm(h')).
+    """
+
+    def __init__(self, index: int, cfg: ModelConfig, ops: OpTable, opts: BuildOptions):
+        super().__init__()
+        fmt = opts.fmt_of or (lambda _name: HP)
+        prefix = f"mtp.{index}"
+        d = cfg.hidden_size
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, d, dtype=opts.dtype, device=opts.device))
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
+        self.eh_proj = Linear(2 * d, d, ops, fmt(f"{prefix}.eh_proj"), opts)
+        # the MTP layer sits after the main layers, so it is a MoE layer when they are
+        self.block = Block(cfg.num_hidden_layers + index, cfg, ops, opts, prefix=f"{prefix}.block")
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
+        self.head = Linear(d, cfg.vocab_size, ops, HP, opts)
+        self._embedding = ops.embedding
+
+    def forward(self, hidden, next_tokens, positions, cos, sin, cache: LayerCache | None) -> torch.Tensor:
+        """hidden (B, T, D), next_tokens (B, T) -> new hidden (B, T, D) (before the final norm)."""
+        e = self.enorm(self._embedding(next_tokens, self.embed))
+        h = self.eh_proj(torch.cat([e, self.hnorm(hidden)], dim=-1))  # (B, T, D)
+        return self.block(h, positions, cos, sin, cache)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., D) -> (..., V) float32."""
+        return self.head(self.norm(hidden)).float()
+
+
+class ModelCache:
+    """KV caches for every main layer and MTP layer: ``main[i]``, ``mtp[j]`` (LayerCache)."""
+
+    def __init__(self, main: list[LayerCache], mtp: list[LayerCache], max_batch: int, max_len: int):
+        self.main, self.mtp, self.max_batch, self.max_len = main, mtp, max_batch, max_len
+
+    def nbytes_per_token(self) -> int:
+        """Bytes cached per token across the main layers (what MLA saves is visible here)."""
+        return sum(c.nbytes_per_token() for c in self.main)
+
+
+class Transformer(nn.Module):
+    """The whole model. ``forward`` returns the final hidden states (after the last norm)."""
+
+    def __init__(self, cfg: ModelConfig, ops: OpTable, opts: BuildOptions):
+        super().__init__()
+        self.cfg, self.ops, self.opts = cfg, ops, opts
+        d = cfg.hidden_size
+        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, d, dtype=opts.dtype, device=opts.device))
+        self.layers = nn.ModuleList(Block(i, cfg, ops, opts) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
+        self.head = Linear(d, cfg.vocab_size, ops, HP, opts)
+        self.mtp = nn.ModuleList(MTPLayer(j, cfg, ops, opts) for j in range(cfg.num_nextn_predict_layers))
+        cos, sin = cos_sin_table(cfg, cfg.max_position_embeddings)
+        table_device = "cpu" if str(opts.device) == "meta" else opts.device  # the loader moves it later
+        self.register_buffer("rope_cos", cos.to(table_device), persistent=False)  # (P, R/2)
+        self.register_buffer("rope_sin", sin.to(table_device), persistent=False)
+        self._embedding = ops.embedding
+
+    # ------------------------------------------------------------ caches
+    def new_cache(self, max_batch: int, max_len: int) -> ModelCache:
+        """Allocate caches for ``max_batch`` rows of ``max_len`` positions (zeros, compute dtype)."""
+
+        def alloc(attn: MLA) -> LayerCache:
+            dev, dt = self.embed.device, self.embed.dtype
+            return LayerCache(
+                {k: torch.zeros((max_batch, max_len, *s), dtype=dt, device=dev) for k, s in attn.cache_shapes().items()}
+            )
+
+        return ModelCache(
+            [alloc(layer.attn) for layer in self.layers], [alloc(m.block.attn) for m in self.mtp], max_batch, max_len
+        )
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, T, R/2)."""
+        return self.rope_cos[positions], self.rope_sin[positions]
+
+    # ------------------------------------------------------------ forward
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: ModelCache | None = None
+    ) -> torch.Tensor:
+        """tokens (B, T) int64, positions (B, T) -> hidden (B, T, D) after the final norm.
+
+        Without a cache, positions must be ``0..T-1`` in every row (a full-sequence forward).
+        """
+        b, t = tokens.shape
+        if positions is None:
+            positions = torch.arange(t, device=tokens.device).expand(b, t)
+        cos, sin = self.rope(positions)
+        x = self._embedding(tokens, self.embed)  # (B, T, D)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, cos, sin, None if cache is None else cache.main[i])
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., D) -> (..., V) float32."""
+        return self.head(hidden).float()
+
+    def mtp_forward(
+        self,
+        depth: int,
+        hidden: torch.Tensor,
+        next_tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: ModelCache | None = None,
+    ) -> torch.Tensor:
+        """Run MTP module ``depth`` on hidden (B, T, D) and the following tokens (B, T) -> hidden (B, T, D)."""
+        cos, sin = self.rope(positions)
+        layer_cache = None if cache is None else cache.mtp[depth]
+        return self.mtp[depth](hidden, next_tokens, positions, cos, sin, layer_cache)

@@ -1,0 +1,63 @@
+"""Weight formats: a linear layer's weight carries its own format.
+
+Formats (the names used everywhere: hooks, `dsv3 backends`, configs):
+
+- ``hp``: high precision, a plain float tensor (bfloat16, float16 or float32).
+- ``fp8_block``: the released DeepSeek-V3 format. ``data (out, in) float8_e4m3fn`` (or
+  ``float8_e4m3fnuz`` on MI300-class GPUs) and ``scale (ceil(out/128), ceil(in/128)) float32``;
+  the dequantized block is ``data_block * scale`` (the checkpoint calls it ``weight_scale_inv``).
+- ``int8_w8a8``: ``data (out, in) int8``, ``scale (out,) float32`` per output channel; activations
+  are quantized per token at run time when ``act_quant == "dynamic"``.
+- ``int8_wo``: like ``int8_w8a8`` but activations always stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HP = "hp"
+FP8_BLOCK = "fp8_block"
+INT8_W8A8 = "int8_w8a8"
+INT8_WO = "int8_wo"
+FORMATS = (HP, FP8_BLOCK, INT8_W8A8, INT8_WO)
+
+FP8_BLOCK_SIZE = 128
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+ACT_QUANT_MODES = ("none", "dynamic")
+
+
+@dataclass
+class Weight:
+    """A linear weight ``(out, in)`` (or a stack ``(E, out, in)`` for routed experts) and its scales."""
+
+    data: torch.Tensor
+    fmt: str = HP
+    scale: torch.Tensor | None = None
+    block_size: int = FP8_BLOCK_SIZE
+    scale_fmt: str | None = None  # "ue8m0": activation scales rounded up to a power of two
+
+    @property
+    def out_features(self) -> int:
+        return self.data.shape[-2]
+
+    @property
+    def in_features(self) -> int:
+        return self.data.shape[-1]
+
+    def nbytes(self) -> int:
+        n = self.data.numel() * self.data.element_size()
+        if self.scale is not None:
+            n += self.scale.numel() * self.scale.element_size()
+        return n
+
+    def to(self, device: torch.device | str) -> Weight:
+        scale = None if self.scale is None else self.scale.to(device)
+        return Weight(self.data.to(device), self.fmt, scale, self.block_size, self.scale_fmt)
+
+
+def fp8_scale_shape(out_features: int, in_features: int, block: int = FP8_BLOCK_SIZE) -> tuple[int, int]:
+    """Shape of the per-block scale of an ``(out, in)`` fp8 weight."""
+    return (-(-out_features // block), -(-in_features // block))
