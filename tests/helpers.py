@@ -1,0 +1,104 @@
+"""Tiny checkpoints for tests, made with transformers' DeepseekV3ForCausalLM (the external reference).
+
+``make_checkpoint(dir, **overrides)`` saves a random model with save_pretrained, gives
+``e_score_correction_bias`` non-zero values (it starts at zero), and with ``mtp=True`` appends one
+MTP layer's tensors in the released layout (transformers does not write them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    num_experts_per_tok=3,
+    n_group=2,
+    topk_group=1,
+    first_k_dense_replace=1,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    max_position_embeddings=128,
+    rope_theta=10000.0,
+    rope_scaling={
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    num_nextn_predict_layers=1,
+    initializer_range=0.1,
+    bos_token_id=0,
+    eos_token_id=1,
+)
+
+
+def make_transformers_model(seed: int = 0, **overrides):
+    """A random transformers DeepseekV3ForCausalLM (float32) with a non-zero routing bias."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = DeepseekV3Config(**{**TINY, **overrides})
+    model = DeepseekV3ForCausalLM(cfg).float().eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if hasattr(mod, "e_score_correction_bias"):
+                mod.e_score_correction_bias.normal_(0.0, 0.3)
+    return model
+
+
+def make_checkpoint(path: str | Path, seed: int = 0, mtp: bool = False, **overrides) -> Path:
+    """Save a random tiny checkpoint to ``path``; with ``mtp`` also the MTP layer's tensors."""
+    path = Path(path)
+    model = make_transformers_model(seed, **overrides)
+    model.save_pretrained(path)
+    if mtp:
+        add_mtp_layer(path, seed)
+    return path
+
+
+def add_mtp_layer(path: Path, seed: int = 0) -> None:
+    """Append ``model.layers.{L}.*`` (one MTP module, released layout) to model.safetensors."""
+    cfg = json.loads((path / "config.json").read_text())
+    tensors = load_file(str(path / "model.safetensors"))
+    n = cfg["num_hidden_layers"]
+    src_layer = n - 1  # copy the shapes of the last decoder layer, fresh random values
+    g = torch.Generator().manual_seed(seed + 1000)
+    prefix = f"model.layers.{src_layer}."
+    for key, value in list(tensors.items()):
+        if key.startswith(prefix):
+            new = f"model.layers.{n}." + key[len(prefix) :]
+            if key.endswith("layernorm.weight"):
+                tensors[new] = torch.ones_like(value) + 0.1 * torch.randn(value.shape, generator=g)
+            else:
+                tensors[new] = torch.randn(value.shape, generator=g) * value.float().std().clamp(min=0.02)
+    h = cfg["hidden_size"]
+    base = f"model.layers.{n}."
+    tensors[base + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    tensors[base + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    tensors[base + "enorm.weight"] = torch.ones(h)
+    tensors[base + "hnorm.weight"] = torch.ones(h)
+    tensors[base + "shared_head.norm.weight"] = torch.ones(h)
+    tensors[base + "eh_proj.weight"] = torch.randn(h, 2 * h, generator=g) * (2 * h) ** -0.5
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg["num_nextn_predict_layers"] = 1
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
