@@ -21,6 +21,7 @@ from .config import ModelConfig, load_config
 from .errors import Dsv3Error
 from .generate import SamplingParams, generate
 from .model import ATTN_IMPLS, BuildOptions, Transformer
+from .speculative import check_mtp, generate_speculative
 from .weights import ACT_QUANT_MODES, HP
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -34,6 +35,7 @@ class Completion:
     text: str
     token_ids: list[int]
     finish_reason: str
+    mtp: dict | None = None  # speculative-decoding statistics of this row (generate(..., mtp=K))
 
 
 def embedded_model_path() -> Path | None:
@@ -130,16 +132,24 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         chat: bool | None = None,
+        mtp: int = 0,
     ) -> list[Completion]:
-        """Complete each prompt (text, or a list of token ids) and return one Completion per prompt."""
+        """Complete each prompt (text, or a list of token ids) and return one Completion per prompt.
+
+        mtp: draft tokens per step for lossless speculative decoding with the checkpoint's MTP
+        module (0: plain decoding); each Completion's ``mtp`` then holds its statistics.
+        """
+        check_mtp(self.model, mtp)
         if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [p if isinstance(p, list) else self.encode(p, chat) for p in prompts]
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, self.eos_ids)
-        out = generate(self.model, ids, params)
+        out = generate_speculative(self.model, ids, params, mtp) if mtp else generate(self.model, ids, params)
+        rows = out.stats.get("mtp_rows") or [None] * len(ids)
         texts = [self.decode(o) if self.tokenizer is not None else "" for o in out.token_ids]
         return [
-            Completion(p, t, o, r) for p, t, o, r in zip(prompts, texts, out.token_ids, out.finish_reasons, strict=True)
+            Completion(p, t, o, r, m)
+            for p, t, o, r, m in zip(prompts, texts, out.token_ids, out.finish_reasons, rows, strict=True)
         ]
 
     @torch.inference_mode()

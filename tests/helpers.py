@@ -102,3 +102,31 @@ def add_mtp_layer(path: Path, seed: int = 0) -> None:
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     cfg["num_nextn_predict_layers"] = 1
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def pattern_tokens(n: int, length: int, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(n, length) int64 arithmetic progressions ``2 + (a + s*t) mod (V - 2)``, s in 1..3 (never bos 0 / eos 1)."""
+    a = torch.randint(0, vocab_size - 2, (n, 1), generator=generator)
+    s = torch.randint(1, 4, (n, 1), generator=generator)
+    return 2 + (a + s * torch.arange(length)) % (vocab_size - 2)
+
+
+def train_on_patterns(model, steps: int = 60, seed: int = 0, mtp_weight: float = 1.0) -> dict:
+    """Train ``model`` in place (Adam, lr 1e-2) on :func:`pattern_tokens` with the main + MTP loss.
+
+    A few dozen steps make the tiny model and its MTP module predict the progressions well but
+    not perfectly, so speculative decoding sees both accepted and rejected drafts. Returns a copy
+    of the trained state_dict (load it into another attention form of the same checkpoint).
+    """
+    from dsv3.training import lm_and_mtp_loss
+
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        total, _, _ = lm_and_mtp_loss(model, pattern_tokens(16, 16, model.cfg.vocab_size, g), mtp_weight)
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    model.eval()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -12,6 +12,7 @@ from .. import registry
 from ..api import DTYPES, load
 from ..errors import Dsv3Error
 from ..model import ATTN_IMPLS
+from ..speculative import check_mtp, summarize, summary_line
 from ..weights import ACT_QUANT_MODES
 
 
@@ -39,6 +40,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     p.add_argument("--output-format", choices=("text", "jsonl"), default="text")
+    p.add_argument(
+        "--mtp",
+        type=int,
+        default=0,
+        metavar="K",
+        help="speculative decoding: K draft tokens per step from the MTP module",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--chat", dest="chat", action="store_true", default=None, help="force the chat template")
     mode.add_argument("--raw", dest="chat", action="store_false", help="force raw completion (no chat template)")
@@ -52,6 +60,8 @@ def _check_args(args) -> None:
         raise Dsv3Error("--temperature must be >= 0")
     if not 0 < args.top_p <= 1:
         raise Dsv3Error("--top-p must be in (0, 1]")
+    if args.mtp < 0:
+        raise Dsv3Error("--mtp must be >= 0 (draft tokens per step)")
 
 
 def _read_prompts(args) -> list[str]:
@@ -76,16 +86,24 @@ def main(args) -> int:
     _check_args(args)
     prompts = None if args.interactive else _read_prompts(args)
     engine = load_from_args(args)
+    check_mtp(engine.model, args.mtp)  # before the first prompt, in interactive mode too
     if args.interactive:
         return _interactive(engine, args)
     start = time.perf_counter()
     results = engine.generate(
-        prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat=args.chat
+        prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat=args.chat, mtp=args.mtp
     )
     elapsed = time.perf_counter() - start
     for r in results:
         if args.output_format == "jsonl":
-            record = {"prompt": r.prompt, "completion": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}
+            record = {
+                "prompt": r.prompt,
+                "completion": r.text,
+                "token_ids": r.token_ids,
+                "finish_reason": r.finish_reason,
+            }
+            if r.mtp is not None:
+                record["mtp"] = r.mtp
             print(json.dumps(record, ensure_ascii=False), flush=True)
         elif len(results) == 1:
             print(r.text, flush=True)
@@ -93,6 +111,8 @@ def main(args) -> int:
             print(f"Prompt: {r.prompt}\nCompletion: {r.text}\n", flush=True)
     n = sum(len(r.token_ids) for r in results)
     print(f"dsv3: {n} tokens in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    if args.mtp:
+        print(summary_line(summarize([r.mtp for r in results], n, elapsed)), file=sys.stderr)
     return 0
 
 
@@ -122,7 +142,8 @@ def _interactive(engine, args) -> int:
         else:
             ids = engine.encode(line, chat=False)
         try:
-            result = engine.generate([ids], args.max_new_tokens, args.temperature, args.top_p, args.seed)[0]
+            params = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
+            result = engine.generate([ids], *params, mtp=args.mtp)[0]
         except Dsv3Error as exc:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"dsv3: error: {exc}", file=sys.stderr)
             if chat:
