@@ -53,6 +53,13 @@ class BackendInfo:
     unusable_reason: ``None`` when usable on this machine, else one line saying why not.
     prepare_weight: optional hook to convert a loaded weight into what the hardware needs
         (e.g. e4m3fn -> e4m3fnuz on MI300), called once per weight at load.
+    convert_formats: checkpoint weight formats this backend cannot hold, each mapped to the
+        formats it converts them to at load, default first (e.g. ascend:
+        ``{"fp8_block": ("hp", "int8_w8a8")}``). The model is built in the target format and the
+        loader converts each weight as it is read; nothing converted is written to disk.
+    convert_weight: ``convert_weight(w: Weight (out, in) on the CPU, fmt: str) -> Weight in fmt``,
+        called once per matrix (per expert for stacked experts) of each converted linear.
+        An ``hp`` result may be float32: the loader casts it to the compute dtype.
     """
 
     name: str
@@ -62,6 +69,8 @@ class BackendInfo:
     formats: tuple[str, ...] = ("hp",)
     unusable_reason: str | None = None
     prepare_weight: Callable | None = None
+    convert_formats: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    convert_weight: Callable | None = None
     extra: dict = field(default_factory=dict)
 
 
