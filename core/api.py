@@ -169,10 +169,14 @@ def load(
     act_quant: str = "none",
     config: str | Path | None = None,
     progress: bool | None = None,
+    weight_format: str | None = None,
 ) -> Engine:
     """Load a Hugging Face-format DeepSeek-V2/V3 checkpoint directory (default: the embedded model).
 
     config: optional JSON/YAML config overriding the directory's config.json.
+    weight_format: the format to hold the checkpoint's quantized linears in, for a backend that
+        converts them at load (``BackendInfo.convert_formats``, e.g. ascend: fp8_block -> hp or
+        int8_w8a8); None takes the backend's default. Nothing converted is written to disk.
     """
     if ckpt_path is None:
         ckpt_path = embedded_model_path()
@@ -183,10 +187,16 @@ def load(
     cfg = load_config(config if config is not None else path / "config.json")
     cfg = drop_absent_mtp(cfg, files)
     fmt_of, quant_suffix = format_of_checkpoint(files, cfg)
-    formats = (HP,) if cfg.quantization is None else (HP, fmt_of_quantized(cfg))
+    src_fmt = HP if cfg.quantization is None else fmt_of_quantized(cfg)
+    dst_fmt = conversion_target(registry.get_backend(backend).info, src_fmt, weight_format, path)
+    converted: dict[str, tuple[str, str]] = {}  # filled while the model is built
+    if dst_fmt != src_fmt:
+        fmt_of = _converting(fmt_of, src_fmt, dst_fmt, converted)
+    formats = tuple(dict.fromkeys((HP, dst_fmt)))
     model = build_model(cfg, backend, dtype, attn_impl, act_quant, formats, fmt_of, device="meta")
     device = model.backend_info.device
-    load_weights(model, files, cfg, quant_suffix, device, _dtype(dtype), progress)
+    convert = model.backend_info.convert_weight
+    load_weights(model, files, cfg, quant_suffix, device, _dtype(dtype), progress, converted, convert)
     model.opts = BuildOptions(model.opts.dtype, device, attn_impl, fmt_of)
     scale_fmt = cfg.quantization.scale_fmt if cfg.quantization else None
     apply_scale_fmt_and_prepare(model, scale_fmt, model.backend_info.prepare_weight)
@@ -198,6 +208,39 @@ def load(
             file=sys.stderr,
         )
     return Engine(model, _load_tokenizer(path), path)
+
+
+def conversion_target(info, src_fmt: str, requested: str | None, where: Path) -> str:
+    """The format the model holds the checkpoint's ``src_fmt`` linears in on this backend.
+
+    A backend converts what it lists in ``convert_formats`` (default: the first target); what it
+    does not list it holds as stored. A request it cannot honour is a Dsv3Error.
+    """
+    allowed = tuple(info.convert_formats.get(src_fmt, ()))
+    if requested is None:
+        return allowed[0] if allowed else src_fmt
+    if requested in allowed or (requested == src_fmt and not allowed):
+        return requested
+    if src_fmt == HP:
+        raise Dsv3Error(f"weight format {requested!r}: {where} has no quantized weights to convert")
+    choices = " or ".join(allowed) if allowed else f"{src_fmt} (as stored)"
+    raise Dsv3Error(
+        f"weight format {requested!r} is not available: backend {info.name} runs the {src_fmt} weights "
+        f"of {where} as {choices}"
+    )
+
+
+def _converting(fmt_of, src_fmt: str, dst_fmt: str, record: dict[str, tuple[str, str]]):
+    """Wrap ``fmt_of`` so ``src_fmt`` linears are built in ``dst_fmt``, recording each in ``record``."""
+
+    def fmt(module_path: str) -> str:
+        stored = fmt_of(module_path)
+        if stored != src_fmt:
+            return stored
+        record[module_path] = (src_fmt, dst_fmt)
+        return dst_fmt
+
+    return fmt
 
 
 def drop_absent_mtp(cfg: ModelConfig, files: CheckpointFiles) -> ModelConfig:

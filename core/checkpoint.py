@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 from .errors import Dsv3Error
-from .weights import FP8_BLOCK, HP, INT8_W8A8, Weight
+from .weights import FP8_BLOCK, HP, INT8_W8A8, Weight, fp8_scale_shape
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -199,9 +199,13 @@ def load_weights(
     device: str | torch.device,
     dtype: torch.dtype,
     progress: bool | None = None,
+    converted: dict[str, tuple[str, str]] | None = None,
+    convert_weight=None,
 ) -> None:
     """Fill ``model`` (built on the meta device) from the checkpoint, checking every tensor.
 
+    converted: module path -> (checkpoint format, model format) for linears the backend converts
+        at load (``BackendInfo.convert_formats``); ``convert_weight`` does it, one matrix at a time.
     Raises Dsv3Error naming the first missing, misshapen or surplus tensor.
     """
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
@@ -211,6 +215,14 @@ def load_weights(
     n_experts = cfg.n_routed_experts
     bar = tqdm(expected.items(), desc="loading weights", unit="tensor", disable=None if progress is None else not progress)
     for name, meta in bar:
+        module, _, leaf = name.rpartition(".")
+        if converted and module in converted:
+            if leaf == "weight":  # its scale (if the target format has one) comes out of the conversion
+                src_fmt, dst_fmt = converted[module]
+                metas = {k: expected[f"{module}.{k}"] for k in ("weight", "scale") if f"{module}.{k}" in expected}
+                args = (files, cfg, quant_suffix, module, src_fmt, dst_fmt, convert_weight, metas, device, used)
+                state.update(_load_converted(*args))
+            continue
         src = hf_name(name, cfg, quant_suffix)
         names = [src.format(e=e) for e in range(n_experts)] if "{e}" in src else [src]
         parts = []
@@ -242,6 +254,57 @@ def load_weights(
     model.load_state_dict(state, strict=False, assign=True)
     for name in ("rope_cos", "rope_sin"):
         setattr(model, name, getattr(model, name).to(device))
+
+
+def _load_converted(
+    files: CheckpointFiles,
+    cfg: ModelConfig,
+    quant_suffix: str,
+    module: str,
+    src_fmt: str,
+    dst_fmt: str,
+    convert_weight,
+    metas: dict[str, torch.Tensor],
+    device: str | torch.device,
+    used: set[str],
+) -> dict[str, torch.Tensor]:
+    """Read one linear stored in ``src_fmt`` and convert it to ``dst_fmt``, one (out, in) matrix at a time.
+
+    Stacked experts are converted expert by expert, so the float32 working copy is one matrix.
+    Returns the model's ``{module.weight, module.scale}`` tensors on ``device``.
+    """
+    w_src = hf_name(f"{module}.weight", cfg, quant_suffix)
+    s_src = hf_name(f"{module}.scale", cfg, quant_suffix)
+    stacked = "{e}" in w_src
+    experts = range(cfg.n_routed_experts) if stacked else [None]
+    out_f, in_f = metas["weight"].shape[-2:]
+    scale_shape = fp8_scale_shape(out_f, in_f) if src_fmt == FP8_BLOCK else (out_f,)
+    storage = torch.float8_e4m3fn if src_fmt == FP8_BLOCK else torch.int8
+    datas, scales = [], []
+    for e in experts:
+        w_name, s_name = (w_src.format(e=e), s_src.format(e=e)) if stacked else (w_src, s_src)
+        for hf in (w_name, s_name):
+            if hf not in files.where:
+                what = "scale tensor" if hf == s_name else "tensor"
+                raise Dsv3Error(f"{files.path}: missing {what} {hf}")
+        data, scale = files.get(w_name), files.get(s_name)
+        used.update((w_name, s_name))
+        for hf, t, want in ((w_name, data, (out_f, in_f)), (s_name, scale, scale_shape)):
+            if tuple(t.shape) != tuple(want):
+                raise Dsv3Error(f"{files.where[hf]}: tensor {hf} has shape {list(t.shape)}, expected {list(want)}")
+        if data.dtype != storage:
+            raise Dsv3Error(f"{files.where[w_name]}: tensor {w_name} has dtype {data.dtype}, expected {storage}")
+        w = convert_weight(Weight(data, src_fmt, scale.float()), dst_fmt)
+        if w.fmt != dst_fmt or tuple(w.data.shape) != (out_f, in_f):
+            raise Dsv3Error(
+                f"{files.where[w_name]}: converting {w_name} to {dst_fmt} gave {w.fmt} {list(w.data.shape)}"
+            )
+        datas.append(w.data)
+        scales.append(w.scale)
+    out = {f"{module}.weight": (torch.stack(datas) if stacked else datas[0]).to(device, metas["weight"].dtype)}
+    if "scale" in metas:
+        out[f"{module}.scale"] = (torch.stack(scales) if stacked else scales[0]).to(device, metas["scale"].dtype)
+    return out
 
 
 def iter_linear_modules(model: torch.nn.Module) -> Iterable[tuple[str, torch.nn.Module]]:

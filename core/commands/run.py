@@ -13,7 +13,7 @@ from ..api import DTYPES, load
 from ..errors import Dsv3Error
 from ..model import ATTN_IMPLS
 from ..speculative import check_mtp, summarize, summary_line
-from ..weights import ACT_QUANT_MODES
+from ..weights import ACT_QUANT_MODES, FORMATS
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn-impl", choices=ATTN_IMPLS, default="absorb", help="MLA form: latent cache or per-head K/V")
     p.add_argument(
         "--act-quant", choices=ACT_QUANT_MODES, default="none", help="quantize activations for quantized weights"
+    )
+    p.add_argument(
+        "--weight-format",
+        choices=FORMATS,
+        default=None,
+        help="convert the checkpoint's quantized weights at load to this format, on a backend that converts "
+        "them (e.g. ascend: fp8_block -> hp or int8_w8a8; see `dsv3 backends`); default: the backend's choice",
     )
 
 
@@ -79,7 +86,15 @@ def _read_prompts(args) -> list[str]:
 
 
 def load_from_args(args):
-    return load(args.ckpt_path, args.backend, args.dtype, args.attn_impl, args.act_quant, args.config)
+    return load(
+        args.ckpt_path,
+        args.backend,
+        args.dtype,
+        args.attn_impl,
+        args.act_quant,
+        args.config,
+        weight_format=getattr(args, "weight_format", None),
+    )
 
 
 def main(args) -> int:
