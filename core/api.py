@@ -254,9 +254,10 @@ def drop_absent_mtp(cfg: ModelConfig, files: CheckpointFiles) -> ModelConfig:
 
 
 def fmt_of_quantized(cfg: ModelConfig) -> str:
-    from .weights import FP8_BLOCK, INT8_W8A8
+    """The format of the checkpoint's quantized linears (fp8_block, int8_w8a8 or int8_wo)."""
+    from .quantize import checkpoint_format
 
-    return FP8_BLOCK if cfg.quantization.quant_method == "fp8" else INT8_W8A8
+    return checkpoint_format(cfg.quantization, cfg.source)
 
 
 def _load_tokenizer(path: Path):

@@ -17,7 +17,8 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 from .errors import Dsv3Error
-from .weights import FP8_BLOCK, HP, INT8_W8A8, Weight, fp8_scale_shape
+from .quantize import checkpoint_format
+from .weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight, fp8_scale_shape
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -32,7 +33,9 @@ _ATTN = {
     "wo": "o_proj",
 }
 _MLP = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-_SCALE_SUFFIX = {FP8_BLOCK: "weight_scale_inv", INT8_W8A8: "weight_scale"}
+_SCALE_SUFFIX = {FP8_BLOCK: "weight_scale_inv", INT8_W8A8: "weight_scale", INT8_WO: "weight_scale"}
+#: safetensors dtype names of quantized weight data (such a weight is unusable without its scale).
+_QUANT_DTYPE_NAMES = ("F8_E4M3", "F8_E5M2", "I8")
 
 
 def _suffix(leaf: str, quant_suffix: str) -> str:
@@ -155,6 +158,10 @@ class CheckpointFiles:
     def shape(self, tensor: str) -> tuple[int, ...]:
         return tuple(self._handle(tensor).get_slice(tensor).get_shape())
 
+    def dtype(self, tensor: str) -> str:
+        """The safetensors dtype name of a tensor (``BF16``, ``F8_E4M3``, ``I8``...), read from the header."""
+        return self._handle(tensor).get_slice(tensor).get_dtype()
+
     def _handle(self, tensor: str):
         file = self.where[tensor]
         if file not in self._handles:
@@ -176,17 +183,37 @@ class CheckpointFiles:
 
 
 def format_of_checkpoint(files: CheckpointFiles, cfg: ModelConfig):
-    """Return ``fmt_of(module_path) -> format`` from the tensors present (a scale means quantized)."""
+    """Return ``(fmt_of(module_path) -> format, scale suffix)`` for a checkpoint.
+
+    A linear is quantized when its scale tensor is present (``weight_scale_inv`` for fp8,
+    ``weight_scale`` for int8); its format comes from ``quantization_config`` (see
+    ``dsv3.quantize.checkpoint_format``). A quantized weight without its scale, or scales in a
+    checkpoint whose config has no quantization_config, is a Dsv3Error naming the tensor.
+    """
     keys = files.keys()
     quant = cfg.quantization
-    fmt_q = FP8_BLOCK if quant is None or quant.quant_method == "fp8" else INT8_W8A8
-    suffix = _SCALE_SUFFIX[fmt_q]
+    fmt_q = checkpoint_format(quant, cfg.source)
+    suffix = _SCALE_SUFFIX.get(fmt_q, _SCALE_SUFFIX[FP8_BLOCK])
 
     def fmt_of(module_path: str) -> str:
+        weight = hf_name(module_path + ".weight", cfg, suffix).replace("{e}", "0")
         if quant is None:
-            return HP
-        name = hf_name(module_path + ".scale", cfg, suffix).replace("{e}", "0")
-        return fmt_q if name in keys else HP
+            for other in sorted(set(_SCALE_SUFFIX.values())):
+                scale = hf_name(module_path + ".scale", cfg, other).replace("{e}", "0")
+                if scale in keys:
+                    raise Dsv3Error(
+                        f"{files.where[scale]}: scale tensor {scale} found but {cfg.source} has no quantization_config"
+                    )
+        else:
+            scale = hf_name(module_path + ".scale", cfg, suffix).replace("{e}", "0")
+            if scale in keys:
+                return fmt_q
+        if weight in keys and files.dtype(weight) in _QUANT_DTYPE_NAMES:
+            wanted = suffix if quant is not None else "weight_scale_inv or weight_scale"
+            raise Dsv3Error(
+                f"{files.where[weight]}: missing scale tensor ({wanted}) for {files.dtype(weight)} weight {weight}"
+            )
+        return HP
 
     return fmt_of, suffix
 

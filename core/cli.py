@@ -12,7 +12,7 @@ import sys
 
 from .errors import Dsv3Error
 
-COMMANDS = ("run", "backends")
+COMMANDS = ("run", "backends", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

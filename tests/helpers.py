@@ -130,3 +130,26 @@ def train_on_patterns(model, steps: int = 60, seed: int = 0, mtp_weight: float =
         opt.step()
     model.eval()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# Shapes for quantization tests: dims above 128 and not multiples of 128 (160, 136, 144, 152, 288),
+# so fp8 128x128 blocks have partial edge tiles; initializer_range 0.02 as in the released models
+# (at 0.1 the tiny random model is chaotic: expert routing flips under 1% weight noise).
+QUANT_SHAPES = dict(
+    hidden_size=160,
+    intermediate_size=288,
+    moe_intermediate_size=136,
+    q_lora_rank=144,
+    kv_lora_rank=136,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    initializer_range=0.02,
+)
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "fp8", **kwargs) -> Path:
+    """Write ``src`` converted with ``dsv3 convert`` (fmt: fp8, int8, int8-wo, bf16, fp32...) to ``dst``."""
+    from dsv3.convert import convert_checkpoint
+
+    return convert_checkpoint(src, dst, fmt, progress=False, **kwargs).out

@@ -1,5 +1,8 @@
 """Exact emulation of the low-precision formats: the reference for every GPU/NPU kernel.
 
+The weight-format math (quantize, dequantize, scales) lives in ``dsv3.quantize`` and is
+re-exported here; this module adds activation quantization and the reference linears.
+
 Quantization rounds with the formats' own casts (``tensor.to(torch.float8_e4m3fn)``,
 round-half-to-even for int8); products are accumulated in float32 (fp8) or exactly (int8,
 through float64, which holds every int32 sum exactly).
@@ -10,33 +13,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
-
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
-AMAX_FLOOR = 1e-4  # keeps all-zero blocks finite, as DeepGEMM does
-
-
-def _expand_blocks(scale: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
-    """scale (..., ceil(rows/b), ceil(cols/b)) -> (..., rows, cols), each block's scale repeated."""
-    full = scale.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
-    return full[..., :rows, :cols]
-
-
-def dequantize(w: Weight, dtype: torch.dtype) -> torch.Tensor:
-    """w (..., out, in) in any format -> (..., out, in) dtype."""
-    if w.fmt == HP:
-        return w.data.to(dtype)
-    if w.fmt == FP8_BLOCK:
-        scale = _expand_blocks(w.scale.float(), w.out_features, w.in_features, w.block_size)
-        return (w.data.float() * scale).to(dtype)
-    if w.fmt in (INT8_W8A8, INT8_WO):
-        return (w.data.float() * w.scale.float().unsqueeze(-1)).to(dtype)
-    raise ValueError(f"unknown weight format {w.fmt!r}")
-
-
-def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
-    """Round a positive scale up to the next power of two (the UE8M0 scale format)."""
-    return torch.exp2(torch.ceil(torch.log2(scale)))
+from dsv3.quantize import (  # noqa: F401  (re-exported: kernels' tests import them from here)
+    AMAX_FLOOR,
+    FP8_MAX,
+    dequantize,
+    expand_blocks,
+    quantize_weight_fp8,
+    quantize_weight_int8,
+    round_scale_ue8m0,
+)
+from dsv3.weights import FP8_BLOCK, HP, INT8_W8A8, Weight
 
 
 def quantize_act_fp8(
@@ -60,26 +46,6 @@ def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = xf.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / 127.0
     q = torch.round(xf / s.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
     return q, s
-
-
-def quantize_weight_fp8(w: torch.Tensor, block: int = 128, fp8_dtype=torch.float8_e4m3fn) -> Weight:
-    """w (out, in) float -> fp8_block Weight, one scale per block x block tile (s = amax / fp8 max)."""
-    rows, cols = w.shape[-2:]
-    pr, pc = (-rows) % block, (-cols) % block
-    wf = F.pad(w.float(), (0, pc, 0, pr))
-    tiles = wf.unflatten(-2, (-1, block)).unflatten(-1, (-1, block))  # (..., R/b, b, C/b, b)
-    amax = tiles.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR)  # (..., R/b, C/b)
-    scale = amax / FP8_MAX[fp8_dtype]
-    q = (wf / _expand_blocks(scale, rows + pr, cols + pc, block)).to(fp8_dtype)
-    return Weight(q[..., :rows, :cols].contiguous(), FP8_BLOCK, scale.float(), block)
-
-
-def quantize_weight_int8(w: torch.Tensor, fmt: str = INT8_W8A8) -> Weight:
-    """w (..., out, in) float -> int8 Weight with symmetric per-output-channel scales (s = amax / 127)."""
-    wf = w.float()
-    scale = wf.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / 127.0
-    q = torch.round(wf / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return Weight(q, fmt, scale)
 
 
 def linear_dequant(x: torch.Tensor, w: Weight) -> torch.Tensor:

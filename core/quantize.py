@@ -1,0 +1,156 @@
+"""Weight-format arithmetic shared by the loader, ``dsv3 convert`` and the reference backend.
+
+Plain PyTorch, no hardware. Quantization rounds with the formats' own casts
+(``tensor.to(torch.float8_e4m3fn)`` rounds to nearest even; int8 uses ``torch.round``, also
+half-to-even), so what is written here is bit-for-bit what a checkpoint in that format holds.
+
+- fp8_block: ``W (..., out, in)`` is cut into ``block x block`` tiles; each tile has one float32
+  scale ``s = amax(|tile|) / FP8_MAX`` (``weight_scale_inv`` in the checkpoint) and
+  ``q = fp8(W / s)``; ``dequant = q * s``.
+- int8 (w8a8 and weight-only): one float32 scale per output channel, ``s = amax(|row|) / 127``
+  and ``q = round(W / s)`` in ``[-127, 127]``; ``dequant = q * s``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .config import QuantConfig
+from .errors import Dsv3Error
+from .weights import FP8_BLOCK, FP8_BLOCK_SIZE, HP, INT8_W8A8, INT8_WO, Weight
+
+#: Largest finite value of each fp8 storage dtype.
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
+INT8_MAX = 127.0
+#: Floor on a block's (or row's) amax: keeps the scale of an all-zero block finite, as DeepGEMM does.
+AMAX_FLOOR = 1e-4
+#: Scale formats a quantization_config may name ("ue8m0": scales are powers of two).
+SCALE_FMTS = (None, "ue8m0")
+
+
+def expand_blocks(scale: torch.Tensor, rows: int, cols: int, block: int = FP8_BLOCK_SIZE) -> torch.Tensor:
+    """scale (..., ceil(rows/b), ceil(cols/b)) -> (..., rows, cols), each block's scale repeated."""
+    full = scale.repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
+    return full[..., :rows, :cols]
+
+
+def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
+    """Round a positive float32 scale up to the next power of two (the UE8M0 scale format).
+
+    Rounding up (never down) keeps ``amax / scale <= FP8_MAX``, so nothing saturates.
+    """
+    return torch.exp2(torch.ceil(torch.log2(scale)))
+
+
+def dequantize(w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """w (..., out, in) in any format -> (..., out, in) dtype.
+
+    Products are formed in float32 (exact for fp8 x power-of-two scales) and rounded once to dtype.
+    """
+    if w.fmt == HP:
+        return w.data.to(dtype)
+    if w.fmt == FP8_BLOCK:
+        scale = expand_blocks(w.scale.float(), w.out_features, w.in_features, w.block_size)
+        return (w.data.float() * scale).to(dtype)
+    if w.fmt in (INT8_W8A8, INT8_WO):
+        return (w.data.float() * w.scale.float().unsqueeze(-1)).to(dtype)
+    raise ValueError(f"unknown weight format {w.fmt!r}")
+
+
+def quantize_weight_fp8(
+    w: torch.Tensor,
+    block: int = FP8_BLOCK_SIZE,
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+    scale_fmt: str | None = None,
+) -> Weight:
+    """w (..., out, in) float -> fp8_block Weight: data (..., out, in) fp8, scale (..., ceil(out/b), ceil(in/b)) fp32.
+
+    One scale per block x block tile, ``s = amax / FP8_MAX`` (rounded up to a power of two when
+    ``scale_fmt == "ue8m0"``). Edge tiles are the partial tiles at the ends of each dimension.
+    """
+    rows, cols = w.shape[-2:]
+    pr, pc = (-rows) % block, (-cols) % block
+    wf = F.pad(w.float(), (0, pc, 0, pr))
+    tiles = wf.unflatten(-2, (-1, block)).unflatten(-1, (-1, block))  # (..., R/b, b, C/b, b)
+    amax = tiles.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR)  # (..., R/b, C/b)
+    fmax = FP8_MAX[fp8_dtype]
+    scale = amax / fmax
+    if scale_fmt == "ue8m0":
+        scale = round_scale_ue8m0(scale)
+    # amax / (amax / fmax) can land one float32 ulp above fmax: clamp so the cast never overflows
+    q = (wf / expand_blocks(scale, rows + pr, cols + pc, block)).clamp(-fmax, fmax).to(fp8_dtype)
+    return Weight(q[..., :rows, :cols].contiguous(), FP8_BLOCK, scale.float(), block, scale_fmt)
+
+
+def quantize_weight_int8(w: torch.Tensor, fmt: str = INT8_W8A8) -> Weight:
+    """w (..., out, in) float -> int8 Weight: data (..., out, in) int8, scale (..., out) fp32.
+
+    Symmetric per output channel: ``s = amax(|row|) / 127``, ``q = round(w / s)`` in [-127, 127].
+    """
+    wf = w.float()
+    scale = wf.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / INT8_MAX
+    q = torch.round(wf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return Weight(q, fmt, scale)
+
+
+def quantize_weight(w: torch.Tensor, fmt: str, scale_fmt: str | None = None) -> Weight:
+    """w (..., out, in) float -> Weight in ``fmt`` (hp returns w itself)."""
+    if fmt == HP:
+        return Weight(w, HP)
+    if fmt == FP8_BLOCK:
+        return quantize_weight_fp8(w, scale_fmt=scale_fmt)
+    if fmt in (INT8_W8A8, INT8_WO):
+        return quantize_weight_int8(w, fmt)
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+def checkpoint_format(q: QuantConfig | None, source: str = "config.json") -> str:
+    """The weight format of a checkpoint's quantized linears, from its ``quantization_config``.
+
+    fp8 + activation_scheme dynamic -> fp8_block; int8 + dynamic -> int8_w8a8;
+    int8 + weight_only -> int8_wo. Anything else is a Dsv3Error naming the field.
+    """
+    if q is None:
+        return HP
+    if q.quant_method == "fp8":
+        if q.activation_scheme != "dynamic":
+            raise Dsv3Error(
+                f"{source}: quantization_config.activation_scheme {q.activation_scheme!r} is not supported "
+                "for fp8 (dynamic)"
+            )
+        return FP8_BLOCK
+    if q.quant_method == "int8":
+        if q.activation_scheme == "dynamic":
+            return INT8_W8A8
+        if q.activation_scheme == "weight_only":
+            return INT8_WO
+        raise Dsv3Error(
+            f"{source}: quantization_config.activation_scheme {q.activation_scheme!r} is not supported "
+            "for int8 (dynamic, weight_only)"
+        )
+    raise Dsv3Error(f"{source}: quantization_config.quant_method {q.quant_method!r} is not supported (fp8, int8)")
+
+
+def quantization_config(fmt: str, scale_fmt: str | None = None) -> dict | None:
+    """The ``quantization_config`` a checkpoint whose quantized linears are in ``fmt`` carries."""
+    if fmt == HP:
+        return None
+    if fmt == FP8_BLOCK:
+        out = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [FP8_BLOCK_SIZE, FP8_BLOCK_SIZE],
+        }
+        if scale_fmt:
+            out["scale_fmt"] = scale_fmt
+        return out
+    if fmt in (INT8_W8A8, INT8_WO):
+        return {
+            "quant_method": "int8",
+            "activation_scheme": "dynamic" if fmt == INT8_W8A8 else "weight_only",
+            "weight_granularity": "per_channel",
+            "symmetric": True,
+        }
+    raise ValueError(f"unknown weight format {fmt!r}")
