@@ -90,10 +90,19 @@ class Engine:
         self.cfg = model.cfg
 
     # ----------------------------------------------------------------- tokens
-    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
-        """Token ids of a prompt; through the chat template when the tokenizer has one (or chat=True)."""
+    def default_chat(self) -> bool:
+        """Whether prompts go through the chat template unless told otherwise.
+
+        Yes when the tokenizer has a template, unless config.json says ``"dsv3_default_prompt": "raw"``
+        (a completion model that also knows a chat format, like the embedded one).
+        """
         tok = self._need_tokenizer()
-        use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+        return bool(getattr(tok, "chat_template", None)) and self.cfg.extra.get("dsv3_default_prompt") != "raw"
+
+    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt; through the chat template by default (see ``default_chat``) or when chat=True."""
+        tok = self._need_tokenizer()
+        use_chat = self.default_chat() if chat is None else chat
         if use_chat:
             if not getattr(tok, "chat_template", None):
                 raise Dsv3Error("this tokenizer has no chat template; use raw completion")

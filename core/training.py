@@ -73,3 +73,77 @@ def lm_and_mtp_loss(
     losses = mtp_depth_losses(model, tokens, hidden)
     mtp_ce = torch.stack(losses).mean() if losses else main_ce.new_zeros(())
     return main_ce + mtp_weight * mtp_ce, main_ce, mtp_ce
+
+
+# ------------------------------------------------------------------ initialisation and load balancing
+#: Linears whose output is added to the residual stream: scaled down by 1/sqrt(2 * layers) at init.
+_RESIDUAL_OUTPUTS = ("attn.wo.weight", "ffn.w2.weight", "shared.w2.weight")
+
+
+def init_weights(model: Transformer, seed: int, std: float = 0.02) -> None:
+    """Fill every parameter of ``model`` from ``seed`` (same seed -> bit-identical weights).
+
+    Linears and embeddings ~ N(0, std); residual-branch outputs ~ N(0, std / sqrt(2 * layers));
+    RMSNorm weights 1; routing biases 0. Parameters are visited in name order, so the values do
+    not depend on module construction details.
+    """
+    import math
+
+    from .model import MoE, RMSNorm
+
+    gen = torch.Generator().manual_seed(seed)
+    n_layers = model.cfg.num_hidden_layers + model.cfg.num_nextn_predict_layers
+    residual_std = std / math.sqrt(2 * n_layers)
+    norm_weights = {id(m.weight) for m in model.modules() if isinstance(m, RMSNorm)}
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if id(param) in norm_weights:
+                param.fill_(1.0)
+                continue
+            s = residual_std if name.endswith(_RESIDUAL_OUTPUTS) else std
+            values = torch.randn(param.shape, generator=gen, dtype=torch.float32) * s
+            param.copy_(values.to(param.dtype))
+        for module in model.modules():
+            if isinstance(module, MoE) and module.gate_bias is not None:
+                module.gate_bias.zero_()
+
+
+def tie_mtp_shared(model: Transformer) -> None:
+    """Make every MTP module use the main embedding and output head (shared, as in the paper)."""
+    for mtp in model.mtp:
+        mtp.embed = model.embed
+        mtp.head.weight = model.head.weight
+
+
+def moe_modules(model: torch.nn.Module) -> list:
+    """``(name, MoE)`` for every MoE layer of the model (main layers and MTP blocks), in name order."""
+    from .model import MoE
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
+
+
+def start_load_counting(model: torch.nn.Module) -> None:
+    """Reset each MoE's ``load`` counter to zeros (E,) float32 so forwards count tokens per expert."""
+    for _, moe in moe_modules(model):
+        moe.load = torch.zeros(moe.gate_weight.shape[0], dtype=torch.float32, device=moe.gate_weight.device)
+
+
+def stop_load_counting(model: torch.nn.Module) -> None:
+    """Stop counting expert loads (``load = None``)."""
+    for _, moe in moe_modules(model):
+        moe.load = None
+
+
+def update_routing_bias(model: torch.nn.Module, gamma: float) -> None:
+    """Auxiliary-loss-free balancing: ``bias_e += gamma * sign(mean_load - load_e)``, then reset the counts.
+
+    Overloaded experts become less likely to be chosen and underloaded ones more; the bias only
+    steers the choice, never the gating weights. Requires ``start_load_counting`` beforehand.
+    """
+    with torch.no_grad():
+        for name, moe in moe_modules(model):
+            if moe.load is None:
+                raise RuntimeError(f"{name}: expert loads are not being counted (call start_load_counting)")
+            if moe.gate_bias is not None:
+                moe.gate_bias += gamma * torch.sign(moe.load.mean() - moe.load)
+            moe.load.zero_()

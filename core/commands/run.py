@@ -133,7 +133,7 @@ def main(args) -> int:
 
 def _interactive(engine, args) -> int:
     tok = engine._need_tokenizer()
-    chat = bool(getattr(tok, "chat_template", None)) if args.chat is None else args.chat
+    chat = engine.default_chat() if args.chat is None else args.chat
     messages: list[dict] = []
     while True:
         try:
