@@ -21,6 +21,7 @@ from .config import ModelConfig, load_config
 from .errors import Dsv3Error
 from .generate import SamplingParams, generate
 from .model import ATTN_IMPLS, BuildOptions, Transformer
+from .parallel import ParallelContext, agree_on_seed, check_layout
 from .speculative import check_mtp, generate_speculative
 from .weights import ACT_QUANT_MODES, HP
 
@@ -66,8 +67,12 @@ def build_model(
     formats: tuple[str, ...] = (HP,),
     fmt_of=None,
     device: str | None = None,
+    parallel: ParallelContext | None = None,
 ) -> Transformer:
-    """Instantiate a model (uninitialised weights) with the backend's operators resolved once."""
+    """Instantiate a model (uninitialised weights) with the backend's operators resolved once.
+
+    parallel: build only this rank's part (``dsv3.parallel``); an impossible split is a Dsv3Error here.
+    """
     if attn_impl not in ATTN_IMPLS:
         raise Dsv3Error(f"unknown attention form {attn_impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
     if act_quant not in ACT_QUANT_MODES:
@@ -75,8 +80,10 @@ def build_model(
     backends = registry.discover()
     chosen = registry.get_backend(backend, backends)
     torch_dtype = _dtype(dtype)
+    if parallel is not None:
+        check_layout(cfg, parallel.world_size, fmt_of)
     ops = registry.resolve_ops(chosen, formats, act_quant, torch_dtype, backends[registry.REFERENCE])
-    opts = BuildOptions(torch_dtype, device or chosen.info.device, attn_impl, fmt_of)
+    opts = BuildOptions(torch_dtype, device or chosen.info.device, attn_impl, fmt_of, parallel)
     model = Transformer(cfg, ops, opts)
     model.backend_info = chosen.info
     return model
@@ -152,6 +159,7 @@ class Engine:
         if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [p if isinstance(p, list) else self.encode(p, chat) for p in prompts]
+        seed = agree_on_seed(self.model.opts.parallel, seed, temperature)  # same draws on every rank
         params = SamplingParams(max_new_tokens, temperature, top_p, seed, self.eos_ids)
         out = generate_speculative(self.model, ids, params, mtp) if mtp else generate(self.model, ids, params)
         rows = out.stats.get("mtp_rows") or [None] * len(ids)
@@ -167,6 +175,13 @@ class Engine:
         tokens = torch.as_tensor(token_ids, dtype=torch.long, device=self.model.embed.device)
         if tokens.dim() == 1:
             tokens = tokens.unsqueeze(0)
+        if tokens.shape[-1] > self.cfg.max_position_embeddings:
+            raise Dsv3Error(
+                f"{tokens.shape[-1]} tokens exceed the model's limit of {self.cfg.max_position_embeddings} positions "
+                "(max_position_embeddings)"
+            )
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.vocab_size:
+            raise Dsv3Error(f"token ids must lie in [0, {self.cfg.vocab_size}) (vocab_size)")
         return self.model.logits(self.model(tokens))
 
 
@@ -179,6 +194,7 @@ def load(
     config: str | Path | None = None,
     progress: bool | None = None,
     weight_format: str | None = None,
+    parallel: ParallelContext | None = None,
 ) -> Engine:
     """Load a Hugging Face-format DeepSeek-V2/V3 checkpoint directory (default: the embedded model).
 
@@ -186,6 +202,8 @@ def load(
     weight_format: the format to hold the checkpoint's quantized linears in, for a backend that
         converts them at load (``BackendInfo.convert_formats``, e.g. ascend: fp8_block -> hp or
         int8_w8a8); None takes the backend's default. Nothing converted is written to disk.
+    parallel: this process's rank and world (``dsv3.parallel.init_from_env``): each rank reads and
+        holds only its part of the weights; only rank 0 shows a progress bar.
     """
     if ckpt_path is None:
         ckpt_path = embedded_model_path()
@@ -196,22 +214,27 @@ def load(
     cfg = load_config(config if config is not None else path / "config.json")
     cfg = drop_absent_mtp(cfg, files)
     fmt_of, quant_suffix = format_of_checkpoint(files, cfg)
+    if parallel is not None:  # before any weight is read; fp8 splits are checked as stored
+        check_layout(cfg, parallel.world_size, fmt_of)
+        progress = False if parallel.rank else progress
     src_fmt = HP if cfg.quantization is None else fmt_of_quantized(cfg)
     dst_fmt = conversion_target(registry.get_backend(backend).info, src_fmt, weight_format, path)
     converted: dict[str, tuple[str, str]] = {}  # filled while the model is built
     if dst_fmt != src_fmt:
         fmt_of = _converting(fmt_of, src_fmt, dst_fmt, converted)
     formats = tuple(dict.fromkeys((HP, dst_fmt)))
-    model = build_model(cfg, backend, dtype, attn_impl, act_quant, formats, fmt_of, device="meta")
+    model = build_model(cfg, backend, dtype, attn_impl, act_quant, formats, fmt_of, device="meta", parallel=parallel)
     device = model.backend_info.device
     convert = model.backend_info.convert_weight
-    load_weights(model, files, cfg, quant_suffix, device, _dtype(dtype), progress, converted, convert)
-    model.opts = BuildOptions(model.opts.dtype, device, attn_impl, fmt_of)
+    load_weights(
+        model, files, cfg, quant_suffix, device, _dtype(dtype), progress, converted, convert, parallel=parallel
+    )
+    model.opts = BuildOptions(model.opts.dtype, device, attn_impl, fmt_of, parallel)
     scale_fmt = cfg.quantization.scale_fmt if cfg.quantization else None
     apply_scale_fmt_and_prepare(model, scale_fmt, model.backend_info.prepare_weight)
     share_mtp_duplicates(model)
     model.eval()
-    if model.ops.fallbacks and model.ops.backend != registry.REFERENCE:
+    if model.ops.fallbacks and model.ops.backend != registry.REFERENCE and not (parallel and parallel.rank):
         print(
             f"dsv3: backend {model.ops.backend} falls back to cpu_ref for: {', '.join(model.ops.fallbacks)}",
             file=sys.stderr,

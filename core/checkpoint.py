@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from .config import ModelConfig
 from .errors import Dsv3Error
+from .parallel import ParallelContext, local_range, shard_dim
 from .quantize import checkpoint_format
 from .weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight, fp8_scale_shape
 
@@ -174,12 +175,25 @@ class CheckpointFiles:
         except Dsv3Error:
             raise
         except Exception as exc:
-            raise Dsv3Error(
-                f"{self.where[tensor]}: cannot read tensor {tensor} ({str(exc).splitlines()[0]})"
-            ) from None
+            raise Dsv3Error(f"{self.where[tensor]}: cannot read tensor {tensor} ({str(exc).splitlines()[0]})") from None
+
+    def get_slice(self, tensor: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """``tensor[..., start:stop, ...]`` along ``dim`` as a compact copy: only those bytes are read."""
+        try:
+            part = self._handle(tensor).get_slice(tensor)
+            index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(part.get_shape())))
+            return part[index].clone(memory_format=torch.contiguous_format)
+        except Dsv3Error:
+            raise
+        except Exception as exc:
+            raise Dsv3Error(f"{self.where[tensor]}: cannot read tensor {tensor} ({str(exc).splitlines()[0]})") from None
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self.where.values()))
+
+    def close(self) -> None:
+        """Drop the open files; their memory maps go once no tensor views them (reopened on demand)."""
+        self._handles.clear()
 
 
 def format_of_checkpoint(files: CheckpointFiles, cfg: ModelConfig):
@@ -228,19 +242,25 @@ def load_weights(
     progress: bool | None = None,
     converted: dict[str, tuple[str, str]] | None = None,
     convert_weight=None,
+    parallel: ParallelContext | None = None,
 ) -> None:
     """Fill ``model`` (built on the meta device) from the checkpoint, checking every tensor.
 
     converted: module path -> (checkpoint format, model format) for linears the backend converts
         at load (``BackendInfo.convert_formats``); ``convert_weight`` does it, one matrix at a time.
+    parallel: with a world of several ranks, each reads only its part straight from the checkpoint:
+        its rows or columns of split tensors (safetensors slices) and only its own routed experts.
     Raises Dsv3Error naming the first missing, misshapen or surplus tensor.
     """
+    par = parallel or ParallelContext()
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     expected = {k: v for k, v in expected.items() if not k.startswith("rope_")}
     used: set[str] = set()
     state: dict[str, torch.Tensor] = {}
     n_experts = cfg.n_routed_experts
-    bar = tqdm(expected.items(), desc="loading weights", unit="tensor", disable=None if progress is None else not progress)
+    bar = tqdm(
+        expected.items(), desc="loading weights", unit="tensor", disable=None if progress is None else not progress
+    )
     for name, meta in bar:
         module, _, leaf = name.rpartition(".")
         if converted and module in converted:
@@ -248,18 +268,24 @@ def load_weights(
                 src_fmt, dst_fmt = converted[module]
                 metas = {k: expected[f"{module}.{k}"] for k in ("weight", "scale") if f"{module}.{k}" in expected}
                 args = (files, cfg, quant_suffix, module, src_fmt, dst_fmt, convert_weight, metas, device, used)
-                state.update(_load_converted(*args))
+                state.update(_load_converted(*args, par=par))
             continue
         src = hf_name(name, cfg, quant_suffix)
         names = [src.format(e=e) for e in range(n_experts)] if "{e}" in src else [src]
+        mine = names[slice(*par.local(len(names)))] if "{e}" in src else names  # expert parallelism
         parts = []
         for hf in names:
             if hf not in files.where:
                 what = "scale tensor" if hf.endswith(("_scale_inv", "_scale")) else "tensor"
                 raise Dsv3Error(f"{files.path}: missing {what} {hf}")
-            t = files.get(hf)
-            parts.append(t)
+            if hf in mine:
+                parts.append(_read_part(files, cfg, name, hf, par, split="{e}" not in src))
             used.add(hf)
+        if "{e}" in src:  # check experts one by one: name the misshapen one, never let torch.stack fail
+            for hf, part in zip(mine, parts, strict=True):
+                if tuple(part.shape) != tuple(meta.shape[1:]):
+                    want = list(meta.shape[1:])
+                    raise Dsv3Error(f"{files.where[hf]}: tensor {hf} has shape {list(part.shape)}, expected {want}")
         tensor = torch.stack(parts) if len(names) > 1 or "{e}" in src else parts[0]
         if tuple(tensor.shape) != tuple(meta.shape):
             shown = names[0] if len(names) == 1 else f"{names[0]} (and the other experts)"
@@ -274,13 +300,34 @@ def load_weights(
         elif not tensor.is_floating_point():
             raise Dsv3Error(f"{files.where[names[0]]}: tensor {names[0]} has dtype {tensor.dtype}, expected a float")
         state[name] = tensor.to(device=device, dtype=meta.dtype)
+        if par.world_size > 1:  # unmap the files: the pages this rank touched leave its resident memory
+            files.close()
     surplus = sorted(files.keys() - used)
     if surplus:
         more = f" (and {len(surplus) - 1} more)" if len(surplus) > 1 else ""
         raise Dsv3Error(f"{files.path}: unexpected tensor {surplus[0]}{more} does not fit the config")
     model.load_state_dict(state, strict=False, assign=True)
+    if par.world_size > 1:
+        files.close()
     for name in ("rope_cos", "rope_sin"):
         setattr(model, name, getattr(model, name).to(device))
+
+
+def _read_part(
+    files: CheckpointFiles, cfg: ModelConfig, name: str, hf: str, par: ParallelContext, split: bool
+) -> torch.Tensor:
+    """This rank's part of checkpoint tensor ``hf`` (model tensor ``name``): all of it in one process."""
+    if par.world_size == 1:
+        return files.get(hf)
+    dim = shard_dim(name) if split else None
+    if dim is None:  # replicated: copied so that no model tensor keeps the file mapped
+        return files.get(hf).clone()
+    full = files.shape(hf)
+    weight_size = None
+    if name.endswith(".scale") and len(full) == 2:  # fp8 block scale: cut where its weight is cut
+        weight_size = files.shape(hf_name(name[: -len("scale")] + "weight", cfg))[dim]
+    rng = local_range(name, hf, full, par, weight_size)
+    return files.get(hf).clone() if rng is None else files.get_slice(hf, *rng)
 
 
 def _load_converted(
@@ -294,6 +341,7 @@ def _load_converted(
     metas: dict[str, torch.Tensor],
     device: str | torch.device,
     used: set[str],
+    par: ParallelContext | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read one linear stored in ``src_fmt`` and convert it to ``dst_fmt``, one (out, in) matrix at a time.
 
@@ -304,6 +352,8 @@ def _load_converted(
     s_src = hf_name(f"{module}.scale", cfg, quant_suffix)
     stacked = "{e}" in w_src
     experts = range(cfg.n_routed_experts) if stacked else [None]
+    par = par or ParallelContext()
+    mine = range(*par.local(cfg.n_routed_experts)) if stacked else experts  # expert parallelism
     out_f, in_f = metas["weight"].shape[-2:]
     scale_shape = fp8_scale_shape(out_f, in_f) if src_fmt == FP8_BLOCK else (out_f,)
     storage = torch.float8_e4m3fn if src_fmt == FP8_BLOCK else torch.int8
@@ -314,8 +364,11 @@ def _load_converted(
             if hf not in files.where:
                 what = "scale tensor" if hf == s_name else "tensor"
                 raise Dsv3Error(f"{files.path}: missing {what} {hf}")
-        data, scale = files.get(w_name), files.get(s_name)
         used.update((w_name, s_name))
+        if e not in mine:
+            continue
+        data = _read_part(files, cfg, f"{module}.weight", w_name, par, split=not stacked)
+        scale = _read_part(files, cfg, f"{module}.scale", s_name, par, split=not stacked)
         for hf, t, want in ((w_name, data, (out_f, in_f)), (s_name, scale, scale_shape)):
             if tuple(t.shape) != tuple(want):
                 raise Dsv3Error(f"{files.where[hf]}: tensor {hf} has shape {list(t.shape)}, expected {list(want)}")

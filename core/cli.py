@@ -12,7 +12,7 @@ import sys
 
 from .errors import Dsv3Error
 
-COMMANDS = ("run", "backends", "convert")
+COMMANDS = ("run", "backends", "convert", "conformance", "parity", "eval", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

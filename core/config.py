@@ -255,15 +255,15 @@ def config_from_dict(raw: dict, source: str = "<config>") -> ModelConfig:
             values[key] = val
         elif key not in ("rope_scaling", "rope_parameters", "quantization_config", "model_type"):
             extra[key] = val
-    if model_type == "deepseek_v2" and "topk_method" not in raw and raw.get("n_group", 1) > 1:
-        values["topk_method"] = "group_limited_greedy"
-    if values.get("q_lora_rank") in (0, None):
+    # null (or 0) in the file means "none"; a key the file omits keeps the dataclass default
+    if "q_lora_rank" in values and values["q_lora_rank"] in (0, None):
         values["q_lora_rank"] = None
-    if values.get("n_routed_experts") is None:
-        values["n_routed_experts"] = 0
-    for key in ("n_group", "topk_group", "n_shared_experts"):
-        if values.get(key) is None:
-            values[key] = 1 if key != "n_shared_experts" else 0
+    for key, none_means in (("n_routed_experts", 0), ("n_group", 1), ("topk_group", 1), ("n_shared_experts", 0)):
+        if key in values and values[key] is None:
+            values[key] = none_means
+    _check_types(values, source)
+    if model_type == "deepseek_v2" and "topk_method" not in raw and values.get("n_group", 1) > 1:
+        values["topk_method"] = "group_limited_greedy"
 
     rope = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
     if not isinstance(rope, dict):
@@ -303,11 +303,32 @@ def config_from_dict(raw: dict, source: str = "<config>") -> ModelConfig:
         cfg = ModelConfig(**values)
     except TypeError as exc:
         raise Dsv3Error(f"{source}: {exc}") from None
-    for f in fields(ModelConfig):
-        val = getattr(cfg, f.name)
-        if f.type in ("int", "float") and not isinstance(val, (int, float)):
-            raise Dsv3Error(f"{source}: field {f.name} must be a number, got {val!r}")
     return cfg.validate()
+
+
+def _check_types(values: dict, source: str) -> None:
+    """Raise a Dsv3Error naming the first field whose JSON/YAML type is wrong; 7168.0 is taken as 7168."""
+    for f in fields(ModelConfig):
+        if f.name not in values or not isinstance(f.type, str):
+            continue
+        val, kind = values[f.name], f.type.replace(" | None", "")
+        if val is None and kind != f.type:
+            continue
+        if kind == "int":
+            if isinstance(val, float) and val.is_integer():
+                values[f.name] = int(val)
+            elif isinstance(val, bool) or not isinstance(val, int):
+                raise Dsv3Error(f"{source}: field {f.name} must be an integer, got {val!r}")
+        elif kind == "float" and (isinstance(val, bool) or not isinstance(val, (int, float))):
+            raise Dsv3Error(f"{source}: field {f.name} must be a number, got {val!r}")
+        elif kind == "bool" and not isinstance(val, bool):
+            raise Dsv3Error(f"{source}: field {f.name} must be true or false, got {val!r}")
+        elif kind == "str" and not isinstance(val, str):
+            raise Dsv3Error(f"{source}: field {f.name} must be a string, got {val!r}")
+        elif f.name == "eos_token_id":
+            ids = val if isinstance(val, list) else [val]
+            if not ids or any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+                raise Dsv3Error(f"{source}: field eos_token_id must be an integer or a list of integers, got {val!r}")
 
 
 def load_config(path: str | Path) -> ModelConfig:

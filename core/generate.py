@@ -12,6 +12,7 @@ import torch
 
 from .errors import Dsv3Error
 from .model import ModelCache, Transformer
+from .parallel import agree_on_seed
 
 
 @dataclass
@@ -40,6 +41,11 @@ def check_lengths(model: Transformer, prompts: list[list[int]], max_new_tokens: 
     for i, p in enumerate(prompts):
         if not p:
             raise Dsv3Error(f"prompt {i} is empty")
+        bad = next((t for t in p if not 0 <= t < model.cfg.vocab_size), None)
+        if bad is not None:
+            raise Dsv3Error(
+                f"prompt {i} has token id {bad}, outside the vocabulary (vocab_size {model.cfg.vocab_size})"
+            )
         if len(p) + max_new_tokens > limit:
             raise Dsv3Error(
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it exceeds the model's "
@@ -70,8 +76,9 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     cache = model.new_cache(b, total)
     sample = model.ops.sample
     generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
+    seed = agree_on_seed(model.opts.parallel, params.seed, params.temperature)  # same draws on every rank
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
     temperature = torch.full((b,), float(params.temperature), device=device)
     top_p = torch.full((b,), float(params.top_p), device=device)
     eos = torch.tensor(params.eos_ids or [-1], device=device)

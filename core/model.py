@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .parallel import ParallelContext, vocab_parallel_embedding
 from .registry import OpTable
 from .rope import cos_sin_table
 from .weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
@@ -29,12 +30,15 @@ class BuildOptions:
 
     fmt_of: maps a module path (e.g. ``layers.3.attn.wq_b``) to the weight format its
         checkpoint tensor has; ``None`` means every linear is high precision.
+    parallel: this process's rank and world (``dsv3.parallel``); ``None`` is one process holding
+        everything. Modules build only this rank's part of each split weight.
     """
 
     dtype: torch.dtype = torch.bfloat16
     device: str = "cpu"
     attn_impl: str = "absorb"
     fmt_of: Callable[[str], str] | None = None
+    parallel: ParallelContext | None = None
 
 
 class Linear(nn.Module):
@@ -83,19 +87,31 @@ class LayerCache:
     naive: ``k (B, S, H, Dqk)``, ``v (B, S, H, Dv)``. absorb: ``kv (B, S, C)``, ``pe (B, S, R)``.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    def __init__(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor | None = None):
         self.tensors = tensors
+        self.rows = rows  # (B,) int64 cache rows (slots) that batch rows 0..B-1 use; None: rows 0..B-1
 
-    def write_and_read(self, new: dict[str, torch.Tensor], positions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Store ``new[name] (B, T, ...)`` at ``positions (B, T)``; return every entry up to the max position."""
+    def at_rows(self, rows: torch.Tensor) -> LayerCache:
+        """A view whose batch row ``i`` is cache row ``rows[i]`` (rows (B,) int64, distinct); same storage."""
+        return LayerCache(self.tensors, rows)
+
+    def write_and_read(
+        self, new: dict[str, torch.Tensor], positions: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Store ``new[name] (B, T, ...)`` at ``positions (B, T)``; return every entry up to the max position.
+
+        rows (B,) int64: the cache rows (slots) to use, default this view's rows, else 0..B-1.
+        """
         b = positions.shape[0]
-        rows = torch.arange(b, device=positions.device).unsqueeze(1).expand_as(positions)  # (B, T)
+        rows = self.rows if rows is None else rows
+        index = torch.arange(b, device=positions.device) if rows is None else rows
+        index = index.unsqueeze(1).expand_as(positions)  # (B, T)
         s = int(positions.max()) + 1
         out = {}
         for name, value in new.items():
             buf = self.tensors[name]
-            buf.index_put_((rows, positions), value.to(buf.dtype))
-            out[name] = buf[:b, :s]
+            buf.index_put_((index, positions), value.to(buf.dtype))
+            out[name] = buf[:b, :s] if rows is None else buf[rows, :s]  # (B, s, ...)
         return out
 
     def nbytes_per_token(self) -> int:
@@ -109,7 +125,8 @@ class MLA(nn.Module):
         super().__init__()
         fmt = opts.fmt_of or (lambda _name: HP)
         self.cfg, self.ops = cfg, ops
-        self.n_heads = cfg.num_attention_heads
+        self.par = opts.parallel or ParallelContext()
+        self.n_heads = cfg.num_attention_heads // self.par.world_size  # this rank's heads
         self.attn_impl = opts.attn_impl
         d, h = cfg.hidden_size, self.n_heads
         if cfg.q_lora_rank:
@@ -182,22 +199,30 @@ class MLA(nn.Module):
                 lat_all = cache.write_and_read(lat_all, positions)
             o_latent = ops.mla_latent_attention(q_latent, q_pe, lat_all["kv"], lat_all["pe"], positions, self.scale)
             out = torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, Dv)
-        return self.wo(out.flatten(2))  # (B, T, D)
+        return self.par.all_reduce_(self.wo(out.flatten(2)))  # (B, T, D), summed over ranks' heads
 
 
 class MLP(nn.Module):
-    """Gated feed-forward ``w2(silu(w1 x) * w3 x)``: dense layers and shared experts."""
+    """Gated feed-forward ``w2(silu(w1 x) * w3 x)``: dense layers and shared experts.
 
-    def __init__(self, dim: int, inter: int, ops: OpTable, opts: BuildOptions, prefix: str):
+    Under tensor parallelism each rank holds ``inter / ws`` channels; ``reduce=False`` leaves the
+    partial sum for the caller to all-reduce (the MoE sums it with its routed experts).
+    """
+
+    def __init__(self, dim: int, inter: int, ops: OpTable, opts: BuildOptions, prefix: str, reduce: bool = True):
         super().__init__()
         fmt = opts.fmt_of or (lambda _name: HP)
+        self.par = opts.parallel or ParallelContext()
+        self.reduce = reduce
+        inter = inter // self.par.world_size
         self.w1 = Linear(dim, inter, ops, fmt(f"{prefix}.w1"), opts)
         self.w3 = Linear(dim, inter, ops, fmt(f"{prefix}.w3"), opts)
         self.w2 = Linear(inter, dim, ops, fmt(f"{prefix}.w2"), opts)
         self._act = ops.silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(self._act(self.w1(x), self.w3(x)))
+        y = self.w2(self._act(self.w1(x), self.w3(x)))
+        return self.par.all_reduce_(y) if self.reduce else y
 
 
 class MoE(nn.Module):
@@ -211,17 +236,19 @@ class MoE(nn.Module):
         super().__init__()
         fmt = opts.fmt_of or (lambda _name: HP)
         self.routing = cfg.routing
+        self.par = opts.parallel or ParallelContext()
         d, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
         self.gate_weight = nn.Parameter(torch.empty(e, d, dtype=torch.float32, device=opts.device))
         if self.routing.has_bias:
             self.register_buffer("gate_bias", torch.zeros(e, dtype=torch.float32, device=opts.device))
         else:
             self.gate_bias = None
-        self.expert_offset = 0
-        self.w1 = Linear(d, i, ops, fmt(f"{prefix}.w1"), opts, experts=e)
-        self.w3 = Linear(d, i, ops, fmt(f"{prefix}.w3"), opts, experts=e)
-        self.w2 = Linear(i, d, ops, fmt(f"{prefix}.w2"), opts, experts=e)
-        self.shared = MLP(d, cfg.n_shared_experts * i, ops, opts, f"{prefix}.shared") if cfg.n_shared_experts else None
+        self.expert_offset, e_local = self.par.local(e)[0], e // self.par.world_size  # expert parallelism
+        self.w1 = Linear(d, i, ops, fmt(f"{prefix}.w1"), opts, experts=e_local)
+        self.w3 = Linear(d, i, ops, fmt(f"{prefix}.w3"), opts, experts=e_local)
+        self.w2 = Linear(i, d, ops, fmt(f"{prefix}.w2"), opts, experts=e_local)
+        shared = cfg.n_shared_experts * i
+        self.shared = MLP(d, shared, ops, opts, f"{prefix}.shared", reduce=False) if cfg.n_shared_experts else None
         self._gate = ops.moe_gate
         self._experts = ops.moe_experts[self.w1.fmt]
         self.load: torch.Tensor | None = None  # set to zeros (E,) to count tokens per expert
@@ -239,7 +266,7 @@ class MoE(nn.Module):
         out = routed.view_as(x)
         if self.shared is not None:
             out = out + self.shared(x)
-        return out
+        return self.par.all_reduce_(out)  # one all-reduce: this rank's experts + its shared-expert part
 
 
 class Block(nn.Module):
@@ -272,25 +299,27 @@ class MTPLayer(nn.Module):
         fmt = opts.fmt_of or (lambda _name: HP)
         prefix = f"mtp.{index}"
         d = cfg.hidden_size
-        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, d, dtype=opts.dtype, device=opts.device))
+        self.par = opts.parallel or ParallelContext()
+        v = cfg.vocab_size // self.par.world_size  # vocab-parallel embedding and head
+        self.embed = nn.Parameter(torch.empty(v, d, dtype=opts.dtype, device=opts.device))
         self.enorm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
         self.eh_proj = Linear(2 * d, d, ops, fmt(f"{prefix}.eh_proj"), opts)
         # the MTP layer sits after the main layers, so it is a MoE layer when they are
         self.block = Block(cfg.num_hidden_layers + index, cfg, ops, opts, prefix=f"{prefix}.block")
         self.norm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
-        self.head = Linear(d, cfg.vocab_size, ops, HP, opts)
+        self.head = Linear(d, v, ops, HP, opts)
         self._embedding = ops.embedding
 
     def forward(self, hidden, next_tokens, positions, cos, sin, cache: LayerCache | None) -> torch.Tensor:
         """hidden (B, T, D), next_tokens (B, T) -> new hidden (B, T, D) (before the final norm)."""
-        e = self.enorm(self._embedding(next_tokens, self.embed))
+        e = self.enorm(vocab_parallel_embedding(self._embedding, next_tokens, self.embed, self.par))
         h = self.eh_proj(torch.cat([e, self.hnorm(hidden)], dim=-1))  # (B, T, D)
         return self.block(h, positions, cos, sin, cache)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., D) -> (..., V) float32."""
-        return self.head(self.norm(hidden)).float()
+        """hidden (..., D) -> (..., V) float32 (gathered from every rank's vocabulary part)."""
+        return self.par.all_gather_last(self.head(self.norm(hidden)).float())
 
 
 class ModelCache:
@@ -298,6 +327,11 @@ class ModelCache:
 
     def __init__(self, main: list[LayerCache], mtp: list[LayerCache], max_batch: int, max_len: int):
         self.main, self.mtp, self.max_batch, self.max_len = main, mtp, max_batch, max_len
+
+    def at_rows(self, rows: torch.Tensor) -> ModelCache:
+        """Views of every layer's cache addressing cache rows ``rows (B,)`` (see ``LayerCache.at_rows``)."""
+        main = [c.at_rows(rows) for c in self.main]
+        return ModelCache(main, [c.at_rows(rows) for c in self.mtp], self.max_batch, self.max_len)
 
     def nbytes_per_token(self) -> int:
         """Bytes cached per token across the main layers (what MLA saves is visible here)."""
@@ -311,10 +345,12 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.ops, self.opts = cfg, ops, opts
         d = cfg.hidden_size
-        self.embed = nn.Parameter(torch.empty(cfg.vocab_size, d, dtype=opts.dtype, device=opts.device))
+        self.par = opts.parallel or ParallelContext()
+        v = cfg.vocab_size // self.par.world_size  # vocab-parallel embedding and head
+        self.embed = nn.Parameter(torch.empty(v, d, dtype=opts.dtype, device=opts.device))
         self.layers = nn.ModuleList(Block(i, cfg, ops, opts) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
-        self.head = Linear(d, cfg.vocab_size, ops, HP, opts)
+        self.head = Linear(d, v, ops, HP, opts)
         self.mtp = nn.ModuleList(MTPLayer(j, cfg, ops, opts) for j in range(cfg.num_nextn_predict_layers))
         cos, sin = cos_sin_table(cfg, cfg.max_position_embeddings)
         table_device = "cpu" if str(opts.device) == "meta" else opts.device  # the loader moves it later
@@ -342,24 +378,31 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------ forward
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: ModelCache | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: ModelCache | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) int64, positions (B, T) -> hidden (B, T, D) after the final norm.
 
         Without a cache, positions must be ``0..T-1`` in every row (a full-sequence forward).
+        rows (B,) int64: the cache rows (slots) batch rows use; None: cache rows 0..B-1.
         """
+        if rows is not None:
+            cache = cache.at_rows(rows)
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
         cos, sin = self.rope(positions)
-        x = self._embedding(tokens, self.embed)  # (B, T, D)
+        x = vocab_parallel_embedding(self._embedding, tokens, self.embed, self.par)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, cos, sin, None if cache is None else cache.main[i])
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., D) -> (..., V) float32."""
-        return self.head(hidden).float()
+        """hidden (..., D) -> (..., V) float32 (gathered from every rank's vocabulary part)."""
+        return self.par.all_gather_last(self.head(hidden).float())
 
     def mtp_forward(
         self,

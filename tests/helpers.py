@@ -104,6 +104,84 @@ def add_mtp_layer(path: Path, seed: int = 0) -> None:
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
+def make_transformers_v2_model(seed: int = 0, **overrides):
+    """A random transformers DeepseekV2ForCausalLM (float32): softmax routing, no bias, no MTP."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    base = {k: v for k, v in TINY.items() if k != "num_nextn_predict_layers"}
+    base.update(norm_topk_prob=False, topk_method="greedy", n_group=1, topk_group=1)
+    torch.manual_seed(seed)
+    cfg = DeepseekV2Config(**{**base, **overrides})
+    return DeepseekV2ForCausalLM(cfg).float().eval()
+
+
+def make_v2_checkpoint(path: str | Path, seed: int = 0, **overrides) -> Path:
+    """Save a random tiny DeepSeek-V2 checkpoint (transformers' DeepseekV2ForCausalLM) to ``path``."""
+    path = Path(path)
+    make_transformers_v2_model(seed, **overrides).save_pretrained(path)
+    return path
+
+
+TINY_WORDS = ("the", "a", "cat", "dog", "sat", "ran", "on", "mat", "and", "hello", "world", "is", "big", "small")
+
+
+def add_tiny_tokenizer(path: str | Path, vocab_size: int = TINY["vocab_size"]) -> Path:
+    """Write a word-level tokenizer (tokenizer.json + tokenizer_config.json) of ``vocab_size`` tokens.
+
+    Ids 0, 1, 2 are ``<s>`` (bos), ``</s>`` (eos) and ``<unk>``, matching TINY's bos/eos ids; then
+    TINY_WORDS, then filler words ``w<i>``. No chat template, so dsv3 uses raw completion.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(path)
+    words = ["<s>", "</s>", "<unk>", *TINY_WORDS]
+    words += [f"w{i}" for i in range(len(words), vocab_size)]
+    vocab = {w: i for i, w in enumerate(words[:vocab_size])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(path))
+    return path
+
+
+# Shapes for quantization tests: dims above 128 and not multiples of 128 (160, 136, 144, 152, 288),
+# so fp8 128x128 blocks have partial edge tiles; initializer_range 0.02 as in the released models
+# (at 0.1 the tiny random model is chaotic: expert routing flips under 1% weight noise).
+QUANT_SHAPES = dict(
+    hidden_size=160,
+    intermediate_size=288,
+    moe_intermediate_size=136,
+    q_lora_rank=144,
+    kv_lora_rank=136,
+    qk_nope_head_dim=32,
+    qk_rope_head_dim=16,
+    v_head_dim=32,
+    initializer_range=0.02,
+)
+
+
+def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "fp8", **kwargs) -> Path:
+    """Write ``src`` converted with ``dsv3 convert`` (fmt: fp8, int8, int8-wo, bf16, fp32...) to ``dst``."""
+    from dsv3.convert import convert_checkpoint
+
+    return convert_checkpoint(src, dst, fmt, progress=False, **kwargs).out
+
+
+def one_torch_thread():
+    """Generator for a fixture: run with one intra-op thread, then restore the previous count.
+
+    Tiny models gain nothing from threads, and on a busy shared machine OpenMP's waiting threads
+    made a tiny generate() 20x slower (1.3 s against 0.065 s, measured on 2 loaded cores).
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pattern_tokens(n: int, length: int, vocab_size: int, generator: torch.Generator) -> torch.Tensor:
     """(n, length) int64 arithmetic progressions ``2 + (a + s*t) mod (V - 2)``, s in 1..3 (never bos 0 / eos 1)."""
     a = torch.randint(0, vocab_size - 2, (n, 1), generator=generator)
@@ -130,26 +208,3 @@ def train_on_patterns(model, steps: int = 60, seed: int = 0, mtp_weight: float =
         opt.step()
     model.eval()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-# Shapes for quantization tests: dims above 128 and not multiples of 128 (160, 136, 144, 152, 288),
-# so fp8 128x128 blocks have partial edge tiles; initializer_range 0.02 as in the released models
-# (at 0.1 the tiny random model is chaotic: expert routing flips under 1% weight noise).
-QUANT_SHAPES = dict(
-    hidden_size=160,
-    intermediate_size=288,
-    moe_intermediate_size=136,
-    q_lora_rank=144,
-    kv_lora_rank=136,
-    qk_nope_head_dim=32,
-    qk_rope_head_dim=16,
-    v_head_dim=32,
-    initializer_range=0.02,
-)
-
-
-def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "fp8", **kwargs) -> Path:
-    """Write ``src`` converted with ``dsv3 convert`` (fmt: fp8, int8, int8-wo, bf16, fp32...) to ``dst``."""
-    from dsv3.convert import convert_checkpoint
-
-    return convert_checkpoint(src, dst, fmt, progress=False, **kwargs).out

@@ -1,1 +1,1 @@
-"""The amd backend (not implemented yet: see its issue)."""
+"""The amd backend: the shared Triton kernels on ROCm GPUs, fp8 weights as e4m3fnuz on MI300."""

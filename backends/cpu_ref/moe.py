@@ -53,7 +53,9 @@ def moe_experts_with(linear):
             xe = x[token]
             h = torch.nn.functional.silu(linear(xe, _one(w1, e))) * linear(xe, _one(w3, e))
             ye = linear(h, _one(w2, e))
-            out.index_add_(0, token, ye.float() * weights[token, slot].unsqueeze(-1))
+            # a token meets each expert at most once, so this is exact; index_put_ because CPU
+            # index_add_ costs ~0.2 ms per call even on tiny tensors (100x more, measured)
+            out.index_put_((token,), ye.float() * weights[token, slot].unsqueeze(-1), accumulate=True)
         return out.to(x.dtype)
 
     return moe_experts

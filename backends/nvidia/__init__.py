@@ -1,1 +1,1 @@
-"""The nvidia backend (not implemented yet: see its issue)."""
+"""The nvidia backend: the shared Triton kernels plus cuBLAS / cuBLASLt fast paths, on CUDA GPUs."""

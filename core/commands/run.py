@@ -12,6 +12,7 @@ from .. import registry
 from ..api import DTYPES, load
 from ..errors import Dsv3Error
 from ..model import ATTN_IMPLS
+from ..parallel import ParallelContext, init_for_backend, quiet_unless_rank0
 from ..speculative import check_mtp, summarize, summary_line
 from ..weights import ACT_QUANT_MODES, FORMATS
 
@@ -85,7 +86,7 @@ def _read_prompts(args) -> list[str]:
     raise Dsv3Error("give --prompt TEXT, --input-file FILE or --interactive")
 
 
-def load_from_args(args):
+def load_from_args(args, parallel: ParallelContext | None = None):
     return load(
         args.ckpt_path,
         args.backend,
@@ -94,16 +95,26 @@ def load_from_args(args):
         args.act_quant,
         args.config,
         weight_format=getattr(args, "weight_format", None),
+        parallel=parallel,
     )
 
 
 def main(args) -> int:
     _check_args(args)
-    prompts = None if args.interactive else _read_prompts(args)
-    engine = load_from_args(args)
+    parallel = init_for_backend(args.backend)  # several processes under torchrun (WORLD_SIZE > 1)
+    try:
+        with quiet_unless_rank0(parallel):
+            return _main(args, parallel)
+    finally:
+        parallel.close()
+
+
+def _main(args, parallel: ParallelContext) -> int:
+    prompts = None if args.interactive else parallel.on_rank0(lambda: _read_prompts(args))
+    engine = load_from_args(args, parallel)
     check_mtp(engine.model, args.mtp)  # before the first prompt, in interactive mode too
     if args.interactive:
-        return _interactive(engine, args)
+        return _interactive(engine, args, parallel)
     start = time.perf_counter()
     results = engine.generate(
         prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat=args.chat, mtp=args.mtp
@@ -131,15 +142,26 @@ def main(args) -> int:
     return 0
 
 
-def _interactive(engine, args) -> int:
+def _read_line(parallel: ParallelContext) -> str | None:
+    """One line from the terminal, read on rank 0 and broadcast to every rank; None at end of input."""
+
+    def read() -> str | None:
+        try:
+            return input(">>> ")
+        except EOFError:
+            print()
+            return None
+
+    return parallel.on_rank0(read)
+
+
+def _interactive(engine, args, parallel: ParallelContext | None = None) -> int:
     tok = engine._need_tokenizer()
     chat = engine.default_chat() if args.chat is None else args.chat
     messages: list[dict] = []
     while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            print()
+        line = _read_line(parallel or ParallelContext())
+        if line is None:
             return 0
         if line.strip() == "/exit":
             return 0

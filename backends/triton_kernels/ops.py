@@ -1,0 +1,289 @@
+"""The operator implementations the nvidia and amd plugins hand out, built on the kernels here.
+
+Nothing here imports triton when the module is imported or when a hook is asked: the kernel
+modules are imported on the first call of an operator. So ``dsv3 backends`` can list what the GPU
+backends implement on a machine with neither a GPU nor triton.
+
+Vendor fast paths (chosen once per device, each checked against the Triton kernel on a small
+problem before it is trusted): high-precision linears use the vendor BLAS (``F.linear``); on
+NVIDIA, FP8 block-scaled GEMMs with M >= ``FAST_MIN_M`` may use ``torch._scaled_mm`` with
+1 x 128 / 128 x 128 block scales (cuBLASLt, Hopper, CUDA >= 12.9), and INT8 GEMMs ``torch._int_mm``.
+``DSV3_FP8_GEMM`` / ``DSV3_INT8_GEMM`` = ``triton`` | ``vendor`` | ``auto`` (default) override the choice.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import types
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dsv3.hookspecs import OpRequest
+from dsv3.weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
+
+from .runtime import interpreting
+
+FORMATS = (HP, FP8_BLOCK, INT8_W8A8, INT8_WO)
+FAST_MIN_M = 64  # below this the Triton kernels (split-K for thin problems) are expected to win
+FAST_ENV = {"fp8": "DSV3_FP8_GEMM", "int8": "DSV3_INT8_GEMM"}
+
+
+# ----------------------------------------------------------------------------- usability
+def triton_unusable_reason() -> str | None:
+    """None when triton imports, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # a broken triton install must not take the CLI down
+        return f"triton failed to import: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return None
+
+
+def nvidia_unusable_reason() -> str | None:
+    if interpreting():
+        return triton_unusable_reason()
+    if torch.version.hip is not None:
+        return "this torch is a ROCm build (torch.version.hip is set): use --backend amd"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
+    return triton_unusable_reason()
+
+
+def amd_unusable_reason() -> str | None:
+    if interpreting():
+        return triton_unusable_reason()
+    if torch.version.hip is None:
+        return "this torch is not a ROCm build (torch.version.hip is None) and TRITON_INTERPRET is not set"
+    if not torch.cuda.is_available():
+        return "no ROCm GPU visible (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
+    return triton_unusable_reason()
+
+
+def device() -> str:
+    """Where a GPU backend's tensors live: the CPU under the interpreter, else the GPU."""
+    return "cpu" if interpreting() else "cuda"
+
+
+def fp8_dot_supported() -> bool:
+    """FP8 tensor-core products: interpreter, NVIDIA sm_89+, AMD MI300 (gfx94x) and later.
+
+    Without a GPU the answer is True: an unusable backend lists everything it implements.
+    """
+    if interpreting() or not torch.cuda.is_available():
+        return True
+    return _gpu_has_fp8()
+
+
+@functools.cache
+def _gpu_has_fp8() -> bool:
+    if torch.version.hip is not None:
+        arch = getattr(torch.cuda.get_device_properties(0), "gcnArchName", "")
+        return arch.startswith(("gfx94", "gfx95", "gfx12"))
+    return torch.cuda.get_device_capability(0) >= (8, 9)
+
+
+@functools.cache
+def _k() -> types.SimpleNamespace:
+    """The kernel modules, imported on first use."""
+    from . import dequant, gemm, mla, moe, norm, quant
+
+    return types.SimpleNamespace(dequant=dequant, gemm=gemm, mla=mla, moe=moe, norm=norm, quant=quant)
+
+
+# ----------------------------------------------------------------------------- vendor fast paths
+def _scaled_mm_fp8_block(qa, sa, wq, sw, out_dtype):
+    """torch._scaled_mm with DeepSeek block scales: a (M, K) 1 x 128 groups, b (N, K) 128 x 128 blocks."""
+    m = qa.shape[0]
+    pad = (-m) % 4  # cuBLASLt wants M a multiple of 4
+    if pad:
+        qa = F.pad(qa.view(torch.uint8), (0, 0, 0, pad)).view(qa.dtype)
+        sa = F.pad(sa, (0, 0, 0, pad), value=1.0)
+    scale_a = sa.t().contiguous().t()  # (M, K/128), M-major
+    scale_b = sw.t()  # (K/128, N/128), K-major
+    y = torch._scaled_mm(qa, wq.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return y[:m] if pad else y
+
+
+def _int_mm_int8(qa, sa, wq, sw, out_dtype):
+    """torch._int_mm (cuBLASLt int8, int32 out) then the per-token x per-channel scales."""
+    acc = torch._int_mm(qa, wq.t())
+    return (acc.float() * sa.unsqueeze(-1) * sw).to(out_dtype)
+
+
+def _fast_ok_shape(kind: str, m: int, n: int, k: int) -> bool:
+    if kind == "fp8":
+        return m >= FAST_MIN_M and n % 128 == 0 and k % 512 == 0
+    return m >= max(FAST_MIN_M, 17) and n % 8 == 0 and k % 8 == 0
+
+
+def fast_path_status(kind: str, index: int = 0) -> tuple[bool, str]:
+    """Whether the vendor GEMM for ``kind`` ("fp8" or "int8") is trusted on GPU ``index``, and why.
+
+    Runs it once on a small problem and compares with the Triton kernel (relative error < 1e-2).
+    """
+    choice = os.environ.get(FAST_ENV[kind], "auto").strip().lower()
+    if choice == "triton":
+        return False, f"{FAST_ENV[kind]}=triton"
+    if choice not in ("auto", "vendor"):
+        return False, f"{FAST_ENV[kind]}={choice!r} is not one of triton, vendor, auto"
+    if interpreting() or not torch.cuda.is_available() or torch.version.hip is not None:
+        return False, "vendor GEMM fast paths are used on NVIDIA GPUs only"
+    return _probe_fast_path(kind, index)
+
+
+@functools.cache
+def _probe_fast_path(kind: str, index: int) -> tuple[bool, str]:
+    if kind == "fp8" and torch.cuda.get_device_capability(index) != (9, 0):
+        return False, "torch._scaled_mm block scales are implemented for sm_90 only"
+    k = _k()
+    dev = torch.device("cuda", index)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(64, 1024, device=dev, generator=g, dtype=torch.bfloat16)
+    w = torch.randn(256, 1024, device=dev, generator=g) * 0.05
+    try:
+        if kind == "fp8":
+            from dsv3.backends.cpu_ref.quant import quantize_weight_fp8
+
+            wt = quantize_weight_fp8(w)
+            qa, sa = k.quant.act_quant_fp8(x)
+            want = k.gemm.fp8_block_gemm(qa, sa, wt.data, wt.scale, torch.bfloat16)
+            got = _scaled_mm_fp8_block(qa, sa, wt.data, wt.scale, torch.bfloat16)
+        else:
+            from dsv3.backends.cpu_ref.quant import quantize_weight_int8
+
+            wt = quantize_weight_int8(w)
+            qa, sa = k.quant.act_quant_int8(x)
+            want = k.gemm.int8_gemm(qa, sa, wt.data, wt.scale, torch.bfloat16)
+            got = _int_mm_int8(qa, sa, wt.data, wt.scale, torch.bfloat16)
+        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    except Exception as exc:
+        return False, f"vendor GEMM failed its check: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    if not err < 1e-2:
+        return False, f"vendor GEMM disagrees with the Triton kernel (relative error {err:.2e})"
+    return True, f"checked against the Triton kernel (relative error {err:.2e})"
+
+
+def fp8_gemm(qa, sa, wq, sw, out_dtype, vendor: bool):
+    """(M, K) fp8 x (N, K) fp8 with block scales -> (M, N) out_dtype, through the fastest trusted path."""
+    m, n, kk = qa.shape[0], wq.shape[0], qa.shape[1]
+    if vendor and _fast_ok_shape("fp8", m, n, kk) and fast_path_status("fp8", qa.device.index or 0)[0]:
+        return _scaled_mm_fp8_block(qa, sa, wq, sw, out_dtype)
+    return _k().gemm.fp8_block_gemm(qa, sa, wq, sw, out_dtype)
+
+
+def int8_gemm(qa, sa, wq, sw, out_dtype, vendor: bool):
+    """(M, K) int8 x (N, K) int8 with per-token / per-channel scales -> (M, N) out_dtype."""
+    m, n, kk = qa.shape[0], wq.shape[0], qa.shape[1]
+    if vendor and _fast_ok_shape("int8", m, n, kk) and fast_path_status("int8", qa.device.index or 0)[0]:
+        return _int_mm_int8(qa, sa, wq, sw, out_dtype)
+    return _k().gemm.int8_gemm(qa, sa, wq, sw, out_dtype)
+
+
+# ----------------------------------------------------------------------------- operators
+def linear_hp(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x (..., in), w hp (out, in) -> (..., out): the vendor BLAS."""
+    return F.linear(x, w.data)
+
+
+def linear_weight_only(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x (..., in) compute dtype, w quantized (out, in) -> (..., out): weight dequantized in registers."""
+    y = _k().gemm.weight_gemm(x.reshape(-1, x.shape[-1]), w.data, w.scale, w.fmt)
+    return y.view(*x.shape[:-1], w.out_features)
+
+
+def make_linear_dynamic(fmt: str, vendor: bool) -> Callable:
+    """Linear with activations quantized at run time (fp8 1 x 128 groups or int8 per token)."""
+
+    def linear_fp8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
+        """x (..., in) -> (..., out): per-token-per-128 fp8 activations, block-scaled fp8 GEMM, fp32 sums."""
+        qa, sa = _k().quant.act_quant_fp8(x.reshape(-1, x.shape[-1]), w.data.dtype, w.scale_fmt)
+        y = fp8_gemm(qa, sa, w.data, w.scale, x.dtype, vendor)
+        return y.view(*x.shape[:-1], w.out_features)
+
+    def linear_int8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
+        """x (..., in) -> (..., out): per-token int8 activations, int8 GEMM with exact int32 sums."""
+        qa, sa = _k().quant.act_quant_int8(x.reshape(-1, x.shape[-1]))
+        y = int8_gemm(qa, sa, w.data, w.scale, x.dtype, vendor)
+        return y.view(*x.shape[:-1], w.out_features)
+
+    return linear_fp8_dynamic if fmt == FP8_BLOCK else linear_int8_dynamic
+
+
+def dequantize(w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """w (..., out, in) any format -> (..., out, in) dtype."""
+    if w.fmt == HP:
+        return w.data.to(dtype)
+    return _k().dequant.dequantize_weight(w.data, w.scale, w.fmt, dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., D), weight (D,) -> (..., D) x.dtype."""
+    return _k().norm.rms_norm(x, weight, eps)
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up (..., I) -> silu(gate) * up."""
+    return _k().norm.silu_and_mul(gate, up)
+
+
+def mla_latent_attention(q_latent, q_pe, kv, pe, q_pos, scale: float) -> torch.Tensor:
+    """q_latent (B, T, H, C), q_pe (B, T, H, R), kv (B, S, C), pe (B, S, R), q_pos (B, T) -> (B, T, H, C)."""
+    return _k().mla.mla_latent_attention(q_latent, q_pe, kv, pe, q_pos, scale)
+
+
+def make_moe_experts(act_quant: str) -> Callable:
+    def moe_experts(x, weights, ids, w1: Weight, w3: Weight, w2: Weight, expert_offset: int = 0) -> torch.Tensor:
+        """x (N, D), weights/ids (N, k), w1/w3 (E, I, D), w2 (E, D, I) -> (N, D): grouped GEMMs by expert."""
+        return _k().moe.moe_experts(x, weights, ids, w1, w3, w2, expert_offset, act_quant)
+
+    return moe_experts
+
+
+def _quantized_dynamic(request: OpRequest) -> bool:
+    return request.act_quant == "dynamic" and request.fmt in (FP8_BLOCK, INT8_W8A8)
+
+
+def resolve(op: str, request: OpRequest, vendor_gemms: bool = False) -> Callable | None:
+    """The implementation of ``op`` for ``request``, or None to leave it to cpu_ref.
+
+    vendor_gemms: allow the vendor fp8/int8 GEMMs (NVIDIA) where they are checked and faster.
+    """
+    if request.fmt not in FORMATS:
+        return None
+    if op == "rms_norm":
+        return rms_norm
+    if op == "silu_and_mul":
+        return silu_and_mul
+    if op == "mla_latent_attention":
+        return mla_latent_attention
+    if op == "dequantize":
+        return dequantize
+    fp8_dynamic = _quantized_dynamic(request) and request.fmt == FP8_BLOCK
+    if op == "linear":
+        if request.fmt == HP:
+            return linear_hp
+        if _quantized_dynamic(request):
+            if fp8_dynamic and not fp8_dot_supported():
+                return None  # no fp8 tensor cores: cpu_ref emulates it
+            return make_linear_dynamic(request.fmt, vendor_gemms)
+        return linear_weight_only
+    if op == "moe_experts":
+        if fp8_dynamic and not fp8_dot_supported():
+            return None
+        return make_moe_experts(request.act_quant if _quantized_dynamic(request) else "none")
+    return None  # embedding, rotary, naive attention, moe_gate, sample: cpu_ref's torch ops run on the GPU
+
+
+def e4m3fn_to_e4m3fnuz(w: Weight) -> Weight:
+    """An e4m3fn fp8_block weight as e4m3fnuz (MI300): same bits except 0x80 (-0 in fn, NaN in fnuz) -> 0.
+
+    The fnuz exponent bias is one larger, so the same bits mean half the value: the scales double.
+    """
+    bits = w.data.view(torch.uint8)
+    bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
+    return Weight(bits.view(torch.float8_e4m3fnuz), w.fmt, w.scale * 2.0, w.block_size, w.scale_fmt)

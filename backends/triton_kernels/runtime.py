@@ -1,0 +1,98 @@
+"""Where the kernels run and the argument checks their wrappers share. Imports no triton."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+INTERPRET_ENV = "TRITON_INTERPRET"
+_TRUE = ("1", "true", "on", "yes")
+
+#: Largest finite value and smallest normal exponent of each FP8 format.
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
+FP8_EMIN = {torch.float8_e4m3fn: -6, torch.float8_e4m3fnuz: -7}
+FP8_DTYPES = tuple(FP8_MAX)
+HP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+QBLOCK = 128  # the block of the fp8_block format (weights 128 x 128, activations 1 x 128)
+AMAX_FLOOR = 1e-4  # as cpu_ref: keeps all-zero groups finite
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its interpreter (``TRITON_INTERPRET`` set truthy)."""
+    return os.environ.get(INTERPRET_ENV, "").strip().lower() in _TRUE
+
+
+def is_hip() -> bool:
+    return torch.version.hip is not None
+
+
+class KernelArgumentError(ValueError):
+    """A wrapper was called with a tensor of the wrong shape, dtype or device."""
+
+
+def require(cond: bool, where: str, msg: str) -> None:
+    """Raise one clear line naming the wrapper when ``cond`` is false."""
+    if not cond:
+        raise KernelArgumentError(f"{where}: {msg}")
+
+
+def check_tensor(
+    where: str,
+    name: str,
+    t: torch.Tensor,
+    dtypes: tuple[torch.dtype, ...] | None = None,
+    ndim: int | None = None,
+    shape: tuple[int | None, ...] | None = None,
+) -> None:
+    """Check a tensor argument's type, dtype, rank and shape (``None`` in ``shape`` matches any size)."""
+    require(isinstance(t, torch.Tensor), where, f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtypes is not None:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        require(t.dtype in dtypes, where, f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None:
+        require(t.dim() == ndim, where, f"{name} must have {ndim} dims, got shape {list(t.shape)}")
+    if shape is not None:
+        ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape, strict=True))
+        want = ["*" if s is None else s for s in shape]
+        require(ok, where, f"{name} must have shape {want}, got {list(t.shape)}")
+
+
+def check_device(where: str, **tensors: torch.Tensor | None) -> torch.device:
+    """All tensors on one device: a GPU, or the CPU when the interpreter is on."""
+    given = {k: v for k, v in tensors.items() if v is not None}
+    devices = {str(v.device) for v in given.values()}
+    require(len(devices) == 1, where, f"tensors on different devices: {', '.join(f'{k}={v.device}' for k, v in given.items())}")
+    device = next(iter(given.values())).device
+    if interpreting():
+        require(device.type == "cpu", where, f"with {INTERPRET_ENV}=1 tensors must be on the cpu, got {device}")
+    else:
+        require(device.type == "cuda", where, f"tensors must be on a GPU (cuda device), got {device}; set {INTERPRET_ENV}=1 to run on the cpu")
+    return device
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any leading strides but need unit stride along the last dim."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors (compute units on AMD) of a GPU; 1 under the interpreter."""
+    if interpreting() or not torch.cuda.is_available():
+        return 1
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def launch_opts(num_warps: int, num_stages: int) -> dict:
+    """Launch options; AMD's stream pipeliner wants at most 2 stages."""
+    return {"num_warps": num_warps, "num_stages": min(num_stages, 2) if is_hip() else num_stages}

@@ -1,0 +1,71 @@
+"""``dsv3 conformance``: check every operator a backend implements itself against cpu_ref."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..api import DTYPES
+from ..errors import Dsv3Error
+from ..hookspecs import OP_NAMES
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "conformance",
+        help="check a backend's operators against cpu_ref (exit 1 on any failure)",
+        description="Run generated cases (tiny to the 671B model's real shapes, awkward sizes, edge values) "
+        "for every operator, weight format and activation mode the backend implements itself, "
+        "against cpu_ref with per-format tolerances. What it declines falls back to cpu_ref and is listed.",
+    )
+    p.add_argument("--backend", help="backend to check (see `dsv3 backends`); required unless --explain")
+    p.add_argument("--quick", action="store_true", help="leave out the expensive cases (large weights): for CI")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    p.add_argument("--op", action="append", choices=OP_NAMES, help="check only this operator (repeatable)")
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=sorted(DTYPES),
+        help="compute dtype (repeatable; default float32 and bfloat16)",
+    )
+    p.add_argument("--verbose", action="store_true", help="print each case as it runs (on stderr)")
+    p.add_argument("--explain", action="store_true", help="print the tolerance table and its reasons, then exit")
+    return p
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write the whole file or nothing: a failure never leaves a half-written report."""
+    if path.parent and not path.parent.exists():
+        raise Dsv3Error(f"{path}: directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(args) -> int:
+    from ..conformance import TOLERANCES, run_conformance
+
+    if args.explain:
+        for t in TOLERANCES:
+            print(f"{t.name:<28} rtol {t.rtol:<7g} {t.why}")
+        return 0
+    if not args.backend:
+        raise Dsv3Error("give --backend NAME (see `dsv3 backends`)")
+    dtypes = tuple(DTYPES[d] for d in dict.fromkeys(args.dtype)) if args.dtype else None
+    progress = (lambda msg: print(f"  {msg}", file=sys.stderr, flush=True)) if args.verbose else None
+    kwargs = {"dtypes": dtypes} if dtypes else {}
+    report = run_conformance(
+        args.backend, quick=args.quick, ops=tuple(args.op) if args.op else None, progress=progress, **kwargs
+    )
+    print(report.format_table(), flush=True)
+    if args.json:
+        _write_atomically(Path(args.json), report.to_json() + "\n")
+    return 0 if report.ok else 1

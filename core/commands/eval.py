@@ -1,0 +1,162 @@
+"""``dsv3 eval perplexity``: strided perplexity of a text file, and KL divergence / top-1 agreement against
+a reference run (cpu_ref float32 by default), as quantizations are judged (see ``dsv3.eval``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import registry
+from ..api import DTYPES
+from ..errors import Dsv3Error
+from ..weights import ACT_QUANT_MODES
+from .run import add_model_args
+
+DEFAULT_CONTEXT = 512
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("eval", help="model-level numerics: perplexity, KL divergence against a reference")
+    evals = p.add_subparsers(dest="eval_command", required=True)
+    ppl = evals.add_parser(
+        "perplexity",
+        help="perplexity of a text file; with --against, KL divergence and top-1 agreement with a reference run",
+        description="Perplexity over --text-file in sliding windows (each window scores only the tokens no earlier "
+        "window scored). With --against BACKEND and/or --against-ckpt-path DIR the same windows also run through a "
+        "reference model (default cpu_ref in float32 on the same checkpoint) and the report adds, per scored "
+        "position, KL(reference || test) of the next-token distributions (mean, median, 99th percentile, max), "
+        "the share of positions whose most likely token is the same, and the perplexity ratio test / reference.",
+    )
+    add_model_args(ppl)
+    ppl.add_argument(
+        "--text-file",
+        required=True,
+        action="append",
+        help="UTF-8 text to score, tokenized raw after a BOS; repeat to score several files as one stream",
+    )
+    ppl.add_argument("--against", help="reference backend (default cpu_ref when --against-ckpt-path is given)")
+    ppl.add_argument(
+        "--against-ckpt-path",
+        help="reference checkpoint (default: the same one), e.g. the BF16 original of a quantized copy",
+    )
+    ppl.add_argument("--against-dtype", choices=sorted(DTYPES), help="reference compute dtype (default float32)")
+    ppl.add_argument(
+        "--against-act-quant", choices=ACT_QUANT_MODES, help="reference activation quantization (default none)"
+    )
+    ppl.add_argument("--context", type=int, help=f"window length in tokens (default min({DEFAULT_CONTEXT}, model max))")
+    ppl.add_argument("--stride", type=int, help="step between windows (default context / 2)")
+    ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the file (BOS included)")
+    ppl.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
+    ppl.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+    ppl.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    return p
+
+
+def _read_text(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise Dsv3Error(f"--text-file {path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise Dsv3Error(f"--text-file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise Dsv3Error(f"--text-file {path}: cannot read ({exc.strerror})") from None
+    if not text.strip():
+        raise Dsv3Error(f"--text-file {path}: the file is empty")
+    return text
+
+
+def _encode(engine, text: str) -> list[int]:
+    """BOS + the raw text's ids; the tokenizer's max-length warning is moot here (windows are cut later)."""
+    tok = engine._need_tokenizer()
+    saved = getattr(tok, "model_max_length", None)
+    try:
+        if saved is not None:
+            tok.model_max_length = int(1e30)
+        return engine.encode(text, chat=False)
+    finally:
+        if saved is not None:
+            tok.model_max_length = saved
+
+
+def describe(engine, backend: str, dtype: str, act_quant: str) -> str:
+    """One line naming what ran: backend, compute dtype, weight formats, activation quantization, checkpoint."""
+    from ..model import Linear
+
+    fmts = sorted({m.fmt for m in engine.model.modules() if isinstance(m, Linear)})
+    return f"{backend} {dtype}, weights {'+'.join(fmts)}, act-quant {act_quant}  ({engine.path})"
+
+
+def main(args) -> int:
+    from ..api import load
+    from ..eval import evaluate
+    from .conformance import _write_atomically
+
+    has_ref = args.against is not None or args.against_ckpt_path is not None
+    if not has_ref and (args.against_dtype is not None or args.against_act_quant is not None):
+        raise Dsv3Error("--against-dtype/--against-act-quant need a reference: --against or --against-ckpt-path")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise Dsv3Error(f"--max-tokens {args.max_tokens}: must be at least 2")
+    if args.json and not Path(args.json).parent.exists():
+        raise Dsv3Error(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
+    texts = [_read_text(f) for f in args.text_file]  # before the (slow) loads
+
+    engine = load(
+        args.ckpt_path,
+        args.backend,
+        args.dtype,
+        args.attn_impl,
+        args.act_quant,
+        args.config,
+        progress=args.progress,
+        weight_format=args.weight_format,
+    )
+    max_pos = engine.cfg.max_position_embeddings
+    context = args.context if args.context is not None else min(DEFAULT_CONTEXT, max_pos)
+    if context > max_pos:
+        raise Dsv3Error(f"--context {context} exceeds the model's {max_pos} positions (max_position_embeddings)")
+    stride = args.stride if args.stride is not None else max(1, context // 2)
+    tokens = [t for text in texts for t in _encode(engine, text)]  # each file a document: BOS + its ids
+    if args.max_tokens is not None:
+        tokens = tokens[: args.max_tokens]
+    setup = {
+        "text_files": [str(f) for f in args.text_file],
+        "tokens": len(tokens),
+        "test": describe(engine, args.backend, args.dtype, args.act_quant),
+    }
+    reference = None
+    if has_ref:
+        ref_backend = args.against or registry.REFERENCE
+        ref_dtype = args.against_dtype or "float32"
+        ref_act = args.against_act_quant or "none"
+        ref = load(
+            args.against_ckpt_path or engine.path,
+            ref_backend,
+            ref_dtype,
+            args.attn_impl,
+            ref_act,
+            progress=args.progress,
+        )
+        if ref.cfg.vocab_size != engine.cfg.vocab_size:
+            raise Dsv3Error(
+                f"--against-ckpt-path {ref.path}: vocabulary of {ref.cfg.vocab_size} tokens, "
+                f"the model under test has {engine.cfg.vocab_size}"
+            )
+        if ref.tokenizer is not None and ref.path != engine.path:
+            ref_tokens = [t for text in texts for t in _encode(ref, text)]
+            if ref_tokens[: len(tokens)] != tokens:
+                raise Dsv3Error(f"--against-ckpt-path {ref.path}: its tokenizer splits the text differently")
+        if context > ref.cfg.max_position_embeddings:
+            raise Dsv3Error(f"--context {context} exceeds the reference's {ref.cfg.max_position_embeddings} positions")
+        reference = ref.logits
+        setup["reference"] = describe(ref, ref_backend, ref_dtype, ref_act)
+
+    report = evaluate(engine.logits, tokens, context, stride, reference, args.batch, args.progress)
+    report.setup = setup
+    print(f"dsv3 eval perplexity: {', '.join(args.text_file)}", flush=True)
+    print(report.format_text(), flush=True)
+    if args.json:
+        import json
+
+        _write_atomically(Path(args.json), json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0

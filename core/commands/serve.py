@@ -1,0 +1,135 @@
+"""``dsv3 serve``: an OpenAI-compatible HTTP server with continuous batching (see docs/serving.md)."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+from ..errors import Dsv3Error
+from .run import add_model_args, load_from_args
+
+DEFAULT_MAX_MODEL_LEN = 4096
+
+
+def add_parser(sub):
+    p = sub.add_parser("serve", help="serve the model behind an OpenAI-compatible HTTP API (continuous batching)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $DSV3_API_KEY when set, else no key)",
+    )
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: checkpoint dir name)")
+    p.add_argument("--max-batch", type=int, default=16, help="cache slots: sequences decoded together")
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help=f"positions per slot, prompt + completion (default: min(max_position_embeddings, {DEFAULT_MAX_MODEL_LEN}))",
+    )
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: max-model-len - 1)")
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="largest max_tokens a request may ask (default: max-model-len - 1)",
+    )
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-waiting", type=int, default=256, help="requests queued for a slot before 503s")
+    p.add_argument(
+        "--mtp",
+        type=int,
+        default=0,
+        metavar="K",
+        help="speculative decoding with the MTP module, K drafts per step (requests then run one at a time)",
+    )
+    p.add_argument(
+        "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="uvicorn logging"
+    )
+    return p
+
+
+def _positive(args, *names: str) -> None:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise Dsv3Error(f"--{name.replace('_', '-')} must be at least 1 (got {value})")
+
+
+def main(args) -> int:
+    _positive(
+        args, "max_batch", "max_model_len", "max_prompt_tokens", "max_tokens_limit", "max_request_bytes", "max_waiting"
+    )
+    if args.mtp < 0:
+        raise Dsv3Error("--mtp must be >= 0 (draft tokens per step)")
+    if not 0 <= args.port <= 65535:
+        raise Dsv3Error(f"--port must be in 0..65535 (got {args.port})")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise Dsv3Error("dsv3 serve runs in one process; tensor-parallel serving (torchrun) is not supported")
+    try:
+        import uvicorn
+
+        from ..serve.app import ServeSettings, create_app
+    except ImportError as exc:
+        raise Dsv3Error(
+            f"dsv3 serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'dsv3[serve]'"
+        ) from None
+    from ..serve import LOOPBACK, bind_socket
+    from ..serve.scheduler import Scheduler
+    from ..speculative import check_mtp
+
+    sock = bind_socket(args.host, args.port)  # before the (slow) load, so a busy port fails fast
+    try:
+        engine = load_from_args(args)
+        check_mtp(engine.model, args.mtp)
+        if engine.tokenizer is None:
+            raise Dsv3Error(f"{engine.path}: no tokenizer files in the checkpoint; dsv3 serve needs one")
+        cfg = engine.cfg
+        max_len = args.max_model_len or min(cfg.max_position_embeddings, DEFAULT_MAX_MODEL_LEN)
+        if max_len > cfg.max_position_embeddings:
+            raise Dsv3Error(
+                f"--max-model-len {max_len} exceeds the model's max_position_embeddings ({cfg.max_position_embeddings})"
+            )
+        if max_len < 2:
+            raise Dsv3Error("--max-model-len must be at least 2 (one prompt token and one generated token)")
+        settings = ServeSettings(
+            model_name=args.served_model_name or Path(str(engine.path)).name or "dsv3",
+            max_model_len=max_len,
+            max_prompt_tokens=min(args.max_prompt_tokens or max_len - 1, max_len - 1),
+            max_tokens_limit=min(args.max_tokens_limit or max_len - 1, max_len - 1),
+            max_request_bytes=args.max_request_bytes,
+            api_key=args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None,
+        )
+        scheduler = Scheduler(engine.model, args.max_batch, max_len, args.max_waiting, args.mtp)
+        app = create_app(engine, scheduler, settings)
+        host, port = sock.getsockname()[:2]
+        mib = cache_bytes(engine.model, scheduler.max_batch, max_len) / 2**20
+        mode = f"speculative decoding (mtp={args.mtp}), one request at a time" if args.mtp else "continuous batching"
+        print(
+            f"dsv3: serving '{settings.model_name}' on http://{args.host}:{port}/v1 with {mode}: "
+            f"{scheduler.max_batch} slots x {max_len} positions ({mib:.1f} MiB of cache)",
+            file=sys.stderr,
+        )
+        if args.host not in LOOPBACK and settings.api_key is None:
+            print(
+                f"dsv3: warning: listening on {host} without an API key: anyone who can reach it can use it",
+                file=sys.stderr,
+            )
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
+def cache_bytes(model, max_batch: int, max_len: int) -> int:
+    """Bytes the scheduler's cache takes: every main and MTP layer, ``max_batch x max_len`` positions."""
+    per_token = 0
+    attns = [layer.attn for layer in model.layers] + [m.block.attn for m in model.mtp]
+    for attn in attns:
+        per_token += sum(math.prod(s) for s in attn.cache_shapes().values()) * model.embed.element_size()
+    return per_token * max_batch * max_len

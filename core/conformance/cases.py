@@ -1,0 +1,725 @@
+"""Generated cases for every operator: tiny shapes, awkward sizes, edge values and the real shapes of
+the published models (671B DeepSeek-V3 first: hidden 7168, q_lora 1536, kv_lora 512, rope 64,
+128 heads, 256 experts top-8 in 8 groups of which 4 are eligible).
+
+``CASE_GENERATORS[op](spec)`` lists the cases for one operator, weight format, activation mode and
+compute dtype. A :class:`Case` builds its tensors only when run (on the CPU; the runner moves them
+to the backend's device), from a seed derived from its name, so every run sees the same numbers.
+Cases marked ``quick=False`` are the expensive ones (large weights); ``--quick`` leaves them out.
+Costs are bounded: real hidden sizes with a few tokens, and at most one or two routed experts of
+real size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import ModelConfig, Routing, YarnConfig
+from ..weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
+
+#: DeepSeek-V3 (671B) as released: YaRN factor 40 over 4096 positions, mscale_all_dim 1.
+V3 = dataclasses.replace(
+    ModelConfig(), yarn=YarnConfig(factor=40.0, original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0)
+)
+#: DeepSeek-V2 (236B) routing: softmax scores, 8 groups (top 3 by their max), scale 16, no bias.
+V2_ROUTING = Routing(
+    top_k=6, n_experts=160, scoring="softmax", n_group=8, topk_group=3, norm_topk_prob=False, scale=16.0, has_bias=False
+)
+V2_HIDDEN = 5120
+#: DeepSeek-V2-Lite (16B): 64 experts, 6 active, one group, hidden 2048, expert width 1408.
+V2_LITE_ROUTING = Routing(
+    top_k=6, n_experts=64, scoring="softmax", n_group=1, topk_group=1, norm_topk_prob=False, scale=1.0, has_bias=False
+)
+V2_LITE_HIDDEN, V2_LITE_MOE_INTER = 2048, 1408
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One row of the conformance table: an operator in one weight format, mode and compute dtype."""
+
+    op: str
+    fmt: str = HP
+    act_quant: str = "none"
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class GeneratorSeed:
+    """Stands for a ``torch.Generator`` argument; the runner creates it on the backend's device."""
+
+    seed: int | None
+
+
+@dataclass
+class CaseData:
+    """The operator's positional arguments (CPU tensors) and how to judge its result.
+
+    check: ``"tensor"`` (compare with cpu_ref), ``"routing"`` (expert sets + weights) or ``"sample"``.
+    """
+
+    args: tuple
+    check: str = "tensor"
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A named case; ``build()`` makes its tensors."""
+
+    name: str
+    about: str
+    build: Callable[[], CaseData]
+    quick: bool = True
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _gen(*key: object) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32("|".join(map(str, key)).encode()))
+
+
+def _randn(g: torch.Generator, shape: tuple[int, ...], std: float = 1.0) -> torch.Tensor:
+    return torch.randn(shape, generator=g) * std
+
+
+def _sprinkle(t: torch.Tensor, big: float) -> torch.Tensor:
+    """Put 0, -0.0, +big and -big at the start of ``t`` (flattened), in place; returns ``t``."""
+    flat = t.view(-1)
+    for i, v in enumerate((0.0, -0.0, big, -big)[: flat.numel()]):
+        flat[i] = v
+    return t
+
+
+def _big(dtype: torch.dtype) -> float:
+    """A large magnitude that the dtype holds and whose square float32 still holds."""
+    return 6e4 if dtype == torch.float16 else 3e15
+
+
+def _case(
+    cases: list[Case], spec: Spec, name: str, about: str, fn: Callable[[torch.Generator], CaseData], quick: bool = True
+) -> None:
+    key = (spec.op, spec.fmt, spec.act_quant, str(spec.dtype), name)
+    cases.append(Case(name, about, lambda: fn(_gen(*key)), quick))
+
+
+def make_weight(
+    g: torch.Generator,
+    shape: tuple[int, ...],
+    fmt: str,
+    dtype: torch.dtype,
+    scale_fmt: str | None = None,
+    zero_tile: bool = False,
+) -> Weight:
+    """A random ``(..., out, in)`` weight in ``fmt``, ~N(0, 1/in), with a gain of 0.1..10 per 128x128 tile.
+
+    The uneven tile gains make a block scale applied to the wrong tile (a transposed scale grid) visible.
+    """
+    from ..backends.cpu_ref import quant
+
+    out_f, in_f = shape[-2:]
+    w = _randn(g, shape, in_f**-0.5)
+    tiles = shape[:-2] + (-(-out_f // 128), -(-in_f // 128))
+    gains = 10 ** (torch.rand(tiles, generator=g) * 2 - 1)
+    w *= gains.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :out_f, :in_f]
+    if zero_tile:
+        w[..., :128, :128] = 0.0
+    if fmt == HP:
+        return Weight(w.to(dtype), HP)
+    if fmt == FP8_BLOCK:
+        q = quant.quantize_weight_fp8(w)
+        return Weight(q.data, FP8_BLOCK, q.scale, q.block_size, scale_fmt)
+    if fmt in (INT8_W8A8, INT8_WO):
+        q = quant.quantize_weight_int8(w, fmt)
+        return Weight(q.data, fmt, q.scale)
+    raise ValueError(f"unknown weight format {fmt!r}")
+
+
+def _activations(g: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, edges: bool) -> torch.Tensor:
+    """Activations ~N(0, 1); with ``edges``: a zero row, -0.0, one outlier per 128 channels, a 1e3 row."""
+    x = _randn(g, shape)
+    if edges:
+        rows = x.view(-1, shape[-1])
+        rows[0] = 0.0
+        if rows.shape[0] > 1:
+            rows[1, ::3] = -0.0
+            rows[1, ::128] = 50.0
+        if rows.shape[0] > 2:
+            rows[2] *= 1e3
+    return x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------- norms / embedding
+def cases_embedding(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+
+    def build(v: int, d: int, b: int, t: int, edges: bool = False):
+        def fn(g: torch.Generator) -> CaseData:
+            weight = _randn(g, (v, d)).to(spec.dtype)
+            if edges:
+                _sprinkle(weight, _big(spec.dtype))
+            ids = torch.randint(0, v, (b, t), generator=g)
+            ids.view(-1)[0], ids.view(-1)[-1] = 0, v - 1  # both ends of the table
+            return CaseData((ids, weight))
+
+        return fn
+
+    _case(cases, spec, "tiny", "V=4, D=2, one token", build(4, 2, 1, 1))
+    _case(
+        cases,
+        spec,
+        "awkward",
+        "V=97, D=200, B=2 x T=5, first and last rows, -0.0 and large",
+        build(97, 200, 2, 5, True),
+    )
+    _case(cases, spec, "671B-vocab", f"V={V3.vocab_size} (D=16), B=2 x T=3", build(V3.vocab_size, 16, 2, 3))
+    _case(cases, spec, "671B-hidden", f"D={V3.hidden_size} (V=512), 1 token", build(512, V3.hidden_size, 1, 1))
+    return cases
+
+
+def cases_rms_norm(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+    eps = V3.rms_norm_eps
+
+    def build(shape: tuple[int, ...], eps: float = eps, std: float = 1.0, edges: bool = False):
+        def fn(g: torch.Generator) -> CaseData:
+            x = _randn(g, shape, std)
+            if edges:
+                rows = x.view(-1, shape[-1])
+                rows[0] = 0.0
+                rows[1] = -0.0
+                _sprinkle(rows[2], _big(spec.dtype))
+            w = (1.0 + _randn(g, shape[-1:], 0.3)).to(spec.dtype)
+            return CaseData((x.to(spec.dtype), w, eps))
+
+        return fn
+
+    h, ql, kvl = V3.hidden_size, V3.q_lora_rank, V3.kv_lora_rank
+    _case(cases, spec, "tiny", "(1, 4)", build((1, 4)))
+    _case(cases, spec, "D=1", "(3, 1): one channel", build((3, 1)))
+    _case(cases, spec, "671B-hidden-1tok", f"(1, 1, {h}): one token", build((1, 1, h)))
+    _case(cases, spec, "671B-hidden", f"(3, {h})", build((3, h)))
+    _case(cases, spec, "671B-q_lora", f"(2, 5, {ql})", build((2, 5, ql)))
+    _case(cases, spec, "671B-kv_lora", f"(4, {kvl})", build((4, kvl)))
+    _case(cases, spec, "awkward", "(2, 3, 100)", build((2, 3, 100)))
+    _case(cases, spec, "small-x", f"x ~ 1e-3 so that eps={eps:g} matters", build((4, 256), std=1e-3))
+    _case(cases, spec, "eps=0.5", "a large eps", build((4, 64), eps=0.5))
+    _case(cases, spec, "edges", "a zero row, a -0.0 row, 0/-0.0/large values", build((3, 130), edges=True))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------- rotary
+def cases_rotary(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+
+    def build(b: int, t: int, h: int, r: int, edges: bool = False, far: bool = False):
+        def fn(g: torch.Generator) -> CaseData:
+            x = _randn(g, (b, t, h, r))
+            if edges:
+                _sprinkle(x, 1e4)
+            pos = torch.randint(0, V3.max_position_embeddings if far else 64, (b, t, 1), generator=g).float()
+            freqs = 1.0 / (V3.rope_theta ** (torch.arange(0, r, 2).float() / r))
+            angle = pos * freqs  # (B, T, R/2)
+            return CaseData((x.to(spec.dtype), angle.cos(), angle.sin()))
+
+        return fn
+
+    rope, heads = V3.qk_rope_head_dim, V3.num_attention_heads
+    _case(cases, spec, "tiny", "(1, 1, 1, 2)", build(1, 1, 1, 2))
+    _case(cases, spec, "671B-q_pe", f"(1, 3, {heads}, {rope})", build(1, 3, heads, rope))
+    _case(cases, spec, "671B-k_pe", f"(2, 4, 1, {rope}): the shared key part", build(2, 4, 1, rope))
+    _case(
+        cases,
+        spec,
+        "671B-decode",
+        f"(2, 1, {heads}, {rope}) at positions up to 163840",
+        build(2, 1, heads, rope, far=True),
+    )
+    _case(cases, spec, "awkward", "(1, 5, 3, 6): R/2 odd", build(1, 5, 3, 6))
+    _case(cases, spec, "edges", "0, -0.0, +-1e4", build(2, 2, 2, 8, edges=True))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------- MLA attention
+def _positions(b: int, t: int, starts: list[int], expand: bool) -> torch.Tensor:
+    if expand:  # what a full-sequence forward passes: one row broadcast over the batch (stride 0)
+        return torch.arange(t).expand(b, t)
+    return torch.stack([torch.arange(s, s + t) for s in starts])
+
+
+def _stale(cache: torch.Tensor, q_pos: torch.Tensor, value: float) -> None:
+    """Fill cache entries past each row's last position with ``value`` (they must be ignored)."""
+    for row in range(cache.shape[0]):
+        cache[row, int(q_pos[row].max()) + 1 :] = value
+
+
+def cases_attention(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+    scale = V3.softmax_scale
+
+    def build(b, t, s, h, dqk, dv, starts, expand=False, mode="random"):
+        def fn(g: torch.Generator) -> CaseData:
+            q, k, v = _randn(g, (b, t, h, dqk)), _randn(g, (b, s, h, dqk)), _randn(g, (b, s, h, dv))
+            if mode == "uniform":
+                q.zero_()  # every visible key ties: a uniform average
+            if mode == "large":
+                q, k = q * 8, k * 8  # scores ~ +-100: softmax must subtract the max
+            q_pos = _positions(b, t, starts, expand)
+            _stale(k, q_pos, 1e3)
+            _stale(v, q_pos, 1e3)
+            return CaseData((q.to(spec.dtype), k.to(spec.dtype), v.to(spec.dtype), q_pos, scale))
+
+        return fn
+
+    h, dqk, dv = V3.num_attention_heads, V3.qk_head_dim, V3.v_head_dim
+    _case(cases, spec, "tiny", "B1 T1 S1 H1, Dqk 4, Dv 2", build(1, 1, 1, 1, 4, 2, [0]))
+    _case(
+        cases,
+        spec,
+        "671B-prefill",
+        f"B1 T4, H{h}, Dqk {dqk}, Dv {dv}, positions broadcast",
+        build(1, 4, 4, h, dqk, dv, [0], expand=True),
+    )
+    _case(
+        cases,
+        spec,
+        "671B-decode",
+        f"B2 T1 S9 at positions 8 and 3 (stale cache past 3), H{h}",
+        build(2, 1, 9, h, dqk, dv, [8, 3]),
+    )
+    _case(
+        cases,
+        spec,
+        "rows-apart",
+        "B3 T1 S10 at positions 0, 4, 9; H4 Dqk 24 Dv 8",
+        build(3, 1, 10, 4, 24, 8, [0, 4, 9]),
+    )
+    _case(cases, spec, "chunked", "B1 T3 at positions 5..7 over S8 (a prefill chunk)", build(1, 3, 8, 3, 13, 5, [5]))
+    _case(
+        cases,
+        spec,
+        "ties",
+        "q = 0: every visible key scores the same",
+        build(2, 2, 4, 2, 16, 8, [0, 2], mode="uniform"),
+    )
+    _case(
+        cases,
+        spec,
+        "large-scores",
+        "scores ~ +-100 (exp overflows without the max subtracted)",
+        build(1, 3, 3, 2, 64, 16, [0], mode="large"),
+    )
+    return cases
+
+
+def cases_mla_latent_attention(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+    scale = V3.softmax_scale
+
+    def build(b, t, s, h, c, r, starts, expand=False, mode="random"):
+        def fn(g: torch.Generator) -> CaseData:
+            ql, qp = _randn(g, (b, t, h, c)), _randn(g, (b, t, h, r))
+            kv, pe = _randn(g, (b, s, c)), _randn(g, (b, s, r))
+            if mode == "uniform":
+                ql.zero_()
+                qp.zero_()
+            if mode == "large":
+                ql, kv = ql * 6, kv * 6
+            q_pos = _positions(b, t, starts, expand)
+            _stale(kv, q_pos, 1e3)
+            _stale(pe, q_pos, -1e3)
+            args = (ql.to(spec.dtype), qp.to(spec.dtype), kv.to(spec.dtype), pe.to(spec.dtype), q_pos, scale)
+            return CaseData(args)
+
+        return fn
+
+    h, c, r = V3.num_attention_heads, V3.kv_lora_rank, V3.qk_rope_head_dim
+    _case(cases, spec, "tiny", "B1 T1 S1 H1, C4, R2", build(1, 1, 1, 1, 4, 2, [0]))
+    _case(
+        cases,
+        spec,
+        "671B-decode",
+        f"B2 T1 S17 at positions 16 and 7, H{h} C{c} R{r}",
+        build(2, 1, 17, h, c, r, [16, 7]),
+    )
+    _case(
+        cases,
+        spec,
+        "671B-prefill",
+        f"B1 T6, H{h} C{c} R{r}, positions broadcast",
+        build(1, 6, 6, h, c, r, [0], expand=True),
+    )
+    _case(
+        cases, spec, "chunked", "B2 T3 at positions 4..6 and 0..2 over S7; H5 C48 R6", build(2, 3, 7, 5, 48, 6, [4, 0])
+    )
+    _case(
+        cases,
+        spec,
+        "ties",
+        "q = 0: every visible latent scores the same",
+        build(1, 2, 3, 2, 32, 4, [1], mode="uniform"),
+    )
+    _case(cases, spec, "large-scores", "scores ~ +-100", build(1, 2, 4, 2, 64, 8, [2], mode="large"))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------- GEMM and quantization
+def cases_linear(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+
+    def build(
+        lead: tuple[int, ...],
+        in_f: int,
+        out_f: int,
+        edges: bool = False,
+        scale_fmt: str | None = None,
+        zero_tile: bool = False,
+    ):
+        def fn(g: torch.Generator) -> CaseData:
+            w = make_weight(g, (out_f, in_f), spec.fmt, spec.dtype, scale_fmt, zero_tile)
+            return CaseData((_activations(g, (*lead, in_f), spec.dtype, edges), w))
+
+        return fn
+
+    d, ql, kvl, r = V3.hidden_size, V3.q_lora_rank, V3.kv_lora_rank, V3.qk_rope_head_dim
+    h, dqk, dv = V3.num_attention_heads, V3.qk_head_dim, V3.v_head_dim
+    _case(cases, spec, "tiny", "(1, 16) x (8, 16)", build((1,), 16, 8))
+    _case(
+        cases,
+        spec,
+        "671B-wkv_a-1tok",
+        f"(1, 1, {d}) -> {kvl + r}: one token, out not a multiple of 128",
+        build((1, 1), d, kvl + r),
+    )
+    _case(cases, spec, "awkward", "(5, 200) -> 72", build((5,), 200, 72, edges=True))
+    _case(cases, spec, "awkward-3d", "(2, 3, 130) -> 257", build((2, 3), 130, 257))
+    _case(
+        cases, spec, "square-grid", "(4, 256) -> 256: a 2x2 block grid, uneven gains", build((4,), 256, 256, edges=True)
+    )
+    _case(cases, spec, "grid-3x3", "(3, 300) -> 260, an all-zero tile", build((3,), 300, 260, zero_tile=True))
+    if spec.fmt == FP8_BLOCK:
+        _case(
+            cases,
+            spec,
+            "ue8m0",
+            "(3, 384) -> 128 with power-of-two activation scales",
+            build((3,), 384, 128, edges=True, scale_fmt="ue8m0"),
+        )
+    _case(cases, spec, "671B-wq_a", f"(3, {d}) -> {ql}", build((3,), d, ql), quick=False)
+    _case(cases, spec, "671B-wq_b", f"(2, {ql}) -> {h * dqk}", build((2,), ql, h * dqk), quick=False)
+    _case(
+        cases,
+        spec,
+        "671B-wkv_b",
+        f"(2, {kvl}) -> {h * (V3.qk_nope_head_dim + dv)}",
+        build((2,), kvl, h * (V3.qk_nope_head_dim + dv)),
+        quick=False,
+    )
+    _case(
+        cases,
+        spec,
+        "671B-shared-w2",
+        f"(4, {V3.moe_intermediate_size}) -> {d}, edge values",
+        build((4,), V3.moe_intermediate_size, d, edges=True),
+        quick=False,
+    )
+    return cases
+
+
+def cases_dequantize(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+
+    def build(shape: tuple[int, ...], zero_tile: bool = False):
+        def fn(g: torch.Generator) -> CaseData:
+            w = make_weight(g, shape, spec.fmt, torch.bfloat16, zero_tile=zero_tile)
+            if spec.fmt == HP:
+                _sprinkle(w.data, 3e4)
+            return CaseData((w, spec.dtype))
+
+        return fn
+
+    d, kvl, r = V3.hidden_size, V3.kv_lora_rank, V3.qk_rope_head_dim
+    wkv_b = V3.num_attention_heads * (V3.qk_nope_head_dim + V3.v_head_dim)
+    _case(cases, spec, "tiny", "(8, 16)", build((8, 16)))
+    _case(cases, spec, "awkward", "(200, 72), an all-zero tile", build((200, 72), zero_tile=True))
+    _case(cases, spec, "awkward-2", "(130, 257)", build((130, 257)))
+    _case(cases, spec, "experts", "(3, 136, 200): a stack of expert weights", build((3, 136, 200)))
+    _case(
+        cases,
+        spec,
+        "671B-wkv_b-head",
+        f"one head of wkv_b: ({V3.qk_nope_head_dim + V3.v_head_dim}, {kvl})",
+        build((V3.qk_nope_head_dim + V3.v_head_dim, kvl)),
+    )
+    _case(cases, spec, "671B-wkv_a", f"({kvl + r}, {d})", build((kvl + r, d)), quick=False)
+    _case(
+        cases, spec, "671B-wkv_b", f"({wkv_b}, {kvl}): what absorbed MLA dequantizes", build((wkv_b, kvl)), quick=False
+    )
+    return cases
+
+
+# ---------------------------------------------------------------------------------------- MoE
+def routing_margin(x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, r: Routing) -> torch.Tensor:
+    """(N,) how far each token is from a tie that would change its expert set (0: a boundary tie).
+
+    The gap between the last eligible and the first ineligible group score, and between the k-th
+    and (k+1)-th choice score, relative to the largest choice score. Written from the hookspec,
+    independently of cpu_ref, so cases whose expert set is decided by float noise can be left out.
+    """
+    scores = x.double() @ gate_weight.double().t()
+    scores = scores.sigmoid() if r.scoring == "sigmoid" else scores.softmax(dim=-1)
+    choice = scores if bias is None else scores + bias.double()
+    n, margin = x.shape[0], torch.full((x.shape[0],), math.inf, dtype=torch.float64)
+    if r.n_group > 1:
+        grouped = choice.view(n, r.n_group, -1)
+        gscore = grouped.amax(-1) if bias is None else grouped.topk(2, -1).values.sum(-1)
+        top = gscore.sort(-1, descending=True).values
+        if r.topk_group < r.n_group:
+            margin = top[:, r.topk_group - 1] - top[:, r.topk_group]
+        keep = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, gscore.topk(r.topk_group, -1).indices, True)
+        choice = grouped.masked_fill(~keep.unsqueeze(-1), -math.inf).flatten(1)
+    top = choice.sort(-1, descending=True).values
+    if r.top_k < top.shape[1] and bool(torch.isfinite(top[:, r.top_k]).any()):
+        gap = top[:, r.top_k - 1] - top[:, r.top_k]
+        margin = torch.minimum(margin, torch.where(torch.isfinite(gap), gap, math.inf))
+    return margin / top[:, :1].abs().squeeze(1).clamp(min=1e-30)
+
+
+def cases_moe_gate(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+    v3 = V3.routing
+
+    def build(n: int, d: int, r: Routing, bias: bool, mode: str = "random"):
+        def fn(g: torch.Generator) -> CaseData:
+            e = r.n_experts
+            gw = _randn(g, (e, d), d**-0.5)
+            b = _randn(g, (e,), 0.3) if bias else None
+            x = _randn(g, (4 * n + 8, d))
+            if mode == "ties":  # two identical experts, both always chosen: equal weights, any order
+                gw[5] = gw[3]
+                b[3] = b[5] = 5.0
+            if mode == "zeros":  # every score is sigmoid(0) = 0.5: the bias alone decides
+                x.zero_()
+                b = (torch.linspace(-1, 1, e)[torch.randperm(e, generator=g)]).contiguous()
+            if mode == "large":
+                x = x * 50  # saturated scores: many exactly 0 or 1
+            x = x.to(spec.dtype)
+            margin = routing_margin(x.float(), gw, b, r)
+            keep = x[margin > 1e-3][:n]
+            if keep.shape[0] == 0:
+                raise RuntimeError("conformance kit: no routing case without a near-tie")
+            return CaseData((keep, gw, b, r), check="routing")
+
+        return fn
+
+    d = V3.hidden_size
+    tiny = Routing(
+        top_k=2,
+        n_experts=4,
+        scoring="softmax",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=False,
+        scale=1.0,
+        has_bias=False,
+    )
+    k1 = dataclasses.replace(v3, top_k=1, n_experts=8, n_group=2, topk_group=1)
+    _case(cases, spec, "tiny", "E4 top-2, softmax, no groups", build(3, 8, tiny, False))
+    _case(
+        cases,
+        spec,
+        "671B",
+        f"N4, D{d}, E{v3.n_experts} top-{v3.top_k}, {v3.n_group} groups of which "
+        f"{v3.topk_group}, sigmoid + bias, scale {v3.scale}",
+        build(4, d, v3, True),
+    )
+    _case(cases, spec, "671B-1tok", "one token, V3 routing", build(1, d, v3, True))
+    _case(
+        cases,
+        spec,
+        "236B",
+        f"V2 group-limited: E160 top-6, 8 groups of which 3 (by max), softmax, D{V2_HIDDEN}",
+        build(3, V2_HIDDEN, V2_ROUTING, False),
+    )
+    _case(
+        cases,
+        spec,
+        "16B",
+        f"V2-Lite: E64 top-6, softmax, D{V2_LITE_HIDDEN}",
+        build(3, V2_LITE_HIDDEN, V2_LITE_ROUTING, False),
+    )
+    _case(cases, spec, "top-1", "k = 1 (no normalization), 2 groups", build(5, 64, k1, True))
+    _case(cases, spec, "ties", "two identical experts, both chosen (order free)", build(4, 128, v3, True, "ties"))
+    _case(cases, spec, "zeros", "x = 0: equal scores, the bias decides", build(2, 128, v3, True, "zeros"))
+    _case(cases, spec, "saturated", "x x 50: sigmoid scores saturate at 0 and 1", build(4, 128, v3, True, "large"))
+    return cases
+
+
+def cases_moe_experts(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+
+    def build(n: int, k: int, d: int, inter: int, e_total: int, e_local: int, offset: int, edges: bool = False):
+        def fn(g: torch.Generator) -> CaseData:
+            x = _activations(g, (n, d), spec.dtype, edges)
+            ids = torch.stack([torch.randperm(e_total, generator=g)[:k] for _ in range(n)])
+            if e_local < e_total and e_total - e_local >= k:  # token 0 is wholly another rank's
+                outside = [i for i in range(e_total) if not offset <= i < offset + e_local]
+                ids[0] = torch.tensor(outside[:k])
+            if e_local < e_total and n > 1:  # token 1 uses this rank's first and last expert
+                ids[1, 0], ids[1, -1] = offset, offset + e_local - 1
+            weights = torch.rand((n, k), generator=g) + 0.1
+            weights = weights / weights.sum(-1, keepdim=True) * 2.5
+            w1 = make_weight(g, (e_local, inter, d), spec.fmt, spec.dtype)
+            w3 = make_weight(g, (e_local, inter, d), spec.fmt, spec.dtype)
+            w2 = make_weight(g, (e_local, d, inter), spec.fmt, spec.dtype)
+            return CaseData((x, weights, ids, w1, w3, w2, offset))
+
+        return fn
+
+    d, inter = V3.hidden_size, V3.moe_intermediate_size
+    _case(cases, spec, "tiny", "N3 top-2 of E4, D16, I8", build(3, 2, 16, 8, 4, 4, 0))
+    _case(cases, spec, "1tok", "one token, top-2 of E4, D32, I16", build(1, 2, 32, 16, 4, 4, 0))
+    _case(
+        cases,
+        spec,
+        "rank-slice",
+        "experts 8..11 of 16 held here (offset 8): others contribute nothing",
+        build(4, 3, 64, 32, 16, 4, 8),
+    )
+    _case(cases, spec, "awkward", "N5 top-2 of E3, D200, I72, edge values", build(5, 2, 200, 72, 3, 3, 0, edges=True))
+    _case(
+        cases,
+        spec,
+        "16B-experts",
+        f"V2-Lite shapes: D{V2_LITE_HIDDEN}, I{V2_LITE_MOE_INTER}, experts 10..11 of 64, top-6",
+        build(3, 6, V2_LITE_HIDDEN, V2_LITE_MOE_INTER, 64, 2, 10),
+        quick=False,
+    )
+    _case(
+        cases,
+        spec,
+        "671B-expert",
+        f"671B shapes: D{d}, I{inter}, expert 37 of 256, top-8",
+        build(2, 8, d, inter, 256, 1, 37),
+        quick=False,
+    )
+    return cases
+
+
+def cases_silu_and_mul(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+
+    def build(shape: tuple[int, ...], edges: bool = False):
+        def fn(g: torch.Generator) -> CaseData:
+            gate, up = _randn(g, shape, 2.0), _randn(g, shape)
+            if edges:
+                specials = torch.tensor([-1e4, -100.0, -20.0, -0.0, 0.0, 20.0, 100.0, 1e4])
+                gate.view(-1)[: specials.numel()] = specials[: gate.numel()]
+                up.view(-1)[-4:] = torch.tensor([0.0, -0.0, 1e4, -1e4])[-min(4, up.numel()) :]
+            return CaseData((gate.to(spec.dtype), up.to(spec.dtype)))
+
+        return fn
+
+    inter, moe = V3.intermediate_size, V3.moe_intermediate_size
+    _case(cases, spec, "tiny", "(1, 1)", build((1, 1)))
+    _case(cases, spec, "671B-moe", f"(4, {moe})", build((4, moe)))
+    _case(cases, spec, "671B-dense-1tok", f"(1, 1, {inter})", build((1, 1, inter)))
+    _case(cases, spec, "671B-dense", f"(2, 3, {inter})", build((2, 3, inter)), quick=False)
+    _case(cases, spec, "awkward", "(3, 1407)", build((3, 1407)))
+    _case(cases, spec, "edges", "gate at +-1e4, +-100, +-20, +-0; up at 0, -0.0, +-1e4", build((2, 16), edges=True))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------- sampling
+def cases_sample(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+    vocab = V3.vocab_size
+
+    def build(
+        b: int,
+        v: int,
+        temps: list[float],
+        tops: list[float],
+        seed: int | None = 1234,
+        mode: str = "random",
+        distribution: bool = False,
+    ):
+        def fn(g: torch.Generator) -> CaseData:
+            logits = _randn(g, (b, v), 3.0)
+            if mode == "ties":  # the maximum appears three times in every row
+                top = logits.max(-1, keepdim=True).values + 1.0
+                for j in (2, v // 2, v - 1):
+                    logits[:, j : j + 1] = top
+            if mode == "masked":  # -inf everywhere but a few tokens
+                keep = logits.clone()
+                logits.fill_(-math.inf)
+                logits[:, :5] = keep[:, :5]
+            if distribution:
+                logits = logits[:1].expand(b, v).contiguous()
+            t = torch.tensor((temps * b)[:b], dtype=torch.float32)
+            p = torch.tensor((tops * b)[:b], dtype=torch.float32)
+            return CaseData((logits, t, p, GeneratorSeed(seed)), check="sample", info={"distribution": distribution})
+
+        return fn
+
+    _case(cases, spec, "tiny", "B1 V2, greedy", build(1, 2, [0.0], [1.0]))
+    _case(cases, spec, "671B-greedy", f"B3 V{vocab}, temperature 0", build(3, vocab, [0.0], [1.0]))
+    _case(
+        cases,
+        spec,
+        "greedy-ties",
+        "the maximum appears three times: any of them",
+        build(2, 50, [0.0], [1.0], mode="ties"),
+    )
+    _case(
+        cases,
+        spec,
+        "671B-mixed",
+        f"B4 V{vocab}: greedy and sampled rows, top-p 0.9 and 0.5",
+        build(4, vocab, [0.0, 0.8, 0.0, 1.0], [1.0, 0.9, 1.0, 0.5]),
+    )
+    _case(cases, spec, "top-p-tiny", "top_p 1e-6: the nucleus is the argmax alone", build(3, 1000, [1.0], [1e-6]))
+    _case(cases, spec, "masked", "-inf logits are never drawn", build(4, 300, [1.5], [1.0], mode="masked"))
+    _case(
+        cases, spec, "no-generator", "generator None: still inside the nucleus", build(2, 100, [0.7], [0.8], seed=None)
+    )
+    _case(
+        cases,
+        spec,
+        "distribution",
+        "4000 rows of the same 8 logits at T 1.3, top-p 0.9: frequencies",
+        build(4000, 8, [1.3], [0.9], distribution=True),
+    )
+    return cases
+
+
+#: Every operator's case generator. Adding a hookspec without an entry here fails the meta-tests.
+CASE_GENERATORS: dict[str, Callable[[Spec], list[Case]]] = {
+    "embedding": cases_embedding,
+    "rms_norm": cases_rms_norm,
+    "rotary": cases_rotary,
+    "attention": cases_attention,
+    "mla_latent_attention": cases_mla_latent_attention,
+    "linear": cases_linear,
+    "dequantize": cases_dequantize,
+    "moe_gate": cases_moe_gate,
+    "moe_experts": cases_moe_experts,
+    "silu_and_mul": cases_silu_and_mul,
+    "sample": cases_sample,
+}
+
+
+def uncovered_ops(op_names: tuple[str, ...] | None = None) -> list[str]:
+    """Operators of the contract without a case generator (the meta-tests require none)."""
+    from ..hookspecs import OP_NAMES
+
+    return [op for op in (OP_NAMES if op_names is None else op_names) if op not in CASE_GENERATORS]
+
+
+def cases_for(spec: Spec, quick: bool = False) -> list[Case]:
+    """The cases of one table row (the cheap ones only when ``quick``)."""
+    return [c for c in CASE_GENERATORS[spec.op](spec) if c.quick or not quick]

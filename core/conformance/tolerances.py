@@ -1,0 +1,131 @@
+"""How close a backend's result must be to cpu_ref's, per numeric format, and why.
+
+One criterion everywhere: an element passes when ``|out - ref| <= rtol * (|ref| + rms(ref))``.
+The ``rms(ref)`` term measures error against the size of the whole tensor, so outputs that cancel
+to near zero (a dot product of random vectors) are not held to a relative bound they cannot meet;
+the ``|ref|`` term keeps large elements to a relative bound. ``rtol == 0`` means bit-for-bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..weights import FP8_BLOCK, INT8_W8A8
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``rtol`` for the criterion above and the reason it is that size."""
+
+    name: str
+    rtol: float
+    why: str
+
+
+EXACT = Tolerance("exact", 0.0, "copies and integer results (row lookup, expert ids, argmax): bit for bit")
+FLOAT32 = Tolerance(
+    "float32",
+    1e-5,
+    "24-bit mantissa (eps 6e-8); a different summation order over K <= 16384 terms moves a sum by "
+    "~sqrt(K)*eps ~ 1e-5 of the tensor's scale at worst",
+)
+ATTENTION_FP32 = Tolerance(
+    "float32 softmax",
+    5e-5,
+    "softmax turns an absolute error d in a score into a relative error d in its weight; a score is a sum "
+    "of up to 576 products and reaches |s| ~ 30, so two summation orders differ by ~|s|*sqrt(K)*eps "
+    "= 30 * 24 * 6e-8 ~ 4e-5",
+)
+BFLOAT16 = Tolerance(
+    "bfloat16",
+    2**-6,
+    "8-bit mantissa: one rounding moves a value by <= 2^-8 of itself; implementations round intermediates "
+    "(silu, the gate x up product, the output) at different points, so two correct ones may sit four such "
+    "roundings apart: 4 x 2^-8 = 2^-6 = 1.6e-2",
+)
+FLOAT16 = Tolerance(
+    "float16", 2**-9, "11-bit mantissa: one rounding is <= 2^-11; four roundings apart: 2^-9 = 2e-3 (as bfloat16)"
+)
+FP8_DYNAMIC_FP32 = Tolerance(
+    "fp8 e4m3 dynamic, float32",
+    1e-3,
+    "activations are quantized with cpu_ref's own formula (s = amax/448 per token per 128 channels, "
+    "round to nearest even), so the e4m3 codes agree except where x/s lies within an fp32 ulp of a "
+    "rounding boundary (rare); e4m3 x e4m3 products are exact in fp32 and sums differ by fp32 order only",
+)
+FP8_DYNAMIC_LOW = Tolerance(
+    "fp8 e4m3 dynamic, 16-bit",
+    3e-2,
+    "e4m3 keeps 3 mantissa bits: when an implementation keeps an intermediate (the expert hidden state) "
+    "one bf16 rounding away from cpu_ref's, ~2^-9/2^-4 = 3% of its codes move by one e4m3 step (1/8 of "
+    "the value), which averages to ~1e-2 of the output's scale; plus the bf16 rounding of the output",
+)
+CHAINED_LOW = Tolerance(
+    "16-bit, chained GEMMs",
+    2**-5,
+    "moe_experts chains three GEMMs and a silu: cpu_ref rounds the hidden state to the compute dtype after "
+    "each step, a fused kernel may keep it in float32; measured up to ~2^-6 apart on random cases, so "
+    "twice that (2^-5 = 3.1e-2)",
+)
+FP8_DYNAMIC_CHAINED = Tolerance(
+    "fp8 e4m3 dynamic, 16-bit, chained",
+    0.1,
+    "moe_experts requantizes its hidden state to e4m3 before the down projection: where an implementation "
+    "rounds that state differently (float32 instead of bf16), ~3% of its codes move one e4m3 step (1/8 of "
+    "the value); with few terms per sum (the tiny cases have 8) that is up to ~7% of a token's scale "
+    "(measured); real widths (I = 1408, 2048) average it down to ~1%",
+)
+INT8_DYNAMIC_FP32 = Tolerance(
+    "int8 dynamic, float32",
+    1e-4,
+    "int8 x int8 products summed in int32 are exact; what remains is the fp32 rescaling (s_x * s_w) and "
+    "rare off-by-one codes where x/s lies within an fp32 ulp of .5 (each moves the output by "
+    "~1/(127*sqrt(K)) of its scale)",
+)
+
+
+def dtype_tolerance(dtype: torch.dtype) -> Tolerance:
+    """The tolerance of arithmetic carried out in ``dtype``."""
+    if dtype == torch.float32 or dtype == torch.float64:
+        return FLOAT32
+    if dtype == torch.float16:
+        return FLOAT16
+    return BFLOAT16
+
+
+def tolerance_for(op: str, fmt: str, act_quant: str, dtype: torch.dtype) -> Tolerance:
+    """The tolerance for one operator, weight format, activation mode and compute dtype."""
+    if op == "embedding":
+        return EXACT
+    if op in ("moe_gate", "sample"):
+        return FLOAT32  # routing runs in float32 whatever the compute dtype (hookspec); ids are exact
+    wide = dtype in (torch.float32, torch.float64)
+    if op in ("attention", "mla_latent_attention") and wide:
+        return ATTENTION_FP32
+    if op in ("linear", "moe_experts") and act_quant == "dynamic":
+        if fmt == FP8_BLOCK:
+            if wide:
+                return FP8_DYNAMIC_FP32
+            return FP8_DYNAMIC_CHAINED if op == "moe_experts" else FP8_DYNAMIC_LOW
+        if fmt == INT8_W8A8 and wide:
+            return INT8_DYNAMIC_FP32
+    if op == "moe_experts" and not wide:
+        return CHAINED_LOW
+    return dtype_tolerance(dtype)
+
+
+#: Every tolerance, for the docs and ``dsv3 conformance --explain``.
+TOLERANCES: tuple[Tolerance, ...] = (
+    EXACT,
+    FLOAT32,
+    ATTENTION_FP32,
+    BFLOAT16,
+    FLOAT16,
+    FP8_DYNAMIC_FP32,
+    FP8_DYNAMIC_LOW,
+    CHAINED_LOW,
+    FP8_DYNAMIC_CHAINED,
+    INT8_DYNAMIC_FP32,
+)

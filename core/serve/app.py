@@ -1,0 +1,441 @@
+"""The HTTP side: an OpenAI-compatible FastAPI app in front of a :class:`~dsv3.serve.scheduler.Scheduler`.
+
+Endpoints: ``GET /health`` (no key needed; slot usage and counters), ``GET /v1/models``,
+``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``"stream": true`` as
+server-sent events ending in ``data: [DONE]``). Errors are OpenAI's JSON shape with a 4xx status
+for the client's mistakes. Token ids travel from the scheduler thread to each request's asyncio
+queue; text is decoded on the event loop. A request whose client goes away is cancelled, which
+frees its slot before the next decode step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from functools import partial
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..api import Engine
+from .protocol import APIError, ChatRequest, CompletionRequest, messages_of, parse, prompts_of, stops_of
+from .scheduler import Event, Scheduler, SchedulerBusy
+from .scheduler import Request as GenRequest
+from .text import TextStream, first_stop
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and identity of a server (see ``dsv3 serve --help``)."""
+
+    model_name: str
+    max_model_len: int
+    max_prompt_tokens: int
+    max_tokens_limit: int
+    max_request_bytes: int = 1 << 20
+    api_key: str | None = None
+    default_completion_tokens: int = 16  # OpenAI's default for /v1/completions without max_tokens
+    disconnect_poll_s: float = 0.5
+
+
+@dataclass
+class _Job:
+    """A validated request: prompts as token ids and how to sample them."""
+
+    prompts: list[list[int]]
+    max_tokens: list[int]
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: tuple[str, ...]
+    stop_ids: frozenset[int]
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+
+
+@dataclass(eq=False)
+class _Choice:
+    req: GenRequest
+    text: TextStream
+    ids: list[int] = field(default_factory=list)
+    finish: str | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish is not None or self.error is not None
+
+
+_GONE = object()  # queued when the client disconnected
+
+
+class _Run:
+    """One HTTP request's sequences in the scheduler, and the events that come back for them."""
+
+    def __init__(self, scheduler: Scheduler, job: _Job, engine: Engine, poll_s: float):
+        self.scheduler, self.job, self.engine, self.poll_s = scheduler, job, engine, poll_s
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.choices = []
+        for i, (prompt, max_tokens) in enumerate(zip(job.prompts, job.max_tokens, strict=True)):
+            req = GenRequest(
+                prompt, max_tokens, partial(self._push, i), job.temperature, job.top_p, job.seed, job.stop_ids
+            )
+            self.choices.append(_Choice(req, TextStream(engine.decode, job.stop)))
+
+    def _push(self, index: int, event: Event) -> None:  # the scheduler thread
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is going down
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+    def submit(self) -> None:
+        try:
+            for c in self.choices:
+                self.scheduler.submit(c.req)
+        except SchedulerBusy as exc:
+            self.cancel()
+            raise APIError(503, str(exc), type="server_error", code="server_overloaded") from None
+
+    def cancel(self) -> None:
+        for c in self.choices:
+            if not c.done:
+                self.scheduler.cancel(c.req)
+
+    async def _watch(self, request: Request) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(self.poll_s)
+        self.queue.put_nowait(_GONE)
+
+    async def updates(self, request: Request) -> AsyncIterator[tuple[int, str, tuple[int, ...]]]:
+        """(choice index, text delta, new token ids) until every choice is done; cancels what is left on exit."""
+        watcher = asyncio.create_task(self._watch(request))
+        try:
+            while not all(c.done for c in self.choices):
+                item = await self.queue.get()
+                if item is _GONE:
+                    return
+                i, ev = item
+                c = self.choices[i]
+                if c.done:  # events already in flight when a stop string ended it
+                    continue
+                c.ids.extend(ev.tokens)
+                delta, stopped = c.text.add(ev.tokens)
+                if stopped:
+                    c.finish = "stop"
+                    self.scheduler.cancel(c.req)
+                elif ev.error is not None:
+                    c.error = ev.error
+                elif ev.finish_reason is not None:
+                    delta += c.text.finish()
+                    c.finish = "stop" if c.text.stopped else ev.finish_reason
+                yield i, delta, ev.tokens
+        finally:
+            watcher.cancel()
+            self.cancel()
+
+    @property
+    def gone(self) -> bool:
+        return not all(c.done for c in self.choices)
+
+    def final_text(self, c: _Choice) -> str:
+        """The whole completion decoded at once (as ``dsv3 run`` does), cut at the first stop string."""
+        text = self.engine.decode(c.ids)
+        cut = first_stop(text, self.job.stop)
+        return text if cut is None else text[:cut]
+
+    def usage(self) -> dict:
+        p = sum(len(x) for x in self.job.prompts)
+        n = sum(len(c.ids) for c in self.choices)
+        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+
+    def error(self) -> APIError | None:
+        errors = [c.error for c in self.choices if c.error]
+        return APIError(500, errors[0], type="server_error") if errors else None
+
+
+def _sse(obj: dict | str) -> str:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops ``scheduler``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+
+    app = FastAPI(title="dsv3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    created = int(time.time())
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(APIError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(APIError(400, str(exc.errors()[0].get("msg"))).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        err = APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
+    def check_auth(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+            raise APIError(
+                401, "invalid or missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
+
+    async def read_json(request: Request):
+        limit = settings.max_request_bytes
+        too_big = APIError(413, f"request body larger than this server's limit of {limit} bytes", code="too_large")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+
+    def check_model(name: str) -> None:
+        if name != settings.model_name:
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{settings.model_name}'",
+                "model",
+                "model_not_found",
+            )
+
+    def check_ids(ids: list[int], param: str) -> list[int]:
+        if not ids:
+            raise APIError(400, f"'{param}' is empty", param)
+        vocab = engine.cfg.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"'{param}' has token id {bad}, outside the vocabulary [0, {vocab})", param)
+        return ids
+
+    def make_job(req, prompts: list[list[int]], param: str, default_tokens: int) -> _Job:
+        requested = req.max_completion_tokens if isinstance(req, ChatRequest) else None
+        requested = req.max_tokens if req.max_tokens is not None else requested
+        limit_name = (
+            "max_tokens"
+            if req.max_tokens is not None or isinstance(req, CompletionRequest)
+            else ("max_completion_tokens")
+        )
+        if requested is not None and requested > settings.max_tokens_limit:
+            raise APIError(
+                400,
+                f"'{limit_name}' is {requested}, more than this server's limit of {settings.max_tokens_limit}",
+                limit_name,
+            )
+        budgets = []
+        for ids in prompts:
+            n = len(ids)
+            if n > settings.max_prompt_tokens:
+                raise APIError(
+                    400,
+                    f"the prompt has {n} tokens, more than this server's limit of {settings.max_prompt_tokens}",
+                    param,
+                    "context_length_exceeded",
+                )
+            room = settings.max_model_len - n
+            if requested is not None and requested > room:
+                raise APIError(
+                    400,
+                    f"this model's maximum context length is {settings.max_model_len} tokens; the prompt has {n} "
+                    f"and '{limit_name}' asks for {requested} more",
+                    limit_name,
+                    "context_length_exceeded",
+                )
+            budget = requested if requested is not None else min(default_tokens, settings.max_tokens_limit, room)
+            if budget < 1:
+                raise APIError(
+                    400,
+                    f"the prompt has {n} tokens and leaves no room to generate within the model's "
+                    f"maximum context length of {settings.max_model_len}",
+                    param,
+                    "context_length_exceeded",
+                )
+            budgets.append(budget)
+        return _Job(
+            prompts,
+            budgets,
+            1.0 if req.temperature is None else float(req.temperature),
+            1.0 if req.top_p is None else float(req.top_p),
+            req.seed,
+            stops_of(req.stop),
+            frozenset() if req.ignore_eos else frozenset(engine.eos_ids),
+            bool(req.stream),
+            bool(req.stream and req.stream_options and req.stream_options.include_usage),
+            bool(req.return_token_ids),
+        )
+
+    # ------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = scheduler.alive and scheduler.fatal is None
+        body = {"status": "ok" if ok else "error", "model": settings.model_name, **scheduler.stats()}
+        if scheduler.fatal:
+            body["error"] = scheduler.fatal
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        check_auth(request)
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> dict:
+        check_auth(request)
+        check_model(name)
+        return model_card()
+
+    def model_card() -> dict:
+        card = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "dsv3"}
+        return {**card, "max_model_len": settings.max_model_len}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_auth(request)
+        req = parse(CompletionRequest, await read_json(request))
+        check_model(req.model)
+        prompts = [
+            check_ids(engine.encode(p, chat=False) if isinstance(p, str) else p, "prompt")
+            for p in prompts_of(req.prompt)
+        ]
+        job = make_job(req, prompts, "prompt", settings.default_completion_tokens)
+        return await respond(request, job, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        req = parse(ChatRequest, await read_json(request))
+        check_model(req.model)
+        ids = check_ids(chat_ids(messages_of(req.messages)), "messages")
+        job = make_job(req, [ids], "messages", settings.max_tokens_limit)
+        return await respond(request, job, chat=True)
+
+    def chat_ids(messages: list[dict[str, str]]) -> list[int]:
+        tok = engine.tokenizer
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
+        try:
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # the template rejected the conversation (e.g. role order)
+            raise APIError(400, f"the chat template rejected these messages: {exc}", "messages") from None
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    async def respond(request: Request, job: _Job, chat: bool):
+        run = _Run(scheduler, job, engine, settings.disconnect_poll_s)
+        run.submit()
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": settings.model_name,
+        }
+        if job.stream:
+            head["object"] = "chat.completion.chunk" if chat else "text_completion"
+            events = stream_events(request, run, head, chat)
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            return StreamingResponse(
+                events, media_type="text/event-stream", headers=headers, background=BackgroundTask(run.cancel)
+            )
+        async for _ in run.updates(request):
+            pass
+        if run.gone:
+            return JSONResponse({}, status_code=499)  # nobody is listening any more
+        err = run.error()
+        if err is not None:
+            raise err
+        choices = []
+        for i, c in enumerate(run.choices):
+            text = run.final_text(c)
+            choice = {"index": i}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choice |= {"logprobs": None, "finish_reason": c.finish}
+            if job.return_token_ids:
+                choice["token_ids"] = c.ids
+            choices.append(choice)
+        return {**head, "choices": choices, "usage": run.usage()}
+
+    async def stream_events(request: Request, run: _Run, head: dict, chat: bool) -> AsyncIterator[str]:
+        def chunk(i: int, text: str | None, finish: str | None, ids: tuple[int, ...] | None = None) -> str:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                choice = {"index": i, "delta": delta}
+            else:
+                choice = {"index": i, "text": text or ""}
+            choice |= {"logprobs": None, "finish_reason": finish}
+            if ids is not None:
+                choice["token_ids"] = list(ids)
+            return _sse({**head, "choices": [choice]})
+
+        try:
+            if chat:
+                for i in range(len(run.choices)):
+                    yield _sse(
+                        {
+                            **head,
+                            "choices": [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
+            async for i, delta, ids in run.updates(request):
+                c = run.choices[i]
+                if c.error is not None:
+                    yield _sse(APIError(500, c.error, type="server_error").body())
+                    continue
+                if delta or (run.job.return_token_ids and ids):
+                    yield chunk(i, delta, None, ids if run.job.return_token_ids else None)
+                if c.finish is not None:
+                    yield chunk(i, None if chat else "", c.finish)
+            if run.gone:
+                return
+            if run.job.include_usage:
+                yield _sse({**head, "choices": [], "usage": run.usage()})
+            yield _sse("[DONE]")
+        finally:
+            run.cancel()
+
+    return app

@@ -1,0 +1,182 @@
+"""The OpenAI request bodies this server accepts, and its error shape.
+
+Scalars are checked by pydantic in strict mode (``"max_tokens": "5"`` is an error, not 5);
+``prompt``, ``stop`` and ``messages`` have several legal shapes and are checked here, so an error
+names the field and what it should be. Unknown fields are ignored; known ones that this server
+does not implement (``n > 1``, logprobs, penalties, tools...) are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
+
+MAX_STOP_STRINGS = 16
+
+
+class APIError(Exception):
+    """An error answered as OpenAI does: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+Temperature = Annotated[float, Field(strict=True, ge=0, le=2)]
+TopP = Annotated[float, Field(strict=True, gt=0, le=1)]
+Seed = Annotated[int, Field(strict=True, ge=-(2**63), lt=2**64)]  # what torch.Generator.manual_seed takes
+Penalty = Annotated[float, Field(strict=True, ge=-2, le=2)]
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool | None = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: PositiveInt | None = None
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    stop: Any = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict | None = None
+    user: StrictStr | None = None
+    # extensions (as vLLM names them): generate past EOS tokens; return the generated token ids
+    ignore_eos: StrictBool | None = False
+    return_token_ids: StrictBool | None = False
+
+
+class CompletionRequest(_Common):
+    prompt: Any
+    echo: StrictBool | None = False
+    suffix: StrictStr | None = None
+    best_of: PositiveInt | None = None
+    logprobs: Annotated[int, Field(strict=True, ge=0)] | None = None
+
+
+class ChatRequest(_Common):
+    messages: Any
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: StrictBool | None = False
+    top_logprobs: Annotated[int, Field(strict=True, ge=0)] | None = None
+    tools: list | None = None
+    response_format: dict | None = None
+
+
+def parse(model: type[BaseModel], data: Any) -> Any:
+    """Validate a decoded JSON body; an APIError (400) naming the first bad field."""
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        req = model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "missing":
+            raise APIError(400, f"missing required field '{param}'", param) from None
+        raise APIError(400, f"'{param}': {err['msg']} (got {err.get('input')!r})"[:500], param) from None
+    if req.n not in (None, 1):
+        raise APIError(400, "only n=1 is supported", "n")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise APIError(400, f"'{name}' is not supported (it must be 0 or absent)", name)
+    if req.logit_bias:
+        raise APIError(400, "'logit_bias' is not supported", "logit_bias")
+    if isinstance(req, CompletionRequest):
+        if req.echo:
+            raise APIError(400, "'echo' is not supported", "echo")
+        if req.suffix:
+            raise APIError(400, "'suffix' is not supported", "suffix")
+        if req.best_of not in (None, 1):
+            raise APIError(400, "only best_of=1 is supported", "best_of")
+        if req.logprobs:
+            raise APIError(400, "'logprobs' is not supported", "logprobs")
+    else:
+        if req.logprobs or req.top_logprobs:
+            raise APIError(400, "'logprobs' is not supported", "logprobs")
+        if req.tools:
+            raise APIError(400, "'tools' (function calling) is not supported", "tools")
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
+    return req
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def prompts_of(value: Any) -> list[str | list[int]]:
+    """``prompt``: a string, a list of strings, a list of token ids, or a list of such lists."""
+    shape = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise APIError(400, f"'prompt' must be {shape} (non-empty)", "prompt")
+    if all(isinstance(p, str) for p in value):
+        return list(value)
+    if all(_is_int(t) for t in value):
+        return [list(value)]
+    if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in value):
+        return [list(p) for p in value]
+    raise APIError(400, f"'prompt' must be {shape}", "prompt")
+
+
+def stops_of(value: Any) -> tuple[str, ...]:
+    """``stop``: null, a string or a list of up to MAX_STOP_STRINGS non-empty strings."""
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or len(items) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in items):
+        raise APIError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOP_STRINGS} of them", "stop")
+    return tuple(items)
+
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def messages_of(value: Any) -> list[dict[str, str]]:
+    """``messages``: a non-empty list of ``{"role", "content"}``; content a string or a list of text parts."""
+    if not isinstance(value, list) or not value:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages.{i}"
+        if not isinstance(m, dict):
+            raise APIError(400, f"'{where}' must be an object with 'role' and 'content'", where)
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(400, f"'{where}.role' must be one of {', '.join(ROLES)} (got {role!r})", f"{where}.role")
+        content = m.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise APIError(400, f"'{where}.content.{j}': only text parts are supported", f"{where}.content.{j}")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise APIError(400, f"'{where}.content' must be a string or a list of text parts", f"{where}.content")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out

@@ -1,0 +1,338 @@
+"""Continuous batching: one thread owns the model and a fixed pool of cache slots.
+
+Each slot is one row of a :class:`~dsv3.model.ModelCache` (``max_batch`` rows of ``max_len``
+positions). Caches are indexed by position and attention reads keys ``j <= query position``, so a
+freed slot is reused by starting the next request's positions at 0 again: stale entries past its
+position are never read and get overwritten.
+
+The loop, between two decode steps: drop cancelled requests (their slots become free), admit
+waiting requests into free slots (each is prefilled alone, into its slot, and its first token is
+sampled), then run ONE decode step over every active slot at its own position. A request joins
+and leaves the running batch without waiting for the others.
+
+Sampling is per row: greedy rows and unseeded rows share one ``dsv3_op_sample`` call; a row with
+a seed is drawn alone with its own generator, so a seeded request draws exactly what
+``dsv3 run --seed`` draws for that prompt alone.
+
+With ``mtp=K`` (speculative decoding with the checkpoint's MTP module) requests run one at a
+time through :func:`dsv3.speculative.generate_speculative`, and each request's tokens arrive
+in one event when it finishes (no batching, no early cancellation).
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..generate import SamplingParams
+from ..model import Transformer
+from ..speculative import generate_speculative
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a request hears from the scheduler: new token ids, then (once) how it finished.
+
+    finish_reason: ``"stop"`` (a stop token), ``"length"`` (max_tokens or the slot's length) or
+    ``None`` while running. error: a one-line message when the model failed (then finished).
+    """
+
+    tokens: tuple[int, ...] = ()
+    finish_reason: str | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+@dataclass(eq=False)
+class Request:
+    """One sequence to generate. ``sink`` is called from the scheduler thread with each Event.
+
+    prompt: token ids (non-empty, within the vocabulary); ``len(prompt) + max_tokens`` must fit the
+    scheduler's ``max_len`` (the server checks it). stop_ids: token ids that end the request
+    (the checkpoint's EOS ids, or none to ignore them).
+    """
+
+    prompt: list[int]
+    max_tokens: int
+    sink: Callable[[Event], None]
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: frozenset[int] = frozenset()
+    id: int = field(default_factory=itertools.count().__next__)
+    cancelled: bool = False
+
+
+class SchedulerBusy(Exception):
+    """The waiting queue is full or the scheduler is stopping."""
+
+
+@dataclass(eq=False)
+class _Active:
+    req: Request
+    slot: int
+    pos: int  # where the pending token goes
+    token: int  # the newest sampled token, not yet seen by the model
+    generated: int
+    generator: torch.Generator | None
+
+
+class Scheduler:
+    """Runs requests on ``model`` with continuous batching (see the module docstring).
+
+    max_batch: cache slots (rows decoded together); max_len: positions per slot;
+    max_waiting: requests queued for a slot before ``submit`` refuses more; mtp: draft tokens per
+    step for speculative decoding (0: plain continuous batching).
+    """
+
+    def __init__(self, model: Transformer, max_batch: int, max_len: int, max_waiting: int = 256, mtp: int = 0):
+        self.model = model
+        self.max_batch = 1 if mtp else max_batch
+        self.max_len, self.max_waiting, self.mtp = max_len, max_waiting, mtp
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._free = list(range(self.max_batch))  # a heap: the lowest free slot is used first
+        self._active: dict[int, _Active] = {}  # slot -> its request
+        self._running: Request | None = None  # mtp mode: the request being generated
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._shared_gen = torch.Generator(device=model.embed.device).manual_seed(random.SystemRandom().getrandbits(63))
+        self.counters = collections.Counter()
+        self.peak_batch = 0
+        self.fatal: str | None = None
+
+    # ------------------------------------------------------------ from any thread
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dsv3-scheduler", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish every pending request with an error and stop the thread (after its current step)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, req: Request) -> None:
+        """Queue ``req`` for a slot; SchedulerBusy when the queue is full or the scheduler stops."""
+        with self._cond:
+            if self._stopping or self.fatal:
+                raise SchedulerBusy("the server is shutting down")
+            if len(self._waiting) >= self.max_waiting:
+                raise SchedulerBusy(f"the server is at capacity ({self.max_waiting} requests waiting)")
+            self._waiting.append(req)
+            self.counters["submitted"] += 1
+            self._cond.notify_all()
+
+    def cancel(self, req: Request) -> None:
+        """Stop generating for ``req`` (a client went away or its stop string appeared); idempotent.
+
+        Its slot is freed before the next decode step; no more events are sent to it.
+        """
+        if req.cancelled:
+            return
+        req.cancelled = True
+        with self._cond:
+            self.counters["cancelled"] += 1
+            self._cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> dict:
+        """Slot usage and counters (for /health)."""
+        active = 1 if self.mtp and self._running is not None else len(self._active)
+        return {
+            "slots_total": self.max_batch,
+            "slots_used": active,
+            "waiting": len(self._waiting),
+            "max_model_len": self.max_len,
+            "mtp": self.mtp,
+            "peak_batch": self.peak_batch,
+            **{k: self.counters[k] for k in ("submitted", "finished", "cancelled", "errors", "tokens", "steps")},
+        }
+
+    # ------------------------------------------------------------ the scheduler thread
+    def _run(self) -> None:
+        try:
+            with torch.inference_mode():
+                if self.mtp:
+                    self._loop_mtp()
+                else:
+                    self._cache = self.model.new_cache(self.max_batch, self.max_len)
+                    self._loop()
+        except BaseException as exc:  # keep /health honest if the thread itself dies
+            self.fatal = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._fail_all("the server is shutting down" if self.fatal is None else f"scheduler failed: {self.fatal}")
+
+    def _take_admissions(self) -> list[tuple[Request, int]] | None:
+        """Wait for work; drop cancelled requests; pair waiting requests with free slots. None: stop."""
+        with self._cond:
+            while not self._stopping and not self._waiting and not self._active:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            for slot in [s for s, a in self._active.items() if a.req.cancelled]:
+                self._release(slot)
+            if any(r.cancelled for r in self._waiting):
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+            admitted = []
+            while self._waiting and self._free:
+                admitted.append((self._waiting.popleft(), heapq.heappop(self._free)))
+            return admitted
+
+    def _loop(self) -> None:
+        while True:
+            admitted = self._take_admissions()
+            if admitted is None:
+                return
+            for req, slot in admitted:
+                self._guarded([_Active(req, slot, 0, 0, 0, None)], self._prefill)
+            if self._active:
+                self._guarded(list(self._active.values()), self._decode)
+
+    def _guarded(self, rows: list[_Active], step: Callable[[list[_Active]], None]) -> None:
+        """Run a model step; a failure ends the requests it concerned with an error, and the server goes on."""
+        try:
+            step(rows)
+        except Exception as exc:  # e.g. out of memory: those requests fail, the others continue
+            message = f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            for a in rows:
+                self.counters["errors"] += 1
+                if not a.req.cancelled:
+                    a.req.sink(Event(error=message))
+                with self._cond:
+                    if self._active.get(a.slot) is a:
+                        self._release(a.slot)
+                    elif a.slot not in self._active and a.slot not in self._free:
+                        heapq.heappush(self._free, a.slot)
+
+    def _release(self, slot: int) -> None:
+        """Free ``slot`` (caller holds the lock)."""
+        self._active.pop(slot, None)
+        heapq.heappush(self._free, slot)
+
+    def _rows(self, slots: list[int]) -> torch.Tensor | None:
+        """Cache rows for ``forward``: None when the slots are exactly 0..B-1 (a plain slice of the cache)."""
+        if slots == list(range(len(slots))):
+            return None
+        return torch.tensor(slots, dtype=torch.long, device=self.model.embed.device)
+
+    def _prefill(self, rows: list[_Active]) -> None:
+        (a,) = rows
+        req, device = a.req, self.model.embed.device
+        if req.seed is not None and req.temperature > 0:
+            a.generator = torch.Generator(device=device).manual_seed(req.seed)
+        n = len(req.prompt)
+        tokens = torch.tensor([req.prompt], dtype=torch.long, device=device)  # (1, T)
+        positions = torch.arange(n, device=device).unsqueeze(0)  # (1, T)
+        hidden = self.model(tokens, positions, self._cache, rows=self._rows([a.slot]))[:, -1]  # (1, D)
+        self.counters["prefill_tokens"] += n
+        a.pos = n
+        with self._cond:
+            self._active[a.slot] = a
+        self._advance([a], self._sample(self.model.logits(hidden), [a]))
+
+    def _decode(self, rows: list[_Active]) -> None:
+        rows = sorted(rows, key=lambda a: a.slot)
+        device = self.model.embed.device
+        tokens = torch.tensor([[a.token] for a in rows], dtype=torch.long, device=device)  # (B, 1)
+        positions = torch.tensor([[a.pos] for a in rows], dtype=torch.long, device=device)  # (B, 1)
+        hidden = self.model(tokens, positions, self._cache, rows=self._rows([a.slot for a in rows]))[:, 0]  # (B, D)
+        self.counters["steps"] += 1
+        self.peak_batch = max(self.peak_batch, len(rows))
+        for a in rows:
+            a.pos += 1
+        self._advance(rows, self._sample(self.model.logits(hidden), rows))
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Active]) -> list[int]:
+        """logits (B, V) fp32 -> one token per row; seeded rows draw alone with their own generator."""
+        device = logits.device
+        temperature = torch.tensor([a.req.temperature for a in rows], dtype=torch.float32, device=device)
+        top_p = torch.tensor([a.req.top_p for a in rows], dtype=torch.float32, device=device)
+        sample = self.model.ops.sample
+        out = [0] * len(rows)
+        shared = [i for i, a in enumerate(rows) if a.generator is None]
+        if shared:
+            idx = torch.tensor(shared, device=device)
+            drawn = sample(logits[idx], temperature[idx], top_p[idx], self._shared_gen).tolist()
+            for i, t in zip(shared, drawn, strict=True):
+                out[i] = t
+        for i, a in enumerate(rows):
+            if a.generator is not None:
+                out[i] = int(sample(logits[i : i + 1], temperature[i : i + 1], top_p[i : i + 1], a.generator)[0])
+        return out
+
+    def _advance(self, rows: list[_Active], tokens: list[int]) -> None:
+        """Hand each row its new token; finish rows at a stop token, max_tokens or the end of the slot."""
+        for a, t in zip(rows, tokens, strict=True):
+            a.generated += 1
+            a.token = t
+            self.counters["tokens"] += 1
+            finish = None
+            if t in a.req.stop_ids:
+                finish = "stop"
+            elif a.generated >= a.req.max_tokens or a.pos >= self.max_len:
+                finish = "length"
+            if not a.req.cancelled:
+                a.req.sink(Event((t,), finish))
+            if finish is not None:
+                self.counters["finished"] += 1
+                with self._cond:
+                    self._release(a.slot)
+
+    def _loop_mtp(self) -> None:
+        """Speculative decoding: one request at a time, all its tokens in one event."""
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                req = self._waiting.popleft()
+                if req.cancelled:
+                    continue
+                self._running = req
+            try:
+                params = SamplingParams(req.max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop_ids))
+                out = generate_speculative(self.model, [req.prompt], params, self.mtp)
+                ids = out.token_ids[0]
+                self.counters["tokens"] += len(ids)
+                self.counters["steps"] += out.stats["mtp"]["steps"]
+                self.counters["finished"] += 1
+                self.peak_batch = 1
+                if not req.cancelled:
+                    req.sink(Event(tuple(ids), out.finish_reasons[0]))
+            except Exception as exc:
+                self.counters["errors"] += 1
+                if not req.cancelled:
+                    req.sink(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
+            finally:
+                self._running = None
+
+    def _fail_all(self, message: str) -> None:
+        with self._cond:
+            pending = [a.req for a in self._active.values()] + list(self._waiting)
+            if self._running is not None:
+                pending.append(self._running)
+            self._waiting.clear()
+            for slot in list(self._active):
+                self._release(slot)
+        for req in pending:
+            if not req.cancelled:
+                req.sink(Event(error=message))

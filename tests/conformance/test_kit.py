@@ -1,0 +1,447 @@
+"""The conformance kit itself: it passes correct backends and names the operator of a planted error.
+
+Planted backends are plugin objects passed straight to ``run_conformance`` (no installation).
+``Independent`` is a second implementation of every operator with different algorithms (online
+softmax, complex-number RoPE, kernel-style blockwise fp8 GEMM with a reciprocal-multiply
+quantizer, exact integer int8 GEMM, fused MoE experts with float32 intermediates, an
+exponential-race sampler, routing ids in another order): it must pass, which shows the
+tolerances are wide enough for a correct kernel, while the planted errors show they are narrow
+enough to catch a wrong one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dsv3 import registry
+from dsv3.backends.cpu_ref import basic, moe, quant
+from dsv3.cli import main as cli_main
+from dsv3.conformance import run_conformance
+from dsv3.hookspecs import BackendInfo, OpRequest, hookimpl
+from dsv3.weights import FORMATS, FP8_BLOCK, HP, INT8_W8A8, Weight
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def planted(name: str, op: str, impl_for) -> registry.Backend:
+    """A backend implementing only ``op``, with ``impl_for(request)`` as its hook (None declines)."""
+
+    class Plugin:
+        @hookimpl
+        def dsv3_backend_info(self) -> BackendInfo:
+            return BackendInfo(name=name, description=f"planted error in {op}", formats=FORMATS)
+
+    def hook(self, request: OpRequest):
+        return impl_for(request)
+
+    setattr(Plugin, f"dsv3_op_{op}", hookimpl(hook))
+    return registry.make_backend(Plugin(), name)
+
+
+def failures_of(report) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for row in report.rows:
+        for f in row.failures:
+            out.setdefault(f"{row.op}[{row.label}] {row.dtype}", []).append(f)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- correct backends
+def test_cpu_ref_passes_against_itself():
+    report = run_conformance("cpu_ref", quick=True)
+    assert report.ok, "\n".join(report.failures())
+    assert report.fallbacks == []
+    tested = {row.op for row in report.rows}
+    assert tested == set(registry.OP_NAMES)
+    assert all(row.cases > 0 for row in report.rows)
+    table = report.format_table()
+    assert "PASS" in table and "moe_experts" in table and "fp8_block/dynamic" in table
+
+
+@pytest.mark.parametrize("name", ["nvidia", "amd"])
+def test_gpu_backends_pass_under_the_triton_interpreter(name, monkeypatch):
+    """The GPU backends' Triton kernels, interpreted on CPU tensors. The interpreter is slow (the whole
+    quick kit took ~60 s of CPU per backend, measured), so CI runs float32 (the tighter tolerances)
+    without the 671B-shaped cases; DSV3_KIT_INTERPRET_ALL=1 (or
+    ``TRITON_INTERPRET=1 dsv3 conformance --backend NAME --quick``) runs everything."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend = registry.discover().get(name)
+    if backend is None or backend.unusable_reason is not None:
+        reason = "not installed" if backend is None else backend.unusable_reason
+        pytest.skip(f"backend {name} is not usable here under TRITON_INTERPRET=1: {reason}")
+    everything = os.environ.get("DSV3_KIT_INTERPRET_ALL", "") not in ("", "0")
+    if everything:
+        report = run_conformance(backend, quick=True)
+    else:
+        report = run_conformance(
+            backend, quick=True, dtypes=(torch.float32,), case_filter=lambda case: not case.name.startswith("671B")
+        )
+    assert report.ok, "\n".join(report.failures())
+    assert report.n_cases > 0
+
+
+def _blocks(scale: torch.Tensor, rows: int, cols: int, block: int) -> torch.Tensor:
+    """Per-element scale by indexing (cpu_ref repeats instead)."""
+    r = torch.arange(rows) // block
+    c = torch.arange(cols) // block
+    return scale[..., r[:, None], c[None, :]]
+
+
+def _dequant(w: Weight, dtype: torch.dtype) -> torch.Tensor:
+    if w.fmt == HP:
+        return w.data.to(dtype)
+    if w.fmt == FP8_BLOCK:
+        return (w.data.float() * _blocks(w.scale.float(), w.out_features, w.in_features, w.block_size)).to(dtype)
+    return (w.data.float() * w.scale.float()[..., :, None]).to(dtype)
+
+
+def _fp8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """Kernel-style: per 128-channel block, e4m3 x e4m3 products, scaled partial sums added in float32."""
+    fp8 = w.data.dtype
+    fmax = quant.FP8_MAX[fp8]
+    shape, k, b = x.shape, x.shape[-1], w.block_size
+    x2 = x.reshape(-1, k).float()
+    acc = torch.zeros(x2.shape[0], w.out_features)
+    w_scale = _blocks(w.scale.float(), w.out_features, w.scale.shape[-1] * b, b)[:, ::b]  # (out, K/b)
+    for j, start in enumerate(range(0, k, b)):
+        xb = x2[:, start : start + b]
+        s = xb.abs().amax(-1, keepdim=True).clamp(min=quant.AMAX_FLOOR) / fmax
+        if w.scale_fmt == "ue8m0":
+            s = torch.exp2(torch.ceil(torch.log2(s)))
+        q = (xb * (1.0 / s)).clamp(-fmax, fmax).to(fp8)  # a reciprocal multiply, not cpu_ref's division
+        part = q.float() @ w.data[:, start : start + b].float().t()
+        acc += part * s * w_scale[:, j][None, :]
+    return acc.to(x.dtype).reshape(*shape[:-1], w.out_features)
+
+
+def _int8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1]).float()
+    s = x2.abs().amax(-1, keepdim=True).clamp(min=quant.AMAX_FLOOR) / 127.0
+    q = torch.round(x2 * (1.0 / s)).clamp(-127, 127).long()
+    acc = q @ w.data.long().t()  # exact integers
+    return (acc.float() * s * w.scale.float()[None, :]).to(x.dtype).reshape(*shape[:-1], w.out_features)
+
+
+def _linear_for(request: OpRequest):
+    if request.act_quant == "dynamic" and request.fmt == FP8_BLOCK:
+        return _fp8_dynamic
+    if request.act_quant == "dynamic" and request.fmt == INT8_W8A8:
+        return _int8_dynamic
+    return lambda x, w: torch.einsum("...i,oi->...o", x, _dequant(w, x.dtype))
+
+
+def _rotary(x, cos, sin):
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2).contiguous())
+    return torch.view_as_real(xc * torch.complex(cos, sin).unsqueeze(2)).flatten(-2).to(x.dtype)
+
+
+def _online_attention(q, k, v, q_pos, scale, chunk=3):
+    """Flash-style: keys in chunks, a running max and sum, all in float32."""
+    b, t, h, _ = q.shape
+    qf = q.float().transpose(1, 2)  # (B, H, T, D)
+    m = torch.full((b, h, t, 1), -torch.inf)
+    denom = torch.zeros(b, h, t, 1)
+    acc = torch.zeros(b, h, t, v.shape[-1])
+    for start in range(0, k.shape[1], chunk):
+        kc = k[:, start : start + chunk].float().transpose(1, 2)
+        vc = v[:, start : start + chunk].float().transpose(1, 2)
+        s = (qf @ kc.transpose(-1, -2)) * scale  # (B, H, T, c)
+        keys = torch.arange(start, start + kc.shape[2])
+        s = s.masked_fill(keys[None, None, None, :] > q_pos[:, None, :, None], -torch.inf)
+        m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+        alive = torch.isfinite(m_new)
+        corr = torch.where(alive, torch.exp(m - m_new), torch.zeros_like(m))
+        p = torch.where(alive, torch.exp(s - m_new), torch.zeros_like(s))
+        denom = denom * corr + p.sum(-1, keepdim=True)
+        acc = acc * corr + p @ vc
+        m = m_new
+    return (acc / denom).transpose(1, 2).to(q.dtype)
+
+
+def _latent_attention(q_latent, q_pe, kv, pe, q_pos, scale):
+    q = torch.cat([q_latent, q_pe], -1)
+    k = torch.cat([kv, pe], -1).unsqueeze(2).expand(-1, -1, q.shape[2], -1)
+    v = kv.unsqueeze(2).expand(-1, -1, q.shape[2], -1)
+    return _online_attention(q, k, v, q_pos, scale, chunk=5)
+
+
+def _moe_gate(x, gate_weight, bias, r):
+    weights, ids = moe.moe_gate(x, gate_weight, bias, r)
+    order = ids.argsort(-1, descending=True)  # same experts, another order
+    return weights.gather(-1, order), ids.gather(-1, order)
+
+
+def _experts_for(request: OpRequest):
+    linear = _linear_for(request)
+
+    def one(w: Weight, e: int) -> Weight:
+        return Weight(w.data[e], w.fmt, None if w.scale is None else w.scale[e], w.block_size, w.scale_fmt)
+
+    def experts(x, weights, ids, w1, w3, w2, expert_offset=0):
+        out = torch.zeros(x.shape, dtype=torch.float32)
+        xf = x.float()  # float32 intermediates throughout (a fused kernel's choice)
+        for n in range(x.shape[0]):
+            for slot in range(ids.shape[1]):
+                e = int(ids[n, slot]) - expert_offset
+                if not 0 <= e < w1.data.shape[0]:
+                    continue
+                xn = xf[n : n + 1]
+                h = F.silu(linear(xn, one(w1, e))) * linear(xn, one(w3, e))
+                out[n] += weights[n, slot] * linear(h, one(w2, e))[0]
+        return out.to(x.dtype)
+
+    return experts
+
+
+def _sample(logits, temperature, top_p, generator):
+    """Exponential race: argmax(p / E) with E ~ Exp(1) draws a token with probability p."""
+    greedy = logits.argmax(-1)
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))[:, None]
+    probs = torch.softmax(logits.float() / t, -1)
+    sp, order = probs.sort(-1, descending=True)
+    sp = sp.masked_fill(sp.cumsum(-1) - sp >= top_p[:, None], 0.0)
+    keep = torch.zeros_like(probs).scatter(-1, order, sp)
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    return torch.where(temperature > 0, (keep / race).argmax(-1), greedy)
+
+
+class Independent:
+    """Every operator, implemented a second way."""
+
+    @hookimpl
+    def dsv3_backend_info(self):
+        return BackendInfo(name="independent", description="second implementation of every op", formats=FORMATS)
+
+    @hookimpl
+    def dsv3_op_embedding(self, request):
+        return lambda ids, w: w.index_select(0, ids.reshape(-1)).view(*ids.shape, w.shape[-1])
+
+    @hookimpl
+    def dsv3_op_rms_norm(self, request):
+        def rms(x, w, eps):
+            xf = x.float()
+            return (xf / torch.sqrt(xf.square().sum(-1, keepdim=True) / x.shape[-1] + eps) * w.float()).to(x.dtype)
+
+        return rms
+
+    @hookimpl
+    def dsv3_op_rotary(self, request):
+        return _rotary
+
+    @hookimpl
+    def dsv3_op_attention(self, request):
+        return _online_attention
+
+    @hookimpl
+    def dsv3_op_mla_latent_attention(self, request):
+        return _latent_attention
+
+    @hookimpl
+    def dsv3_op_linear(self, request):
+        return _linear_for(request)
+
+    @hookimpl
+    def dsv3_op_dequantize(self, request):
+        return _dequant
+
+    @hookimpl
+    def dsv3_op_moe_gate(self, request):
+        return _moe_gate
+
+    @hookimpl
+    def dsv3_op_moe_experts(self, request):
+        return _experts_for(request)
+
+    @hookimpl
+    def dsv3_op_silu_and_mul(self, request):
+        return lambda g, u: (g.float() * torch.sigmoid(g.float()) * u.float()).to(g.dtype)
+
+    @hookimpl
+    def dsv3_op_sample(self, request):
+        return _sample
+
+
+def test_an_independent_correct_backend_passes():
+    report = run_conformance(Independent(), quick=True)
+    assert report.ok, "\n".join(report.failures())
+    assert {row.op for row in report.rows} == set(registry.OP_NAMES)
+    assert report.fallbacks == []
+    # it is not cpu_ref in disguise: its numbers differ, within tolerance
+    assert any(row.max_abs > 0 for row in report.rows if row.op == "linear" and "dynamic" in row.label)
+
+
+# ---------------------------------------------------------------------------------------- planted errors
+def test_wrong_rmsnorm_epsilon_is_caught():
+    bad = planted("bad_eps", "rms_norm", lambda r: lambda x, w, eps: basic.rms_norm(x, w, 1e-5))
+    report = run_conformance(bad, quick=True)
+    assert not report.ok
+    assert report.failed_ops() == {"rms_norm"}
+    failed_cases = [f.split(":")[0] for fs in failures_of(report).values() for f in fs]
+    assert "small-x" in failed_cases and "eps=0.5" in failed_cases
+    assert "rms_norm[-]" in report.format_table().split("failures:")[1]
+
+
+def test_transposed_fp8_scale_is_caught():
+    def transposed(x, w):
+        scale = w.scale.transpose(-1, -2)
+        full = scale.repeat_interleave(w.block_size, -2).repeat_interleave(w.block_size, -1)
+        return F.linear(x, (w.data.float() * full[: w.out_features, : w.in_features]).to(x.dtype))
+
+    bad = planted("bad_scale", "linear", lambda r: transposed if r.fmt == FP8_BLOCK and r.act_quant == "none" else None)
+    report = run_conformance(bad, quick=True)
+    assert report.failed_ops() == {"linear"}
+    fails = failures_of(report)
+    assert set(fails) == {"linear[fp8_block/none] float32", "linear[fp8_block/none] bfloat16"}
+    square = [f for f in fails["linear[fp8_block/none] float32"] if f.startswith("square-grid")]
+    assert square and "exceeds" in square[0]  # a square grid runs, and its numbers are wrong
+    assert any("raised" in f for f in fails["linear[fp8_block/none] float32"])  # other grids do not even fit
+    assert "linear[hp/none]" in report.fallbacks
+
+
+def test_dropped_routing_bias_is_caught():
+    bad = planted("no_bias", "moe_gate", lambda r: lambda x, gw, bias, routing: moe.moe_gate(x, gw, None, routing))
+    report = run_conformance(bad, quick=True)
+    assert report.failed_ops() == {"moe_gate"}
+    msgs = [f for fs in failures_of(report).values() for f in fs]
+    assert any(f.startswith("671B:") and "chose different experts" in f for f in msgs)
+    assert not any(f.startswith(("tiny:", "236B:", "16B:")) for f in msgs)  # the bias-free cases still pass
+
+
+def test_wrong_output_dtype_is_caught():
+    bad = planted("fp32_out", "silu_and_mul", lambda r: lambda g, u: F.silu(g.float()) * u.float())
+    report = run_conformance(bad, quick=True)
+    rows = {r.dtype: r for r in report.rows}
+    assert rows["float32"].ok
+    assert not rows["bfloat16"].ok
+    assert all("dtype torch.float32, expected torch.bfloat16" in f for f in rows["bfloat16"].failures)
+
+
+@pytest.mark.parametrize(
+    "op, impl, expected",
+    [
+        ("rotary", lambda x, c, s: basic.rotary(x, c, s)[..., :-2], "has shape"),
+        ("embedding", lambda ids, w: basic.embedding(ids, w).to("meta"), "on device meta"),
+        ("sample", lambda logits, t, p, g: (_ for _ in ()).throw(RuntimeError("kernel launch failed")), "raised"),
+        ("rotary", lambda x, c, s: x.copy_(basic.rotary(x, c, s)), "in place"),
+    ],
+)
+def test_shape_device_raise_and_in_place_are_caught(op, impl, expected):
+    report = run_conformance(planted(f"bad_{op}", op, lambda r: impl), quick=True)
+    assert report.failed_ops() == {op}
+    assert all(expected in f for f in report.failures()), report.failures()[:3]
+
+
+def test_routing_comparison_ignores_order_but_not_weights():
+    ok = planted("reordered", "moe_gate", lambda r: _moe_gate)
+    assert run_conformance(ok, quick=True).ok
+
+    def halved(x, gw, bias, routing):
+        weights, ids = _moe_gate(x, gw, bias, routing)
+        return weights * torch.linspace(1.0, 0.5, weights.shape[1]), ids
+
+    report = run_conformance(planted("reweighted", "moe_gate", lambda r: halved), quick=True)
+    assert report.failed_ops() == {"moe_gate"}
+    assert any("routing weights" in f for f in report.failures())
+
+
+def test_a_biased_sampler_is_caught():
+    def too_hot(logits, temperature, top_p, generator):
+        return basic.sample(logits, temperature * 1.5, torch.ones_like(top_p), generator)
+
+    report = run_conformance(planted("too_hot", "sample", lambda r: too_hot), quick=True)
+    assert report.failed_ops() == {"sample"}
+    assert any("nucleus" in f or "standard deviations" in f for f in report.failures())
+
+
+def test_a_wrong_prepare_weight_is_caught():
+    def to_fnuz_forgetting_the_scale(w: Weight) -> Weight | None:
+        if w.fmt != FP8_BLOCK:
+            return None
+        bits = w.data.view(torch.uint8).clone()
+        bits[bits == 0x80] = 0  # e4m3fn -0.0 is NaN in e4m3fnuz
+        return Weight(bits.view(torch.float8_e4m3fnuz), w.fmt, w.scale, w.block_size, w.scale_fmt)  # scale not x2
+
+    class Plugin:
+        @hookimpl
+        def dsv3_backend_info(self):
+            return BackendInfo(name="mi300ish", description="prepare only", prepare_weight=to_fnuz_forgetting_the_scale)
+
+    report = run_conformance(registry.make_backend(Plugin(), "mi300ish"), quick=True)
+    assert report.failed_ops() == {"prepare_weight"}
+    assert [r.label for r in report.rows] == ["fp8_block"] and report.rows[0].failed == 2
+
+
+def test_a_backend_that_declines_everything_reports_only_fallbacks():
+    report = run_conformance(planted("lazy", "rms_norm", lambda r: None), quick=True)
+    assert report.ok and report.rows == []
+    assert "rms_norm" in report.fallbacks and "linear" in report.fallbacks
+
+
+# ---------------------------------------------------------------------------------------- the command and pytest
+def test_cli_writes_json_and_exits_nonzero_only_on_failure(tmp_path, capsys):
+    out = tmp_path / "report.json"
+    rc = cli_main(["conformance", "--backend", "cpu_ref", "--quick", "--op", "rms_norm", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["ok"] and {r["op"] for r in data["rows"]} == {"rms_norm"}
+    assert data["tolerances"]["bfloat16"]["rtol"] > 0
+    assert "rms_norm" in capsys.readouterr().out
+
+    assert cli_main(["conformance", "--backend", "nvidia"]) == 2  # unusable: one line, exit 2
+    assert "not usable" in capsys.readouterr().err
+    assert (
+        cli_main(
+            [
+                "conformance",
+                "--backend",
+                "cpu_ref",
+                "--json",
+                str(tmp_path / "no" / "r.json"),
+                "--op",
+                "rotary",
+                "--quick",
+            ]
+        )
+        == 2
+    )
+
+
+def test_pytest_plugin_runs_the_kit(tmp_path):
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "dsv3.conformance.pytest_plugin",
+        "--pyargs",
+        "dsv3.conformance",
+        "--dsv3-backend",
+        "cpu_ref",
+        "--dsv3-quick",
+        "--dsv3-dtype",
+        "float32",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "-k",
+        "rms_norm or resolve",
+    ]
+    run = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "11 passed" in run.stdout  # 10 rms_norm cases + the resolution test
+
+    bad = subprocess.run(
+        cmd[:8] + ["nvidia"] + cmd[9:], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert bad.returncode != 0
+    assert "not usable" in bad.stdout + bad.stderr

@@ -1,0 +1,208 @@
+"""Model-level numerics (``dsv3 eval perplexity``) on a tiny checkpoint: the harness is exact, and the
+figures discriminate — planted errors land far outside the band a precision format produces.
+
+The model: a tiny random DeepSeek-V3 checkpoint (initializer_range 0.02 as released models, a
+4-pair RoPE so positions matter), trained for a few seconds on arithmetic progressions so its
+next-token distributions are peaked and depend on the previous tokens (a random model's are
+almost uniform, where no error shows). Reference: the same weights on cpu_ref in float32.
+
+Bands (docs/model-numerics.md): bfloat16 compute gives mean KL <= 1e-3 nats and top-1 agreement
+>= 98% (bf16 keeps 8 significant bits: ~0.4% relative error per rounding). A planted error must
+give a mean KL at least 100x the bf16 figure measured here on the same tokens and at least 10x
+the band's bound, and a top-1 agreement below the band.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import replace
+
+import pytest
+import torch
+
+import dsv3
+from dsv3 import registry
+from dsv3.backends.cpu_ref import moe as cpu_ref_moe
+from dsv3.backends.cpu_ref import plugin as cpu_ref_plugin
+from dsv3.cli import main as dsv3_main
+from dsv3.eval import evaluate
+from dsv3.hookspecs import hookimpl
+from dsv3.training import lm_and_mtp_loss
+from tests.helpers import (
+    TINY_WORDS,
+    add_tiny_tokenizer,
+    make_checkpoint,
+    one_torch_thread,
+    pattern_tokens,
+    quantize_checkpoint,
+)
+
+BF16_MAX_KLD, BF16_MIN_TOP1 = 1e-3, 98.0
+SEQ = 32  # training sequence length = eval window; positions stay within the YaRN original 32
+CALM = dict(initializer_range=0.02, qk_rope_head_dim=8)
+
+_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("eval") / "tiny", **CALM)
+    add_tiny_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(ckpt):
+    """State dict after 60 Adam steps on progressions (next-token loss only), and the eval stream."""
+    model = dsv3.load(ckpt, dtype="float32", progress=False).model
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(60):
+        loss, _, _ = lm_and_mtp_loss(model, pattern_tokens(16, SEQ, model.cfg.vocab_size, g), 0.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rows = pattern_tokens(6, SEQ, model.cfg.vocab_size, torch.Generator().manual_seed(5))
+    stream = torch.cat([torch.tensor([0]), rows.flatten()])  # bos + 6 unseen progressions, 193 tokens
+    return state, stream
+
+
+def _engine(ckpt, state, **kwargs):
+    engine = dsv3.load(ckpt, progress=False, **kwargs)
+    engine.model.load_state_dict(state)  # rope tables are not in the state dict: a planted config keeps its own
+    return engine
+
+
+def _figures(ckpt, trained, **kwargs):
+    state, stream = trained
+    reference = _engine(ckpt, state, dtype="float32")
+    return evaluate(_engine(ckpt, state, **kwargs).logits, stream, SEQ, SEQ // 2, reference.logits, progress=False)
+
+
+@pytest.fixture(scope="module")
+def bf16(ckpt, trained):
+    return _figures(ckpt, trained, dtype="bfloat16")
+
+
+def test_float32_twice_is_exact(ckpt, trained):
+    report = _figures(ckpt, trained, dtype="float32")
+    assert report.kld_mean == 0.0 and report.kld_max == 0.0
+    assert report.top1_agreement == 100.0 and report.ppl_ratio == 1.0
+    assert report.n_scored == trained[1].numel() - 1
+
+
+def test_bfloat16_is_inside_its_band(bf16):
+    assert 0.0 < bf16.kld_mean <= BF16_MAX_KLD
+    assert bf16.top1_agreement >= BF16_MIN_TOP1
+    assert abs(bf16.ppl_ratio - 1.0) < 0.01
+
+
+class BiasIgnored:
+    """A planted backend: cpu_ref's router with e_score_correction_bias replaced by zeros."""
+
+    @hookimpl
+    def dsv3_backend_info(self):
+        return replace(cpu_ref_plugin.dsv3_backend_info(), name="planted-no-bias")
+
+    @hookimpl
+    def dsv3_op_moe_gate(self, request):
+        def gate(x, weight, bias, routing):
+            return cpu_ref_moe.moe_gate(x, weight, None if bias is None else torch.zeros_like(bias), routing)
+
+        return gate
+
+
+def _with_yarn_ignored(ckpt, tmp_path):
+    """A config that drops YaRN (factor 4 -> none): the RoPE frequencies and attention scale are wrong."""
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.pop("rope_scaling", None)
+    path = tmp_path / "no-yarn.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+@pytest.mark.parametrize("plant", ["routing bias ignored", "YaRN RoPE scaling ignored"])
+def test_planted_errors_leave_the_band_by_far(plant, ckpt, trained, bf16, monkeypatch, tmp_path):
+    if plant == "routing bias ignored":
+        discover = registry.discover
+        planted = registry.make_backend(BiasIgnored(), "planted-no-bias", "tests")
+        monkeypatch.setattr(registry, "discover", lambda: {**discover(), "planted-no-bias": planted})
+        report = _figures(ckpt, trained, backend="planted-no-bias", dtype="float32")
+    else:
+        report = _figures(ckpt, trained, dtype="float32", config=_with_yarn_ignored(ckpt, tmp_path))
+    summary = f"{plant}: mean KL {report.kld_mean:.3e} (bf16 {bf16.kld_mean:.3e}), top-1 {report.top1_agreement:.1f}%"
+    print(summary)  # the figures, with pytest -s
+    assert report.kld_mean >= 100 * bf16.kld_mean, summary
+    assert report.kld_mean >= 10 * BF16_MAX_KLD, summary
+    assert report.top1_agreement < BF16_MIN_TOP1, summary
+
+
+# ---------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(0)
+    words = list(TINY_WORDS) + [f"w{i}" for i in range(20, 60)]
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text(" ".join(rng.choice(words) for _ in range(150)) + "\n")
+    return path
+
+
+def _cli(ckpt, text_file, *extra):
+    argv = ["eval", "perplexity", "--ckpt-path", str(ckpt), "--text-file", str(text_file), "--no-progress"]
+    return dsv3_main([*argv, "--context", "32", "--stride", "16", *extra])
+
+
+def test_cli_float32_against_itself_is_exact(ckpt, text_file, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    twice = ("--text-file", str(text_file))  # two documents: bos + 150 words each
+    assert _cli(ckpt, text_file, *twice, "--dtype", "float32", "--against", "cpu_ref", "--json", str(out)) == 0
+    report = json.loads(out.read_text())
+    assert report["kld_mean"] == 0.0 and report["kld_max"] == 0.0 and report["kld_p99"] == 0.0
+    assert report["top1_agreement"] == 100.0 and report["ppl"] == report["ppl_ref"]
+    assert report["n_scored"] == report["n_tokens"] - 1 == 2 * 151 - 1
+    assert "reference  cpu_ref float32" in capsys.readouterr().out
+
+
+def test_cli_quantized_copy_against_its_original(ckpt, text_file, tmp_path):
+    fp8 = quantize_checkpoint(ckpt, tmp_path / "fp8", "fp8")
+    out = tmp_path / "r.json"
+    code = _cli(
+        fp8, text_file, "--dtype", "float32", "--act-quant", "dynamic", "--against-ckpt-path", str(ckpt),
+        "--max-tokens", "80", "--json", str(out),
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["n_tokens"] == 80
+    assert report["kld_mean"] > 0.0 and report["top1_agreement"] <= 100.0
+    assert "fp8_block" in report["setup"]["test"] and str(ckpt) in report["setup"]["reference"]
+    plain = tmp_path / "plain.json"
+    assert _cli(ckpt, text_file, "--dtype", "float32", "--max-tokens", "80", "--json", str(plain)) == 0
+    only_ppl = json.loads(plain.read_text())  # no reference: perplexity only, the reference run's own figure
+    assert only_ppl["kld_mean"] is None and only_ppl["top1_agreement"] is None
+    assert only_ppl["ppl"] == report["ppl_ref"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--against-dtype", "float32"), "need a reference"),
+        (("--stride", "64"), "--stride 64"),
+        (("--context", "4096"), "exceeds the model's 128 positions"),
+        (("--max-tokens", "1"), "--max-tokens 1"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_writes_nothing(ckpt, text_file, tmp_path, capsys, extra, message):
+    out = tmp_path / "r.json"
+    assert _cli(ckpt, text_file, "--json", str(out), *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_cli_missing_text_file(ckpt, tmp_path, capsys):
+    assert _cli(ckpt, tmp_path / "absent.txt") == 2
+    assert "absent.txt: no such file" in capsys.readouterr().err

@@ -1,0 +1,459 @@
+"""``dsv3 serve`` end to end: the real ``openai`` client against a uvicorn server started here.
+
+Greedy responses equal ``dsv3 run`` / Engine.generate for the same prompts; malformed, oversized
+and abandoned requests leave the server healthy with every slot free.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi", reason="dsv3 serve needs the 'serve' extra (fastapi, uvicorn)")
+httpx = pytest.importorskip("httpx", reason="the serving tests need httpx")
+openai = pytest.importorskip("openai", reason="the serving tests use the openai client")
+uvicorn = pytest.importorskip("uvicorn", reason="dsv3 serve needs the 'serve' extra (fastapi, uvicorn)")
+
+import dsv3  # noqa: E402
+from dsv3.serve import bind_socket  # noqa: E402
+from dsv3.serve.app import ServeSettings, create_app  # noqa: E402
+from dsv3.serve.scheduler import Scheduler  # noqa: E402
+from tests.helpers import add_tiny_tokenizer, make_checkpoint  # noqa: E402
+
+KEY = "sk-test-key"
+NAME = "tiny"
+WAIT_S = 60  # bound on every wait; the tiny model answers in well under a second
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}and{% endif %}"
+)
+PROMPTS = ["the cat sat on the mat", "hello world", "a big dog ran", "small", "the mat is big and the cat is small"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads; on busy shared cores idle OpenMP threads cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny checkpoint with a word-level tokenizer that has a chat template."""
+    from transformers import AutoTokenizer
+
+    path = make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", seed=4)
+    add_tiny_tokenizer(path)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(ckpt):
+    return dsv3.load(ckpt, dtype="float32")
+
+
+SETTINGS = ServeSettings(
+    model_name=NAME,
+    max_model_len=64,
+    max_prompt_tokens=30,
+    max_tokens_limit=40,
+    max_request_bytes=4096,
+    api_key=KEY,
+    disconnect_poll_s=0.05,
+)
+
+
+@contextlib.contextmanager
+def serving(engine, settings: ServeSettings = SETTINGS, max_batch: int = 4):
+    """A uvicorn server on a free loopback port in a background thread: yields (base url, scheduler)."""
+    scheduler = Scheduler(engine.model, max_batch, settings.max_model_len, max_waiting=16)
+    app = create_app(engine, scheduler, settings)
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", scheduler
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_S)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with serving(engine) as (url, scheduler):
+        yield url, scheduler
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=WAIT_S)
+
+
+def health(url: str) -> dict:
+    return httpx.get(url + "/health", timeout=WAIT_S).json()
+
+
+def wait_for(url: str, check, what: str) -> dict:
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        h = health(url)
+        if check(h):
+            return h
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {h}"
+        time.sleep(0.02)
+
+
+def hold_decode(scheduler: Scheduler) -> threading.Event:
+    """Make decode steps wait until the returned event is set (the test restores the scheduler after)."""
+    gate = threading.Event()
+    decode = scheduler._decode
+
+    def held(rows):
+        gate.wait(WAIT_S)
+        decode(rows)
+
+    scheduler._decode = held
+    return gate
+
+
+@contextlib.contextmanager
+def held(scheduler: Scheduler):
+    gate = hold_decode(scheduler)
+    try:
+        yield gate
+    finally:
+        gate.set()
+        del scheduler._decode  # back to the class's method
+
+
+def _ref(engine, prompt: str, n: int, chat: bool, **kw):
+    return engine.generate([prompt], n, chat=chat, **kw)[0]
+
+
+# ------------------------------------------------------------ identity, auth
+def test_models_lists_the_served_model_and_needs_the_key(server, client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0, timeout=WAIT_S)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        bad.completions.create(model=NAME, prompt="hello", max_tokens=2)
+    r = httpx.get(server[0] + "/v1/models", timeout=WAIT_S)  # no Authorization header at all
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+# ------------------------------------------------------------ equality with dsv3 run
+def test_greedy_completions_equal_run_under_concurrency(engine, server, client):
+    """Six concurrent requests on four slots, different lengths: each equals Engine.generate alone."""
+    budgets = [5, 12, 3, 20, 9, 7]
+    prompts = PROMPTS + PROMPTS[:1]
+    want = [_ref(engine, p, n, chat=False, temperature=0) for p, n in zip(prompts, budgets, strict=True)]
+
+    def ask(args):
+        p, n = args
+        return client.completions.create(
+            model=NAME, prompt=p, max_tokens=n, temperature=0, extra_body={"return_token_ids": True}
+        )
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(ask, zip(prompts, budgets, strict=True)))
+    for r, ref, p in zip(got, want, prompts, strict=True):
+        choice = r.choices[0]
+        assert choice.text == ref.text
+        assert choice.model_extra["token_ids"] == ref.token_ids
+        assert choice.finish_reason == ref.finish_reason
+        assert r.usage.prompt_tokens == len(engine.encode(p, chat=False))
+        assert r.usage.completion_tokens == len(ref.token_ids)
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert wait_for(server[0], lambda h: h["slots_used"] == 0, "free slots")["waiting"] == 0
+
+
+def test_greedy_chat_equals_run(engine, client):
+    for prompt, n in [("hello world", 10), ("the cat is big", 6)]:
+        ref = _ref(engine, prompt, n, chat=True, temperature=0)
+        r = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": prompt}], max_tokens=n, temperature=0
+        )
+        assert r.choices[0].message.role == "assistant"
+        assert r.choices[0].message.content == ref.text
+        assert r.choices[0].finish_reason == ref.finish_reason
+        assert r.usage.completion_tokens == len(ref.token_ids)
+        assert r.usage.prompt_tokens == len(engine.encode(prompt, chat=True))
+
+
+def test_cli_run_jsonl_equals_server(ckpt, client):
+    """The literal `dsv3 run --temperature 0 --output-format jsonl` output, prompt by prompt."""
+    cmd = [sys.executable, "-m", "dsv3", "run", "--ckpt-path", str(ckpt), "--dtype", "float32"]
+    cmd += ["--temperature", "0", "--max-new-tokens", "8", "--raw", "--output-format", "jsonl"]
+    for p in PROMPTS[:2]:
+        cmd += ["--prompt", p]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=True).stdout
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 2
+    for rec in records:
+        r = client.completions.create(
+            model=NAME, prompt=rec["prompt"], max_tokens=8, temperature=0, extra_body={"return_token_ids": True}
+        )
+        assert r.choices[0].text == rec["completion"]
+        assert r.choices[0].model_extra["token_ids"] == rec["token_ids"]
+        assert r.choices[0].finish_reason == rec["finish_reason"]
+
+
+def test_streaming_equals_non_streaming(engine, client):
+    ref = _ref(engine, PROMPTS[0], 15, chat=False, temperature=0)
+    stream = client.completions.create(
+        model=NAME, prompt=PROMPTS[0], max_tokens=15, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == ref.text and finishes == [ref.finish_reason]
+    assert chunks[-1].usage.completion_tokens == len(ref.token_ids) and not chunks[-1].choices
+
+    ref = _ref(engine, "hello world", 12, chat=True, temperature=0)
+    stream = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "hello world"}], max_tokens=12, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == ref.finish_reason
+
+
+def test_prompt_lists_give_one_choice_each(engine, client):
+    r = client.completions.create(model=NAME, prompt=PROMPTS[:3], max_tokens=4, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c, p in zip(r.choices, PROMPTS[:3], strict=True):
+        assert c.text == _ref(engine, p, 4, chat=False, temperature=0).text
+    ids = engine.encode(PROMPTS[1], chat=False)
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=4, temperature=0)  # token ids
+    assert r.choices[0].text == _ref(engine, PROMPTS[1], 4, chat=False, temperature=0).text
+
+
+# ------------------------------------------------------------ sampling controls
+def test_stop_string_cuts_the_text_and_stops(engine, client):
+    ref = _ref(engine, PROMPTS[2], 30, chat=False, temperature=0)
+    words = ref.text.split()
+    assert len(words) >= 6, ref.text
+    stop = words[3]
+    want = ref.text[: ref.text.index(stop)]
+    r = client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=30, temperature=0, stop=[stop, "zzz"])
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < len(ref.token_ids)  # generation really stopped early
+    stream = client.completions.create(
+        model=NAME, prompt=PROMPTS[2], max_tokens=30, temperature=0, stop=stop, stream=True
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_seed_makes_sampling_reproducible(engine, client):
+    kw = dict(model=NAME, prompt=PROMPTS[3], max_tokens=12, temperature=1.0, top_p=0.9)
+    a = client.completions.create(seed=42, extra_body={"return_token_ids": True}, **kw)
+    b = client.completions.create(seed=42, extra_body={"return_token_ids": True}, **kw)
+    ref = _ref(engine, PROMPTS[3], 12, chat=False, temperature=1.0, top_p=0.9, seed=42)
+    assert a.choices[0].model_extra["token_ids"] == b.choices[0].model_extra["token_ids"] == ref.token_ids
+    others = {
+        tuple(
+            client.completions.create(seed=s, extra_body={"return_token_ids": True}, **kw)
+            .choices[0]
+            .model_extra["token_ids"]
+        )
+        for s in range(5)
+    }
+    assert len(others) > 1  # different seeds do sample differently
+
+
+def test_ignore_eos_generates_to_max_tokens(client):
+    r = client.completions.create(
+        model=NAME, prompt="hello", max_tokens=30, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert r.usage.completion_tokens == 30 and r.choices[0].finish_reason == "length"
+
+
+# ------------------------------------------------------------ bad requests leave the server healthy
+def _post(url: str, path: str, body, key: str | None = KEY, raw: bytes | None = None) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"} if key else {}
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(url + path, content=content, headers=headers, timeout=WAIT_S)
+
+
+BAD = [
+    ("/v1/completions", None, b"{not json", 400, None),
+    ("/v1/completions", None, b"[1, 2]", 400, None),
+    ("/v1/completions", None, b"\xff\xfe", 400, None),
+    ("/v1/completions", {"model": NAME}, None, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi"}, None, 400, "model"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": -3}, None, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": "ten"}, None, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 2.5}, None, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 41}, None, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "temperature": "hot"}, None, 400, "temperature"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "temperature": -1}, None, 400, "temperature"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "top_p": 0}, None, 400, "top_p"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "stream": "yes"}, None, 400, "stream"),
+    ("/v1/completions", {"model": NAME, "prompt": 5}, None, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": [1, "a"]}, None, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": [[]]}, None, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": [5, 10_000]}, None, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "stop": [""]}, None, 400, "stop"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "stop": 3}, None, 400, "stop"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "n": 2}, None, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 2}, None, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "seed": "x"}, None, 400, "seed"),
+    ("/v1/completions", {"model": NAME, "prompt": "cat " * 30}, None, 400, "prompt"),  # 31 tokens > 30
+    ("/v1/completions", {"model": NAME, "prompt": "cat " * 28, "max_tokens": 40}, None, 400, "max_tokens"),  # 69 > 64
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, None, 404, "model"),
+    ("/v1/chat/completions", {"model": NAME}, None, 400, "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": []}, None, 400, "messages"),
+    ("/v1/chat/completions", {"model": NAME, "messages": ["hi"]}, None, 400, "messages.0"),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]},
+        None,
+        400,
+        "messages.0.role",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": 7}]},
+        None,
+        400,
+        "messages.0.content",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        None,
+        400,
+        "messages.0.content.0",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+        None,
+        400,
+        "max_completion_tokens",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+        None,
+        400,
+        "tools",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "raw", "status", "param"), BAD)
+def test_malformed_request_is_a_clear_4xx(server, path, body, raw, status, param):
+    r = _post(server[0], path, body, raw=raw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "invalid_request_error"
+    assert err["param"] == param
+
+
+def test_oversized_body_is_413_and_server_stays_healthy(server, client):
+    url = server[0]
+    r = _post(url, "/v1/completions", {"model": NAME, "prompt": "cat " * 2000})
+    assert r.status_code == 413 and "limit of 4096 bytes" in r.json()["error"]["message"]
+    chunked = httpx.post(  # no Content-Length: the limit is enforced while reading
+        url + "/v1/completions",
+        content=iter([b'{"model": "tiny", "prompt": "', b"cat " * 1500, b'"}']),
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=WAIT_S,
+    )
+    assert chunked.status_code == 413
+    h = health(url)
+    assert h["status"] == "ok" and h["slots_used"] == 0 and h["waiting"] == 0
+    assert client.completions.create(model=NAME, prompt="hello", max_tokens=3, temperature=0).choices[0].text
+
+
+def test_after_bad_requests_every_slot_is_free_and_requests_succeed(server, client):
+    for path, body, raw, status, _ in BAD:
+        assert _post(server[0], path, body, raw=raw).status_code == status
+    h = health(server[0])
+    assert h["status"] == "ok" and h["slots_used"] == 0 and h["errors"] == 0
+    r = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=3)
+    assert r.usage.completion_tokens >= 1
+
+
+# ------------------------------------------------------------ abandoned requests free their slots
+def test_aborted_stream_frees_its_slot(server, client):
+    url, scheduler = server
+    before = health(url)
+    with held(scheduler) as gate:
+        stream = client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": "hello"}],
+            max_tokens=40,
+            stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True},
+        )
+        chunks = iter(stream)
+        assert next(chunks).choices[0].delta.role == "assistant"
+        assert len(next(chunks).choices[0].model_extra["token_ids"]) == 1  # the first token (from the prefill)
+        stream.close()  # the client goes away; the decode step is still held
+        wait_for(url, lambda h: h["cancelled"] == before["cancelled"] + 1, "the server to notice the disconnect")
+        gate.set()
+        h = wait_for(url, lambda h: h["slots_used"] == 0, "the slot to be freed")
+    assert h["finished"] == before["finished"]  # it was freed by cancelling, not by running to its end
+    assert h["status"] == "ok"
+    assert client.completions.create(model=NAME, prompt="hello", max_tokens=3).usage.completion_tokens >= 1
+
+
+def test_client_that_gives_up_on_a_non_streaming_request_frees_its_slot(server, client):
+    url, scheduler = server
+    before = health(url)
+    with held(scheduler) as gate:
+        impatient = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=1.0)
+        with pytest.raises(openai.APITimeoutError):
+            impatient.completions.create(model=NAME, prompt="hello", max_tokens=40, extra_body={"ignore_eos": True})
+        wait_for(url, lambda h: h["cancelled"] == before["cancelled"] + 1, "the server to notice the disconnect")
+        gate.set()
+        h = wait_for(url, lambda h: h["slots_used"] == 0, "the slot to be freed")
+    assert h["finished"] == before["finished"]
+
+
+def test_requests_join_a_running_batch(engine, server, client):
+    """While one request is mid-generation, three more join its decode steps; all four stay exact."""
+    url, scheduler = server
+    prompts, budgets = PROMPTS[:4], [12, 6, 9, 4]
+    want = [_ref(engine, p, n, chat=False, temperature=0) for p, n in zip(prompts, budgets, strict=True)]
+    with held(scheduler) as gate, ThreadPoolExecutor(4) as pool:
+        first = pool.submit(client.completions.create, model=NAME, prompt=prompts[0], max_tokens=12, temperature=0)
+        wait_for(url, lambda h: h["slots_used"] == 1, "the first request to start")
+        rest = [
+            pool.submit(client.completions.create, model=NAME, prompt=p, max_tokens=n, temperature=0)
+            for p, n in zip(prompts[1:], budgets[1:], strict=True)
+        ]
+        wait_for(url, lambda h: h["waiting"] == 3, "three requests to queue")
+        steps = health(url)["steps"]
+        gate.set()
+        got = [f.result(WAIT_S) for f in [first, *rest]]
+    for r, ref in zip(got, want, strict=True):
+        assert r.choices[0].text == ref.text
+    h = health(url)
+    assert h["peak_batch"] == 4
+    assert h["steps"] - steps == budgets[0] - 1  # the others rode along in the first request's steps

@@ -1,0 +1,249 @@
+"""The serving scheduler without HTTP: cache rows (slots), continuous batching against generate(), MTP mode."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import pytest
+import torch
+
+import dsv3
+from dsv3.generate import SamplingParams, generate
+from dsv3.serve.scheduler import Event, Request, Scheduler, SchedulerBusy
+from dsv3.serve.text import TextStream, held_back
+
+WAIT_S = 60  # bound on any wait for the scheduler thread (tiny model: it takes well under a second)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads; on busy shared cores idle OpenMP threads cost 10x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_ckpt):
+    return dsv3.load(tiny_ckpt, dtype="float32")
+
+
+def _prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (n,), generator=g).tolist()
+    return [[0] + torch.randint(2, 96, (k,), generator=g).tolist() for k in lengths]
+
+
+class Collector:
+    """A request's sink that records its events (called from the scheduler thread)."""
+
+    def __init__(self):
+        self.events: queue.Queue[Event] = queue.Queue()
+
+    def __call__(self, ev: Event) -> None:
+        self.events.put(ev)
+
+    def result(self) -> tuple[list[int], str]:
+        tokens: list[int] = []
+        while True:
+            ev = self.events.get(timeout=WAIT_S)
+            assert ev.error is None, ev.error
+            tokens += ev.tokens
+            if ev.finished:
+                return tokens, ev.finish_reason
+
+
+def test_forward_with_cache_rows_matches_rows_zero_to_b(engine):
+    """rows= puts batch row i in cache row rows[i]; the hidden states equal a forward in rows 0..B-1."""
+    model = engine.model
+    prompts = torch.tensor([[0, 5, 9, 3], [0, 7, 7, 2]])
+    positions = torch.arange(4).expand(2, 4)
+    with torch.inference_mode():
+        plain_cache = model.new_cache(2, 8)
+        want = model(prompts, positions, plain_cache)
+        nxt = model(torch.tensor([[4], [6]]), torch.tensor([[4], [4]]), plain_cache)
+        cache = model.new_cache(5, 8)
+        rows = torch.tensor([3, 1])
+        got = model(prompts, positions, cache, rows=rows)
+        got_next = model(torch.tensor([[4], [6]]), torch.tensor([[4], [4]]), cache, rows=rows)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # same arithmetic, only the cache rows differ
+    torch.testing.assert_close(got_next, nxt, rtol=0, atol=0)
+    for layer, plain in zip(cache.main, plain_cache.main, strict=True):
+        for name, buf in layer.tensors.items():
+            torch.testing.assert_close(buf[rows, :5], plain.tensors[name][:, :5], rtol=0, atol=0)
+            assert not buf[[0, 2, 4]].any()  # the other slots are untouched
+
+
+def hold_decode(sched: Scheduler) -> threading.Event:
+    """Make every decode step wait for the returned event (set it to let them run)."""
+    gate = threading.Event()
+    decode = sched._decode
+
+    def held(rows):
+        gate.wait(WAIT_S)
+        decode(rows)
+
+    sched._decode = held
+    return gate
+
+
+def _run(sched: Scheduler, prompts, max_tokens, **kw) -> list[tuple[list[int], str]]:
+    sinks = [Collector() for _ in prompts]
+    for p, m, s in zip(prompts, max_tokens, sinks, strict=True):
+        sched.submit(Request(p, m, s, **kw))
+    return [s.result() for s in sinks]
+
+
+def test_continuous_batching_equals_generate_per_prompt(engine):
+    """More requests than slots, different lengths: each equals generate() on that prompt alone (greedy)."""
+    prompts = _prompts(7)
+    max_tokens = [3, 9, 1, 6, 12, 4, 8]
+    want = [
+        generate(engine.model, [p], SamplingParams(m, eos_ids=engine.eos_ids))
+        for p, m in zip(prompts, max_tokens, strict=True)
+    ]
+    sched = Scheduler(engine.model, max_batch=3, max_len=32)
+    gate = hold_decode(sched)  # everything is queued before the first decode step
+    sched.start()
+    try:
+        sinks = [Collector() for _ in prompts]
+        for p, m, s in zip(prompts, max_tokens, sinks, strict=True):
+            sched.submit(Request(p, m, s, stop_ids=frozenset(engine.eos_ids)))
+        gate.set()
+        got = [s.result() for s in sinks]
+        stats = sched.stats()
+    finally:
+        sched.stop()
+    for (ids, reason), ref in zip(got, want, strict=True):
+        assert ids == ref.token_ids[0]
+        assert reason == ref.finish_reasons[0]
+    assert stats["slots_used"] == 0 and stats["waiting"] == 0
+    assert stats["finished"] == len(prompts)
+    assert stats["peak_batch"] == 3  # decode steps were shared by every slot
+
+
+def test_seeded_sampling_matches_generate_alone(engine):
+    """A seeded row draws with its own generator: the same tokens as generate() with that seed."""
+    prompts = _prompts(3, seed=1)
+    sched = Scheduler(engine.model, max_batch=4, max_len=32)
+    sched.start()
+    try:
+        got = _run(sched, prompts, [10] * 3, temperature=0.9, top_p=0.95, seed=1234)
+        again = _run(sched, prompts[:1], [10], temperature=0.9, top_p=0.95, seed=1234)
+    finally:
+        sched.stop()
+    for p, (ids, _) in zip(prompts, got, strict=True):
+        ref = generate(engine.model, [p], SamplingParams(10, 0.9, 0.95, 1234))
+        assert ids == ref.token_ids[0]
+    assert again[0][0] == got[0][0]
+
+
+def test_cancel_frees_the_slot_and_busy_queue_refuses(engine):
+    sched = Scheduler(engine.model, max_batch=1, max_len=64, max_waiting=1)
+    gate = hold_decode(sched)
+    sched.start()
+    try:
+        first, second = Collector(), Collector()
+        r1 = Request([0, 4, 5], 50, first)
+        sched.submit(r1)
+        assert first.events.get(timeout=WAIT_S).tokens  # prefilled; its first decode step is held
+        sched.submit(Request([0, 6], 2, second))  # waits: the only slot is busy
+        with pytest.raises(SchedulerBusy):
+            sched.submit(Request([0, 7], 2, Collector()))  # the queue (1) is full
+        sched.cancel(r1)
+        gate.set()
+        ids, reason = second.result()  # got the freed slot
+        assert len(ids) == 2 and reason == "length"
+        stats = sched.stats()
+    finally:
+        sched.stop()
+    assert stats["cancelled"] == 1 and stats["slots_used"] == 0
+    assert stats["finished"] == 1  # only the second one ran to its end
+
+
+def test_mtp_mode_greedy_equals_plain_generate(engine):
+    prompts = _prompts(3, seed=2)
+    want = [generate(engine.model, [p], SamplingParams(6, eos_ids=engine.eos_ids)).token_ids[0] for p in prompts]
+    sched = Scheduler(engine.model, max_batch=8, max_len=32, mtp=2)
+    sched.start()
+    try:
+        got = _run(sched, prompts, [6] * 3, stop_ids=frozenset(engine.eos_ids))
+        stats = sched.stats()
+    finally:
+        sched.stop()
+    assert [ids for ids, _ in got] == want
+    assert stats["slots_total"] == 1 and stats["finished"] == 3
+
+
+def test_stop_pending_requests_get_an_error(engine):
+    sched = Scheduler(engine.model, max_batch=1, max_len=64)
+    gate = hold_decode(sched)
+    sched.start()
+    sinks = [Collector(), Collector()]
+    sched.submit(Request([0, 4], 40, sinks[0]))
+    assert sinks[0].events.get(timeout=WAIT_S).tokens
+    sched.submit(Request([0, 5], 40, sinks[1]))
+    stopper = threading.Thread(target=sched.stop)
+    stopper.start()
+    while not sched._stopping:  # stop() has asked before the held step finishes
+        time.sleep(0.01)
+    gate.set()
+    stopper.join(WAIT_S)
+    assert not sched.alive
+    for s in sinks:
+        last = s.events.get(timeout=WAIT_S)
+        while not last.finished:
+            last = s.events.get(timeout=WAIT_S)
+        assert last.error is not None and "shutting down" in last.error
+    with pytest.raises(SchedulerBusy):
+        sched.submit(Request([0, 5], 4, Collector()))
+
+
+# ------------------------------------------------------------ text: deltas and stop strings
+def _word_decode(vocab: list[str]):
+    return lambda ids: "".join(vocab[i] for i in ids)
+
+
+def test_text_stream_cuts_at_a_stop_string_split_across_tokens():
+    vocab = ["he", "llo", " wo", "rld", "!", " EN", "D", " more"]
+    stream = TextStream(_word_decode(vocab), stop=("END",))
+    out = []
+    for i in [0, 1, 2, 3, 5, 6, 7]:
+        delta, stopped = stream.add([i])
+        out.append(delta)
+        if stopped:
+            break
+    assert "".join(out) == "hello world "
+    assert stopped and stream.text == "hello world "
+    assert out[-2:] == [" ", ""]  # "EN" of " EN" was held back, then "D" made it the stop string
+
+
+def test_text_stream_releases_held_text_when_no_stop_follows():
+    vocab = ["a", "b", "c"]
+    stream = TextStream(_word_decode(vocab), stop=("bx",))
+    assert stream.add([0]) == ("a", False)
+    assert stream.add([1]) == ("", False)  # "b" could start "bx"
+    assert stream.add([2]) == ("bc", False)
+    assert stream.add([1]) == ("", False)
+    assert stream.finish() == "b"  # the end: nothing can follow
+
+
+def test_held_back_is_the_longest_stop_prefix_at_the_end():
+    assert held_back("xxab", ("abc", "b")) == 2
+    assert held_back("xxa", ("abc",)) == 1
+    assert held_back("xyz", ("abc",)) == 0
+
+
+def test_incremental_decoding_waits_for_whole_characters(engine):
+    """Byte-level pieces of one character: no U+FFFD is ever sent; joined deltas are the full decode."""
+    tok_decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
+    stream = TextStream(tok_decode)
+    text = "né€😀!"
+    data = list(text.encode())
+    deltas = [stream.add([b])[0] for b in data]
+    deltas.append(stream.finish())
+    assert "\ufffd" not in "".join(deltas)
+    assert "".join(deltas) == text
