@@ -168,7 +168,9 @@ def environment(ck: Check) -> None:
     from dsv3 import registry
 
     nv = registry.discover().get("nvidia")
-    info["nvidia_backend"] = "usable" if nv and nv.unusable_reason is None else (nv.unusable_reason if nv else "missing")
+    info["nvidia_backend"] = (
+        "usable" if nv and nv.unusable_reason is None else (nv.unusable_reason if nv else "missing")
+    )
     for kind in ("fp8", "int8"):
         ok, why = ops.fast_path_status(kind)
         info[f"{kind}_vendor_gemm"] = f"{'used' if ok else 'not used'} ({why})"
@@ -192,7 +194,7 @@ def parity(ck: Check) -> None:
     dev, bf16, f8 = ck.device, torch.bfloat16, torch.float8_e4m3fn
     g = torch.Generator(device=dev).manual_seed(0)
     smoke = ck.smoke
-    D, Q, I = (200, 136, 72) if smoke else (7168, 1536, 2048)
+    D, Q, FF = (200, 136, 72) if smoke else (7168, 1536, 2048)  # hidden, q_lora rank, expert width
     rows: list[dict] = []
 
     def randn(*shape, scale=1.0, dtype=bf16):
@@ -221,7 +223,9 @@ def parity(ck: Check) -> None:
 
     for fp8 in (f8, torch.float8_e4m3fnuz):
         for sf in (None, "ue8m0"):
-            name = f"{str(fp8)[-7:].strip('_')}/{sf or 'fp32 scales'}"
+            name = f"{str(fp8).replace('torch.float8_', '')}/{sf or 'fp32 scales'}"
+            if fp8 == torch.float8_e4m3fnuz:
+                name += " (AMD's format)"
             case("act_quant_fp8", f"(33, {D}) {name}", lambda fp8=fp8, sf=sf: aq_fp8(33, D, fp8, sf), None)
 
     def aq_int8():
@@ -244,12 +248,18 @@ def parity(ck: Check) -> None:
 
         def fp8_dyn(x=x, m=m):
             got = ops.resolve("linear", OpRequest("fp8_block", "dynamic", bf16), vendor_gemms=True)(x, w_fp8)
-            path = "torch._scaled_mm" if ops._fast_ok_shape("fp8", m, Q, D) and ops.fast_path_status("fp8")[0] else "triton"
+            path = (
+                "torch._scaled_mm"
+                if ops._fast_ok_shape("fp8", m, Q, D) and ops.fast_path_status("fp8")[0]
+                else "triton"
+            )
             return rel_err(got, ref.linear_fp8_dynamic(x, w_fp8)), path
 
         def int8_dyn(x=x, m=m):
             got = ops.resolve("linear", OpRequest("int8_w8a8", "dynamic", bf16), vendor_gemms=True)(x, w_int8)
-            path = "torch._int_mm" if ops._fast_ok_shape("int8", m, Q, D) and ops.fast_path_status("int8")[0] else "triton"
+            path = (
+                "torch._int_mm" if ops._fast_ok_shape("int8", m, Q, D) and ops.fast_path_status("int8")[0] else "triton"
+            )
             return rel_err(got, ref.linear_int8_dynamic(x, w_int8)), path
 
         def fp8_none(x=x):
@@ -267,13 +277,12 @@ def parity(ck: Check) -> None:
         return rel_err(got, ref.linear_fp8_dynamic(x.float(), w_fp8)), "triton"
 
     case("fp8_block_gemm", f"M=16 ({Q}, {D}) fp32 out", fp8_gemm_fp32_out, 1e-5)
-    del w_fp8, w_int8
 
     E, top, n_tok, off = (6, 2, 5, 2) if smoke else (32, 8, 16, 32)
     ids = torch.rand(n_tok, 4 * E if not smoke else 10, generator=g, device=dev).topk(top, dim=-1).indices
     weights = torch.rand(n_tok, top, generator=g, device=dev)
     xm = randn(n_tok, D)
-    dense = [randn(E, o, i, scale=i**-0.5, dtype=torch.float32) for o, i in ((I, D), (I, D), (D, I))]
+    dense = [randn(E, o, i, scale=i**-0.5, dtype=torch.float32) for o, i in ((FF, D), (FF, D), (D, FF))]
     for fmt, aq in (("fp8_block", "dynamic"), ("fp8_block", "none"), ("hp", "none"), ("int8_w8a8", "dynamic")):
         if fmt == "hp":
             ws = [Weight(w.to(bf16)) for w in dense]
@@ -287,11 +296,11 @@ def parity(ck: Check) -> None:
             want = moe_experts_with(ref.linear_for(fmt, aq))(xm, weights, ids, *ws, off)
             return rel_err(got, want), "triton"
 
-        case("moe_experts", f"{fmt}/{aq} N={n_tok} E={E} top-{top} ({D}->{I})", moe_case, 1e-2)
-    del dense
+        case("moe_experts", f"{fmt}/{aq} N={n_tok} E={E} top-{top} ({D}->{FF})", moe_case, 1e-2)
 
     H, C, R, S = (5, 24, 8, 40) if smoke else (128, 512, 64, 1000)
     for b, t in ((2, 1), (1, 4)):
+
         def mla_case(b=b, t=t):
             ql, qp = randn(b, t, H, C), randn(b, t, H, R)
             kv, pe = randn(b, S + 7, C)[:, :S], randn(b, S, R)
@@ -303,8 +312,8 @@ def parity(ck: Check) -> None:
 
     xn, wn = randn(33, D, scale=2.0), randn(D)
     case("rms_norm", f"(33, {D}) bf16", lambda: (rel_err(ops.rms_norm(xn, wn, 1e-6), ref_basic.rms_norm(xn, wn, 1e-6)), "triton"), 1e-2)  # fmt: skip
-    gate, up = randn(33, I, scale=3.0), randn(33, I)
-    case("silu_and_mul", f"(33, {I}) bf16", lambda: (rel_err(ops.silu_and_mul(gate, up), ref_basic.silu_and_mul(gate, up)), "triton"), 1e-2)  # fmt: skip
+    gate, up = randn(33, FF, scale=3.0), randn(33, FF)
+    case("silu_and_mul", f"(33, {FF}) bf16", lambda: (rel_err(ops.silu_and_mul(gate, up), ref_basic.silu_and_mul(gate, up)), "triton"), 1e-2)  # fmt: skip
 
     ck.results["sections"]["parity"] = {"rows": rows}
     table("kernel parity against cpu_ref on the same device", rows,
@@ -339,17 +348,20 @@ def gemm(ck: Check) -> None:
             qa, sa = k.quant.act_quant_fp8(x)
             qi, si = k.quant.act_quant_int8(x)
             flops = 2.0 * m * n * kk
+            ones_a, ones_b = torch.ones(m, 1, device=dev), torch.ones(1, n, device=dev)
             methods = {
                 "bf16 torch.matmul": lambda x=x, w=w_bf16: x @ w.t(),
-                "fp8 triton GEMM": lambda qa=qa, sa=sa: k.gemm.fp8_block_gemm(qa, sa, wq, ws, bf16),
-                "fp8 triton quant+GEMM": lambda x=x: k.gemm.fp8_block_gemm(*k.quant.act_quant_fp8(x), wq, ws, bf16),
-                "fp8 _scaled_mm block": lambda qa=qa, sa=sa: ops._scaled_mm_fp8_block(qa, sa, wq, ws, bf16),
-                "fp8 _scaled_mm rowwise": lambda qa=qa, m=m: torch._scaled_mm(
-                    qa, wq_row.t(), scale_a=torch.ones(m, 1, device=dev), scale_b=torch.ones(1, n, device=dev),
-                    out_dtype=bf16),  # fmt: skip
-                "fp8 weight-only triton": lambda x=x: k.gemm.weight_gemm(x, wq, ws, "fp8_block"),
-                "int8 triton GEMM": lambda qi=qi, si=si: k.gemm.int8_gemm(qi, si, wi, wis, bf16),
-                "int8 torch._int_mm": lambda qi=qi, si=si: ops._int_mm_int8(qi, si, wi, wis, bf16),
+                "fp8 triton GEMM": lambda qa=qa, sa=sa, w=wq, s=ws: k.gemm.fp8_block_gemm(qa, sa, w, s, bf16),
+                "fp8 triton quant+GEMM": lambda x=x, w=wq, s=ws: k.gemm.fp8_block_gemm(
+                    *k.quant.act_quant_fp8(x), w, s, bf16
+                ),
+                "fp8 _scaled_mm block": lambda qa=qa, sa=sa, w=wq, s=ws: ops._scaled_mm_fp8_block(qa, sa, w, s, bf16),
+                "fp8 _scaled_mm rowwise": lambda qa=qa, w=wq_row, one_a=ones_a, one_b=ones_b: torch._scaled_mm(
+                    qa, w.t(), scale_a=one_a, scale_b=one_b, out_dtype=bf16
+                ),
+                "fp8 weight-only triton": lambda x=x, w=wq, s=ws: k.gemm.weight_gemm(x, w, s, "fp8_block"),
+                "int8 triton GEMM": lambda qi=qi, si=si, w=wi, s=wis: k.gemm.int8_gemm(qi, si, w, s, bf16),
+                "int8 torch._int_mm": lambda qi=qi, si=si, w=wi, s=wis: ops._int_mm_int8(qi, si, w, s, bf16),
             }
             if ck.smoke:  # the interpreter is slow: the Triton paths and the torch peers once each
                 methods = {key: fn for key, fn in methods.items() if "quant+GEMM" not in key}
@@ -362,8 +374,10 @@ def gemm(ck: Check) -> None:
                     row["note"] = f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
                 rows.append(row)
             best = {r["method"]: r.get("tflops") for r in rows if r["shape"] == name and r["M"] == m}
-            log(f"  {name:<26} M={m:<5} " + "  ".join(f"{key.split(' ')[0]}/{key.split(' ', 1)[1]}={_fmt(v)}" for key, v in best.items()))
-        del w_bf16, wq, wi, wq_row
+            log(
+                f"  {name:<26} M={m:<5} "
+                + "  ".join(f"{key.split(' ')[0]}/{key.split(' ', 1)[1]}={_fmt(v)}" for key, v in best.items())
+            )
     ck.results["sections"]["gemm"] = {"rows": rows}
     table("GEMM TFLOP/s (2*M*N*K / time; fp8 = e4m3fn, block scales 1x128 x 128x128; int8 per token x per channel)",
           rows, ["shape", "M", "method", "ms", "tflops", "note"])  # fmt: skip
@@ -377,7 +391,7 @@ def moe(ck: Check) -> None:
 
     dev, bf16, f8 = ck.device, torch.bfloat16, torch.float8_e4m3fn
     g = torch.Generator(device=dev).manual_seed(2)
-    E, top, D, I = (8, 2, 200, 136) if ck.smoke else (256, 8, 7168, 2048)
+    E, top, D, FF = (8, 2, 200, 136) if ck.smoke else (256, 8, 7168, 2048)
     tokens = (1, 16) if ck.smoke else (1, 16, 128, 4096)
     rows: list[dict] = []
 
@@ -385,10 +399,11 @@ def moe(ck: Check) -> None:
         sc = torch.rand(E, -(-o // 128), -(-i // 128), generator=g, device=dev) * 1e-2 + 1e-3
         return Weight(random_fp8(torch, (E, o, i), f8, dev, g), "fp8_block", sc)
 
-    w = [fp8_weight(I, D), fp8_weight(I, D), fp8_weight(D, I)]
-    # the same FLOPs as one dense problem, in bf16: gate+up (D -> 2I) and down (I -> D)
-    w13_dense = (torch.randn(2 * I, D, generator=g, device=dev) * D**-0.5).to(bf16)
-    w2_dense = (torch.randn(D, I, generator=g, device=dev) * I**-0.5).to(bf16)
+    w = [fp8_weight(FF, D), fp8_weight(FF, D), fp8_weight(D, FF)]
+    moe_fn = ops._k().moe.moe_experts
+    # the same FLOPs as one dense problem, in bf16: gate+up (D -> 2I) and down (FF -> D)
+    w13 = (torch.randn(2 * FF, D, generator=g, device=dev) * D**-0.5).to(bf16)
+    w2 = (torch.randn(D, FF, generator=g, device=dev) * FF**-0.5).to(bf16)
     for n in tokens:
         if ck.over_budget():
             rows.append({"tokens": n, "method": "all", "note": "skipped (time budget)"})
@@ -396,15 +411,15 @@ def moe(ck: Check) -> None:
         x = torch.randn(n, D, generator=g, device=dev).to(bf16)
         ids = torch.rand(n, E, generator=g, device=dev).topk(top, dim=-1).indices
         weights = torch.rand(n, top, generator=g, device=dev)
-        flops = 2.0 * n * top * 3 * D * I
-        touched = ids.unique().numel() * 3 * D * I  # fp8 weight bytes read at least once
+        flops = 2.0 * n * top * 3 * D * FF
+        touched = ids.unique().numel() * 3 * D * FF  # fp8 weight bytes read at least once
         xa = torch.randn(n * top, D, generator=g, device=dev).to(bf16)
-        ha = torch.randn(n * top, I, generator=g, device=dev).to(bf16)
+        ha = torch.randn(n * top, FF, generator=g, device=dev).to(bf16)
         methods = {
-            "fp8 dynamic (grouped Triton)": lambda x=x, ids=ids, wt=weights: ops._k().moe.moe_experts(x, wt, ids, *w, 0, "dynamic"),
-            "fp8 weight-only (grouped Triton)": lambda x=x, ids=ids, wt=weights: ops._k().moe.moe_experts(x, wt, ids, *w, 0, "none"),
-            "bf16 dense-equivalent torch.matmul": lambda xa=xa, ha=ha: (xa @ w13_dense.t(), ha @ w2_dense.t()),
-        }  # fmt: skip
+            "fp8 dynamic (grouped Triton)": lambda x=x, ids=ids, wt=weights: moe_fn(x, wt, ids, *w, 0, "dynamic"),
+            "fp8 weight-only (grouped Triton)": lambda x=x, ids=ids, wt=weights: moe_fn(x, wt, ids, *w, 0, "none"),
+            "bf16 dense-equivalent torch.matmul": lambda xa=xa, ha=ha: (xa @ w13.t(), ha @ w2.t()),
+        }
         for method, fn in methods.items():
             row = {"tokens": n, "assignments": n * top, "experts_hit": ids.unique().numel(), "method": method}
             try:
@@ -416,9 +431,8 @@ def moe(ck: Check) -> None:
                 row["note"] = f"n/a: {type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
             rows.append(row)
             log(f"  tokens={n:<5} {method:<36} {_fmt(row.get('tflops'))} TFLOP/s {row.get('note', '')}")
-    del w, w13_dense, w2_dense
-    ck.results["sections"]["moe"] = {"rows": rows, "experts": E, "top_k": top, "dim": D, "inter": I}
-    table(f"MoE routed experts: E={E}, top-{top}, {D} -> {I} -> {D} (TFLOP/s = 6*D*I*tokens*k / time)", rows,
+    ck.results["sections"]["moe"] = {"rows": rows, "experts": E, "top_k": top, "dim": D, "inter": FF}
+    table(f"MoE routed experts: E={E}, top-{top}, {D} -> {FF} -> {D} (TFLOP/s = 6*D*FF*tokens*k / time)", rows,
           ["tokens", "experts_hit", "method", "ms", "tflops", "weight_GB_s", "note"])  # fmt: skip
 
 
@@ -519,13 +533,20 @@ def decode(ck: Check) -> None:
                     log(f"  {fmt}/{aq:<8} {backend:<8} batch {b:<3} {rate:9.1f} tokens/s")
                 del model
             except Exception as exc:
-                rows.append({"format": fmt, "act_quant": aq, "backend": backend, "note": f"error: {type(exc).__name__}: {exc}"})
+                rows.append(
+                    {"format": fmt, "act_quant": aq, "backend": backend, "note": f"error: {type(exc).__name__}: {exc}"}
+                )
                 log(f"  {fmt}/{aq} {backend}: {traceback.format_exc()}")
         for b, f in firsts.items():  # the two backends ran the same weights: their prefill logits agree
             if len(f) == 2:
                 err = rel_err(f["nvidia"].float(), f["cpu_ref"].float())
                 for r in rows:
-                    if (r.get("format"), r.get("act_quant"), r.get("batch"), r.get("backend")) == (fmt, aq, b, "nvidia"):
+                    if (r.get("format"), r.get("act_quant"), r.get("batch"), r.get("backend")) == (
+                        fmt,
+                        aq,
+                        b,
+                        "nvidia",
+                    ):
                         r["prefill_logits_rel_diff_vs_cpu_ref"] = err
     ck.results["sections"]["decode"] = {"rows": rows, "prompt": prompt, "steps": steps, "config": dict(
         hidden=cfg.hidden_size, layers=cfg.num_hidden_layers, experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok)}  # fmt: skip
@@ -541,8 +562,12 @@ SECTIONS = {"parity": parity, "gemm": gemm, "moe": moe, "decode": decode}
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU through TRITON_INTERPRET=1")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
-    parser.add_argument("--budget-s", type=float, default=330.0, help="stop starting benchmarks after this many seconds")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS)
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=330.0, help="stop starting benchmarks after this many seconds"
+    )
     parser.add_argument("--json", help="where to write the results (default: $OUT/gpu_check.json when OUT is set)")
     args = parser.parse_args(argv)
     if args.smoke:

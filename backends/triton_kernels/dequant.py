@@ -38,7 +38,11 @@ def _dequant_kernel(
     mask = (r[:, None] < R) & (c[None, :] < C)
     w = tl.load(w_ptr + e * stride_we + r[:, None].to(tl.int64) * stride_wr + c[None, :], mask=mask, other=0.0)
     if BLOCK_SCALED:
-        s = tl.load(s_ptr + e * stride_se + (r[:, None] // QB) * stride_sr + (c[None, :] // QB) * stride_sc, mask=mask, other=0.0)
+        s = tl.load(
+            s_ptr + e * stride_se + (r[:, None] // QB) * stride_sr + (c[None, :] // QB) * stride_sc,
+            mask=mask,
+            other=0.0,
+        )
     else:
         s = tl.load(s_ptr + e * stride_se + r * stride_sr, mask=r < R, other=0.0)[:, None]
     out = round_to(w.to(tl.float32) * s, OUT)

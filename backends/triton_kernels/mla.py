@@ -48,8 +48,16 @@ def _mla_kernel(
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
 
-    q = tl.load(ql_ptr + b * s_qlb + t * s_qlt + heads[:, None] * s_qlh + offs_c[None, :], mask=h_ok[:, None] & c_ok[None, :], other=0.0)
-    qp = tl.load(qp_ptr + b * s_qpb + t * s_qpt + heads[:, None] * s_qph + offs_r[None, :], mask=h_ok[:, None] & r_ok[None, :], other=0.0)
+    q = tl.load(
+        ql_ptr + b * s_qlb + t * s_qlt + heads[:, None] * s_qlh + offs_c[None, :],
+        mask=h_ok[:, None] & c_ok[None, :],
+        other=0.0,
+    )
+    qp = tl.load(
+        qp_ptr + b * s_qpb + t * s_qpt + heads[:, None] * s_qph + offs_r[None, :],
+        mask=h_ok[:, None] & r_ok[None, :],
+        other=0.0,
+    )
     if HP_IEEE:
         q = q.to(tl.float32)
         qp = qp.to(tl.float32)
@@ -60,8 +68,12 @@ def _mla_kernel(
         keys = s0 + tl.arange(0, BLOCK_S)
         k_ok = keys < hi
         k64 = keys.to(tl.int64)
-        kv = tl.load(kv_ptr + b * s_kvb + k64[:, None] * s_kvs + offs_c[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        pe = tl.load(pe_ptr + b * s_peb + k64[:, None] * s_pes + offs_r[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        kv = tl.load(
+            kv_ptr + b * s_kvb + k64[:, None] * s_kvs + offs_c[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0
+        )
+        pe = tl.load(
+            pe_ptr + b * s_peb + k64[:, None] * s_pes + offs_r[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0
+        )
         if HP_IEEE:
             kv = kv.to(tl.float32)
             pe = pe.to(tl.float32)

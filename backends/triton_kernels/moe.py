@@ -36,7 +36,8 @@ def align_by_expert(
     valid = (local >= 0) & (local < n_local)
     key = torch.where(valid, local, n_local)  # dropped assignments sort last, into bucket n_local
     order = torch.argsort(key, stable=True)  # (A,) assignment indices by expert
-    counts = torch.bincount(key, minlength=n_local + 1)[:n_local]  # (E,)
+    ones = torch.ones_like(key)
+    counts = torch.zeros(n_local + 1, dtype=key.dtype, device=device).scatter_add_(0, key, ones)[:n_local]  # (E,)
     padded = (counts + block_m - 1) // block_m * block_m
     pad_start = torch.cumsum(padded, 0) - padded  # (E,) where each expert's run begins
     raw_start = torch.cumsum(counts, 0) - counts  # (E,) where it begins in `order`
@@ -122,7 +123,9 @@ def moe_experts(
     fp8_dtype, scale_fmt = w1.data.dtype, w1.scale_fmt
     x = x.contiguous()
     n_assign = n_tok * topk
-    cfg1 = pick_config(max(1, n_assign // max(1, min(n_exp, n_assign))), inter, dim, a_kind, b_kind, dual=True, allow_split=False)
+    cfg1 = pick_config(
+        max(1, n_assign // max(1, min(n_exp, n_assign))), inter, dim, a_kind, b_kind, dual=True, allow_split=False
+    )
     rows, block_expert = align_by_expert(ids, expert_offset, n_exp, cfg1.block_m)
     n_rows = rows.numel()
 

@@ -61,11 +61,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @triton.jit
 def _silu_mul_kernel(
-    g_ptr, u_ptr, o_ptr, M, I, stride_g, stride_u, stride_o, OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+    g_ptr,
+    u_ptr,
+    o_ptr,
+    M,
+    N_COLS,
+    stride_g,
+    stride_u,
+    stride_o,
+    OUT: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows[:, None] < M) & (col[None, :] < I)
+    mask = (rows[:, None] < M) & (col[None, :] < N_COLS)
     g = tl.load(g_ptr + rows[:, None] * stride_g + col[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows[:, None] * stride_u + col[None, :], mask=mask, other=0.0).to(tl.float32)
     e = tl.exp(-tl.abs(g))  # never overflows

@@ -50,7 +50,9 @@ def check_tensor(
     require(isinstance(t, torch.Tensor), where, f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if dtypes is not None:
         names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        require(t.dtype in dtypes, where, f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}")
+        require(
+            t.dtype in dtypes, where, f"{name} must have dtype in ({names}), got {str(t.dtype).replace('torch.', '')}"
+        )
     if ndim is not None:
         require(t.dim() == ndim, where, f"{name} must have {ndim} dims, got shape {list(t.shape)}")
     if shape is not None:
@@ -63,12 +65,20 @@ def check_device(where: str, **tensors: torch.Tensor | None) -> torch.device:
     """All tensors on one device: a GPU, or the CPU when the interpreter is on."""
     given = {k: v for k, v in tensors.items() if v is not None}
     devices = {str(v.device) for v in given.values()}
-    require(len(devices) == 1, where, f"tensors on different devices: {', '.join(f'{k}={v.device}' for k, v in given.items())}")
+    require(
+        len(devices) == 1,
+        where,
+        f"tensors on different devices: {', '.join(f'{k}={v.device}' for k, v in given.items())}",
+    )
     device = next(iter(given.values())).device
     if interpreting():
         require(device.type == "cpu", where, f"with {INTERPRET_ENV}=1 tensors must be on the cpu, got {device}")
     else:
-        require(device.type == "cuda", where, f"tensors must be on a GPU (cuda device), got {device}; set {INTERPRET_ENV}=1 to run on the cpu")
+        require(
+            device.type == "cuda",
+            where,
+            f"tensors must be on a GPU (cuda device), got {device}; set {INTERPRET_ENV}=1 to run on the cpu",
+        )
     return device
 
 
@@ -85,7 +95,7 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sm_count(index: int) -> int:
     """Streaming multiprocessors (compute units on AMD) of a GPU; 1 under the interpreter."""
     if interpreting() or not torch.cuda.is_available():

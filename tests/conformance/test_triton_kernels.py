@@ -60,11 +60,15 @@ def rand(*shape, dtype=F32, seed=0, scale=1.0) -> torch.Tensor:
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    assert got.shape == want.shape and got.dtype == want.dtype, (
+        f"{what}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
+    )
     diff = (got.double() - want.double()).abs()
     top = want.double().abs().max().item()
     err = diff.max().item() / max(top, 1e-30)
-    assert err <= rtol, f"{what}: max|diff| {diff.max().item():.3e} ({err:.2e} of max|want| {top:.3e}), mean {diff.mean().item():.3e}"
+    assert err <= rtol, (
+        f"{what}: max|diff| {diff.max().item():.3e} ({err:.2e} of max|want| {top:.3e}), mean {diff.mean().item():.3e}"
+    )
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -123,7 +127,11 @@ def test_act_quant_int8_bit_exact(kernels, m, k, dtype):
 def test_dequantize_bit_exact(kernels, fmt, shape, dtype):
     experts = shape[0] if len(shape) == 3 else 0
     out_f, in_f = shape[-2:]
-    w = int8_weight(out_f, in_f, 2, experts) if fmt == "int8" else fp8_weight(out_f, in_f, FN if fmt == "e4m3fn" else FNUZ, 2, experts)
+    w = (
+        int8_weight(out_f, in_f, 2, experts)
+        if fmt == "int8"
+        else fp8_weight(out_f, in_f, FN if fmt == "e4m3fn" else FNUZ, 2, experts)
+    )
     got = ops.dequantize(w, dtype)
     assert torch.equal(got, ref.dequantize(w, dtype))
 
@@ -278,12 +286,18 @@ def test_wrappers_reject_bad_arguments_with_one_clear_line(kernels):
     cases = [
         (lambda: kernels.quant.act_quant_fp8(x.to(torch.int32)), "act_quant_fp8: x must have dtype in"),
         (lambda: kernels.quant.act_quant_fp8(x, torch.float16), "fp8_dtype must be float8_e4m3fn or float8_e4m3fnuz"),
-        (lambda: kernels.gemm.fp8_block_gemm(q, s[:, :1], w.data, w.scale), "a_scale must have shape [4, 2], got [4, 1]"),
+        (
+            lambda: kernels.gemm.fp8_block_gemm(q, s[:, :1], w.data, w.scale),
+            "a_scale must have shape [4, 2], got [4, 1]",
+        ),
         (lambda: kernels.gemm.fp8_block_gemm(q, s, w.data.view(FNUZ), w.scale), "b must have dtype in (float8_e4m3fn)"),
         (lambda: kernels.gemm.int8_gemm(q, s, w.data, w.scale), "int8_gemm: a must have dtype in (int8)"),
         (lambda: kernels.gemm.weight_gemm(x, w.data[:, :100], w.scale, FP8_BLOCK), "x is (M, K) = [4, 256]"),
         (lambda: kernels.norm.rms_norm(x, torch.ones(7), 1e-6), "rms_norm: weight must have shape [256]"),
-        (lambda: kernels.norm.rms_norm(x.to("meta"), torch.ones(256, device="meta"), 1e-6), "tensors must be on the cpu"),
+        (
+            lambda: kernels.norm.rms_norm(x.to("meta"), torch.ones(256, device="meta"), 1e-6),
+            "tensors must be on the cpu",
+        ),
         (lambda: kernels.dequant.dequantize_weight(w.data, w.scale, "nf4", F32), "unknown quantized format 'nf4'"),
     ]
     for call, message in cases:
