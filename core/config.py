@@ -162,8 +162,7 @@ class ModelConfig:
         if self.n_routed_experts > 0:
             if self.num_experts_per_tok > self.n_routed_experts:
                 raise bad(
-                    f"num_experts_per_tok ({self.num_experts_per_tok}) > n_routed_experts "
-                    f"({self.n_routed_experts})"
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) > n_routed_experts ({self.n_routed_experts})"
                 )
             if self.num_experts_per_tok <= 0:
                 raise bad("num_experts_per_tok must be positive")
@@ -182,8 +181,7 @@ class ModelConfig:
                 )
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise bad(
-                f"first_k_dense_replace ({self.first_k_dense_replace}) > num_hidden_layers "
-                f"({self.num_hidden_layers})"
+                f"first_k_dense_replace ({self.first_k_dense_replace}) > num_hidden_layers ({self.num_hidden_layers})"
             )
         if self.yarn is not None and self.yarn.factor < 1:
             raise bad(f"rope_scaling.factor must be >= 1, got {self.yarn.factor}")
@@ -336,6 +334,8 @@ def load_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
+    if not path.exists() and not path.suffix and len(path.parts) == 1:
+        path = builtin_config(str(path))  # e.g. --config deepseek-v3-671b
     if not path.exists():
         raise Dsv3Error(f"{path}: config file not found")
     text = path.read_text()
@@ -359,4 +359,4 @@ def builtin_config(name: str) -> Path:
         candidate = files("dsv3.configs") / f"{name}{suffix}"
         if candidate.is_file():
             return Path(str(candidate))
-    raise Dsv3Error(f"no built-in config called {name!r}")
+    raise Dsv3Error(f"{name}: config file not found (and no built-in config of that name)")

@@ -72,10 +72,15 @@ def linear_int8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
     return y.to(x.dtype).reshape(*shape[:-1], w.out_features)
 
 
+def linear_hp(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    """x (..., in), w hp (out, in) in x.dtype -> (..., out): a plain matrix product."""
+    return F.linear(x, w.data)
+
+
 def linear_for(fmt: str, act_quant: str):
     """The reference linear for a weight format and activation-quantization mode."""
     if fmt == HP:
-        return lambda x, w: F.linear(x, w.data)
+        return linear_hp
     if act_quant == "dynamic" and fmt == FP8_BLOCK:
         return linear_fp8_dynamic
     if act_quant == "dynamic" and fmt == INT8_W8A8:
