@@ -210,6 +210,10 @@ def load(
         if ckpt_path is None:
             raise Dsv3Error("no --ckpt-path given and this installation has no embedded model")
     path = Path(ckpt_path)
+    whole_model = registry.get_backend(backend).info.extra.get("whole_model")
+    if whole_model is not None:  # a backend that runs whole exported graphs (onnxruntime), no operator table
+        kw = dict(dtype=dtype, attn_impl=attn_impl, act_quant=act_quant, config=config, weight_format=weight_format)
+        return Engine(whole_model(path, **kw, parallel=parallel, progress=progress), _load_tokenizer(path), path)
     files = CheckpointFiles(path)
     cfg = load_config(config if config is not None else path / "config.json")
     cfg = drop_absent_mtp(cfg, files)

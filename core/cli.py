@@ -12,7 +12,7 @@ import sys
 
 from .errors import Dsv3Error
 
-COMMANDS = ("run", "backends", "convert", "conformance", "parity", "eval", "serve")
+COMMANDS = ("run", "backends", "convert", "conformance", "parity", "eval", "serve", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
