@@ -342,6 +342,9 @@ def _export_graph(model, where: Path, opset: int, exporter: str) -> None:
             StepGraph(model).eval(), example_inputs(model), str(graph), dynamo=exporter == "dynamo", **kwargs
         )
     proto = onnx.load(str(graph))  # loads any external data the exporter wrote
+    for f in where.iterdir():  # onnx appends to an existing data file: start from none
+        if f != graph:
+            f.unlink()
     _constants_to_initializers(proto)
     onnx.save_model(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE)
     onnx.checker.check_model(str(graph), full_check=True)
