@@ -26,6 +26,7 @@ import time
 
 import httpx
 import openai
+import torch
 
 import dsv3
 
@@ -123,13 +124,17 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=256)
     ap.add_argument("--max-batch", default="16,1", help="comma-separated slot counts to compare")
-    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads for the server (OMP_NUM_THREADS) and the references"
+    )
     ap.add_argument("--timeout", type=float, default=900, help="seconds allowed per run")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
 
     ps = prompts(args.clients)
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run", flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     engine = dsv3.load(args.ckpt_path, dtype=args.dtype, progress=False)
     t = time.perf_counter()
     refs = [engine.generate([p], args.max_tokens, temperature=0, chat=False)[0] for p in ps]

@@ -86,6 +86,7 @@ class _Run:
         self.scheduler, self.job, self.engine, self.poll_s = scheduler, job, engine, poll_s
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.disconnected = False
         self.choices = []
         for i, (prompt, max_tokens) in enumerate(zip(job.prompts, job.max_tokens, strict=True)):
             req = GenRequest(
@@ -122,6 +123,7 @@ class _Run:
             while not all(c.done for c in self.choices):
                 item = await self.queue.get()
                 if item is _GONE:
+                    self.disconnected = True
                     return
                 i, ev = item
                 c = self.choices[i]
@@ -142,10 +144,6 @@ class _Run:
             watcher.cancel()
             self.cancel()
 
-    @property
-    def gone(self) -> bool:
-        return not all(c.done for c in self.choices)
-
     def final_text(self, c: _Choice) -> str:
         """The whole completion decoded at once (as ``dsv3 run`` does), cut at the first stop string."""
         text = self.engine.decode(c.ids)
@@ -162,9 +160,150 @@ class _Run:
         return APIError(500, errors[0], type="server_error") if errors else None
 
 
+def _check_ids(ids: list[int], param: str, vocab: int) -> list[int]:
+    """A prompt's token ids, checked: non-empty and inside the vocabulary."""
+    if not ids:
+        raise APIError(400, f"'{param}' is empty", param)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"'{param}' has token id {bad}, outside the vocabulary [0, {vocab})", param)
+    return ids
+
+
+def _job(
+    req: CompletionRequest | ChatRequest,
+    prompts: list[list[int]],
+    param: str,
+    default_tokens: int,
+    settings: ServeSettings,
+    eos_ids: tuple[int, ...],
+) -> _Job:
+    """Check the prompts and token budget against the server's limits; 400s name the field at fault."""
+    chat_limit = isinstance(req, ChatRequest) and req.max_tokens is None and req.max_completion_tokens is not None
+    limit_name = "max_completion_tokens" if chat_limit else "max_tokens"
+    requested = req.max_completion_tokens if chat_limit else req.max_tokens
+    if requested is not None and requested > settings.max_tokens_limit:
+        raise APIError(
+            400,
+            f"'{limit_name}' is {requested}, more than this server's limit of {settings.max_tokens_limit}",
+            limit_name,
+        )
+    budgets = []
+    for ids in prompts:
+        n = len(ids)
+        if n > settings.max_prompt_tokens:
+            raise APIError(
+                400,
+                f"the prompt has {n} tokens, more than this server's limit of {settings.max_prompt_tokens}",
+                param,
+                "context_length_exceeded",
+            )
+        room = settings.max_model_len - n
+        if requested is not None and requested > room:
+            raise APIError(
+                400,
+                f"this model's maximum context length is {settings.max_model_len} tokens; the prompt has {n} "
+                f"and '{limit_name}' asks for {requested} more",
+                limit_name,
+                "context_length_exceeded",
+            )
+        budget = requested if requested is not None else min(default_tokens, settings.max_tokens_limit, room)
+        if budget < 1:
+            raise APIError(
+                400,
+                f"the prompt has {n} tokens and leaves no room to generate within the model's "
+                f"maximum context length of {settings.max_model_len}",
+                param,
+                "context_length_exceeded",
+            )
+        budgets.append(budget)
+    return _Job(
+        prompts,
+        budgets,
+        1.0 if req.temperature is None else float(req.temperature),
+        1.0 if req.top_p is None else float(req.top_p),
+        req.seed,
+        stops_of(req.stop),
+        frozenset() if req.ignore_eos else frozenset(eos_ids),
+        bool(req.stream),
+        bool(req.stream and req.stream_options and req.stream_options.include_usage),
+        bool(req.return_token_ids),
+    )
+
+
+def _chat_ids(tok, messages: list[dict[str, str]]) -> list[int]:
+    """The conversation through the tokenizer's chat template, ready for the assistant's turn."""
+    if not getattr(tok, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
+    try:
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as exc:  # the template rejected the conversation (e.g. role order)
+        raise APIError(400, f"the chat template rejected these messages: {exc}", "messages") from None
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def _sse(obj: dict | str) -> str:
     data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"
+
+
+def _body(run: _Run, head: dict, chat: bool) -> dict:
+    """The whole (non-streaming) response; a 500 APIError if generation failed."""
+    err = run.error()
+    if err is not None:
+        raise err
+    choices = []
+    for i, c in enumerate(run.choices):
+        text = run.final_text(c)
+        choice: dict = {"index": i}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        choice |= {"logprobs": None, "finish_reason": c.finish}
+        if run.job.return_token_ids:
+            choice["token_ids"] = c.ids
+        choices.append(choice)
+    return {**head, "choices": choices, "usage": run.usage()}
+
+
+async def _stream_events(request: Request, run: _Run, head: dict, chat: bool) -> AsyncIterator[str]:
+    """Server-sent events: OpenAI chunks as tokens arrive, the usage chunk if asked, then ``[DONE]``."""
+
+    def chunk(i: int, text: str | None, finish: str | None, ids: tuple[int, ...] | None = None) -> str:
+        if chat:
+            delta = {} if text is None else {"content": text}
+            choice = {"index": i, "delta": delta}
+        else:
+            choice = {"index": i, "text": text or ""}
+        choice |= {"logprobs": None, "finish_reason": finish}
+        if ids is not None:
+            choice["token_ids"] = list(ids)
+        return _sse({**head, "choices": [choice]})
+
+    try:
+        if chat:
+            role = {"role": "assistant", "content": ""}
+            for i in range(len(run.choices)):
+                yield _sse({**head, "choices": [{"index": i, "delta": role, "logprobs": None, "finish_reason": None}]})
+        async for i, delta, ids in run.updates(request):
+            c = run.choices[i]
+            if c.error is not None:
+                yield _sse(APIError(500, c.error, type="server_error").body())
+                continue
+            if delta or (run.job.return_token_ids and ids):
+                yield chunk(i, delta, None, ids if run.job.return_token_ids else None)
+            if c.finish is not None:
+                yield chunk(i, None if chat else "", c.finish)
+        if run.disconnected:
+            return
+        if run.job.include_usage:
+            yield _sse({**head, "choices": [], "usage": run.usage()})
+        yield _sse("[DONE]")
+    finally:
+        run.cancel()
 
 
 def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) -> FastAPI:
@@ -233,71 +372,6 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
                 "model_not_found",
             )
 
-    def check_ids(ids: list[int], param: str) -> list[int]:
-        if not ids:
-            raise APIError(400, f"'{param}' is empty", param)
-        vocab = engine.cfg.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"'{param}' has token id {bad}, outside the vocabulary [0, {vocab})", param)
-        return ids
-
-    def make_job(req, prompts: list[list[int]], param: str, default_tokens: int) -> _Job:
-        requested = req.max_completion_tokens if isinstance(req, ChatRequest) else None
-        requested = req.max_tokens if req.max_tokens is not None else requested
-        limit_name = (
-            "max_tokens"
-            if req.max_tokens is not None or isinstance(req, CompletionRequest)
-            else ("max_completion_tokens")
-        )
-        if requested is not None and requested > settings.max_tokens_limit:
-            raise APIError(
-                400,
-                f"'{limit_name}' is {requested}, more than this server's limit of {settings.max_tokens_limit}",
-                limit_name,
-            )
-        budgets = []
-        for ids in prompts:
-            n = len(ids)
-            if n > settings.max_prompt_tokens:
-                raise APIError(
-                    400,
-                    f"the prompt has {n} tokens, more than this server's limit of {settings.max_prompt_tokens}",
-                    param,
-                    "context_length_exceeded",
-                )
-            room = settings.max_model_len - n
-            if requested is not None and requested > room:
-                raise APIError(
-                    400,
-                    f"this model's maximum context length is {settings.max_model_len} tokens; the prompt has {n} "
-                    f"and '{limit_name}' asks for {requested} more",
-                    limit_name,
-                    "context_length_exceeded",
-                )
-            budget = requested if requested is not None else min(default_tokens, settings.max_tokens_limit, room)
-            if budget < 1:
-                raise APIError(
-                    400,
-                    f"the prompt has {n} tokens and leaves no room to generate within the model's "
-                    f"maximum context length of {settings.max_model_len}",
-                    param,
-                    "context_length_exceeded",
-                )
-            budgets.append(budget)
-        return _Job(
-            prompts,
-            budgets,
-            1.0 if req.temperature is None else float(req.temperature),
-            1.0 if req.top_p is None else float(req.top_p),
-            req.seed,
-            stops_of(req.stop),
-            frozenset() if req.ignore_eos else frozenset(engine.eos_ids),
-            bool(req.stream),
-            bool(req.stream and req.stream_options and req.stream_options.include_usage),
-            bool(req.return_token_ids),
-        )
-
     # ------------------------------------------------------------ routes
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -327,11 +401,12 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         check_auth(request)
         req = parse(CompletionRequest, await read_json(request))
         check_model(req.model)
+        vocab = engine.cfg.vocab_size
         prompts = [
-            check_ids(engine.encode(p, chat=False) if isinstance(p, str) else p, "prompt")
+            _check_ids(engine.encode(p, chat=False) if isinstance(p, str) else p, "prompt", vocab)
             for p in prompts_of(req.prompt)
         ]
-        job = make_job(req, prompts, "prompt", settings.default_completion_tokens)
+        job = _job(req, prompts, "prompt", settings.default_completion_tokens, settings, engine.eos_ids)
         return await respond(request, job, chat=False)
 
     @app.post("/v1/chat/completions")
@@ -339,21 +414,9 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         check_auth(request)
         req = parse(ChatRequest, await read_json(request))
         check_model(req.model)
-        ids = check_ids(chat_ids(messages_of(req.messages)), "messages")
-        job = make_job(req, [ids], "messages", settings.max_tokens_limit)
+        ids = _check_ids(_chat_ids(engine.tokenizer, messages_of(req.messages)), "messages", engine.cfg.vocab_size)
+        job = _job(req, [ids], "messages", settings.max_tokens_limit, settings, engine.eos_ids)
         return await respond(request, job, chat=True)
-
-    def chat_ids(messages: list[dict[str, str]]) -> list[int]:
-        tok = engine.tokenizer
-        if not getattr(tok, "chat_template", None):
-            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-        try:
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as exc:  # the template rejected the conversation (e.g. role order)
-            raise APIError(400, f"the chat template rejected these messages: {exc}", "messages") from None
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
-        return list(ids)
 
     async def respond(request: Request, job: _Job, chat: bool):
         run = _Run(scheduler, job, engine, settings.disconnect_poll_s)
@@ -367,75 +430,15 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         }
         if job.stream:
             head["object"] = "chat.completion.chunk" if chat else "text_completion"
-            events = stream_events(request, run, head, chat)
+            events = _stream_events(request, run, head, chat)
             headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
             return StreamingResponse(
                 events, media_type="text/event-stream", headers=headers, background=BackgroundTask(run.cancel)
             )
         async for _ in run.updates(request):
             pass
-        if run.gone:
+        if run.disconnected:
             return JSONResponse({}, status_code=499)  # nobody is listening any more
-        err = run.error()
-        if err is not None:
-            raise err
-        choices = []
-        for i, c in enumerate(run.choices):
-            text = run.final_text(c)
-            choice = {"index": i}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            choice |= {"logprobs": None, "finish_reason": c.finish}
-            if job.return_token_ids:
-                choice["token_ids"] = c.ids
-            choices.append(choice)
-        return {**head, "choices": choices, "usage": run.usage()}
-
-    async def stream_events(request: Request, run: _Run, head: dict, chat: bool) -> AsyncIterator[str]:
-        def chunk(i: int, text: str | None, finish: str | None, ids: tuple[int, ...] | None = None) -> str:
-            if chat:
-                delta = {} if text is None else {"content": text}
-                choice = {"index": i, "delta": delta}
-            else:
-                choice = {"index": i, "text": text or ""}
-            choice |= {"logprobs": None, "finish_reason": finish}
-            if ids is not None:
-                choice["token_ids"] = list(ids)
-            return _sse({**head, "choices": [choice]})
-
-        try:
-            if chat:
-                for i in range(len(run.choices)):
-                    yield _sse(
-                        {
-                            **head,
-                            "choices": [
-                                {
-                                    "index": i,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            ],
-                        }
-                    )
-            async for i, delta, ids in run.updates(request):
-                c = run.choices[i]
-                if c.error is not None:
-                    yield _sse(APIError(500, c.error, type="server_error").body())
-                    continue
-                if delta or (run.job.return_token_ids and ids):
-                    yield chunk(i, delta, None, ids if run.job.return_token_ids else None)
-                if c.finish is not None:
-                    yield chunk(i, None if chat else "", c.finish)
-            if run.gone:
-                return
-            if run.job.include_usage:
-                yield _sse({**head, "choices": [], "usage": run.usage()})
-            yield _sse("[DONE]")
-        finally:
-            run.cancel()
+        return _body(run, head, chat)
 
     return app

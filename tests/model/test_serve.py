@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import queue
+import re
 import subprocess
 import sys
 import threading
@@ -49,10 +52,10 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A tiny checkpoint with a word-level tokenizer that has a chat template."""
+    """A tiny checkpoint (with an MTP layer) and a word-level tokenizer that has a chat template."""
     from transformers import AutoTokenizer
 
-    path = make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", seed=4)
+    path = make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny", seed=4, mtp=True)
     add_tiny_tokenizer(path)
     tok = AutoTokenizer.from_pretrained(str(path))
     tok.chat_template = CHAT_TEMPLATE
@@ -400,9 +403,13 @@ def test_after_bad_requests_every_slot_is_free_and_requests_succeed(server, clie
 
 
 # ------------------------------------------------------------ abandoned requests free their slots
+def idle(url: str) -> dict:
+    return wait_for(url, lambda h: h["slots_used"] == 0 and h["waiting"] == 0, "an idle server")
+
+
 def test_aborted_stream_frees_its_slot(server, client):
     url, scheduler = server
-    before = health(url)
+    before = idle(url)
     with held(scheduler) as gate:
         stream = client.chat.completions.create(
             model=NAME,
@@ -425,7 +432,7 @@ def test_aborted_stream_frees_its_slot(server, client):
 
 def test_client_that_gives_up_on_a_non_streaming_request_frees_its_slot(server, client):
     url, scheduler = server
-    before = health(url)
+    before = idle(url)
     with held(scheduler) as gate:
         impatient = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=1.0)
         with pytest.raises(openai.APITimeoutError):
@@ -441,6 +448,7 @@ def test_requests_join_a_running_batch(engine, server, client):
     url, scheduler = server
     prompts, budgets = PROMPTS[:4], [12, 6, 9, 4]
     want = [_ref(engine, p, n, chat=False, temperature=0) for p, n in zip(prompts, budgets, strict=True)]
+    idle(url)
     with held(scheduler) as gate, ThreadPoolExecutor(4) as pool:
         first = pool.submit(client.completions.create, model=NAME, prompt=prompts[0], max_tokens=12, temperature=0)
         wait_for(url, lambda h: h["slots_used"] == 1, "the first request to start")
@@ -457,3 +465,45 @@ def test_requests_join_a_running_batch(engine, server, client):
     h = health(url)
     assert h["peak_batch"] == 4
     assert h["steps"] - steps == budgets[0] - 1  # the others rode along in the first request's steps
+
+
+# ------------------------------------------------------------ the command line
+def test_dsv3_serve_command_with_mtp(ckpt, engine):
+    """`dsv3 serve --mtp 2` in a subprocess: greedy answers equal plain generation; /health says mtp mode."""
+    cmd = [sys.executable, "-m", "dsv3", "serve", "--ckpt-path", str(ckpt), "--dtype", "float32", "--port", "0"]
+    cmd += ["--api-key", KEY, "--served-model-name", NAME, "--max-model-len", "64", "--mtp", "2"]
+    cmd += ["--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    try:
+        url = None
+        while url is None:
+            line = lines.get(timeout=120)
+            m = re.search(r"on (http://\S+?)/v1 with speculative decoding", line)
+            url = m.group(1) if m else None
+        wait_for(url, lambda h: h["status"] == "ok", "the server")
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT_S)
+        for p in PROMPTS[:2]:
+            r = client.completions.create(model=NAME, prompt=p, max_tokens=10, temperature=0)
+            assert r.choices[0].text == _ref(engine, p, 10, chat=False, temperature=0).text
+        h = health(url)
+        assert h["mtp"] == 2 and h["slots_total"] == 1 and h["finished"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_dsv3_serve_refuses_bad_limits_and_a_busy_port(ckpt, capsys):
+    from dsv3.cli import main as cli_main
+
+    assert cli_main(["serve", "--ckpt-path", str(ckpt), "--max-batch", "0"]) == 2
+    assert "--max-batch must be at least 1" in capsys.readouterr().err
+    busy = bind_socket("127.0.0.1", 0)
+    try:
+        assert cli_main(["serve", "--ckpt-path", str(ckpt), "--port", str(busy.getsockname()[1])]) == 2
+        assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
+    finally:
+        busy.close()
+    assert cli_main(["serve", "--ckpt-path", str(ckpt), "--port", "0", "--max-model-len", "4096"]) == 2
+    assert "exceeds the model's max_position_embeddings (128)" in capsys.readouterr().err
