@@ -44,7 +44,10 @@ class OnnxModel:
         import onnxruntime as ort
 
         self.export_dir = Path(export_dir)
-        self.manifest = json.loads((self.export_dir / MANIFEST).read_text())
+        try:
+            self.manifest = json.loads((self.export_dir / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise Dsv3Error(f"{self.export_dir / MANIFEST}: cannot read the export manifest ({exc})") from None
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise Dsv3Error(
                 f"{self.export_dir / MANIFEST}: export format {self.manifest.get('format_version')!r}, "
@@ -157,11 +160,13 @@ def load_whole_model(
         raise Dsv3Error("backend onnxruntime runs high-precision exported weights (no --act-quant/--weight-format)")
     if parallel is not None and parallel.world_size > 1:
         raise Dsv3Error("backend onnxruntime runs in one process (no tensor/expert parallelism)")
+    if not path.is_dir():
+        raise Dsv3Error(f"{path}: checkpoint directory not found")
     name = str(dtype).removeprefix("torch.")
     if is_export_dir(path):
         model = OnnxModel(path, config)
         if name not in (model.dtype, "bfloat16"):  # bfloat16: the CLI default, not a request
-            print(f"dsv3: {path} was exported in {model.dtype}; running it in {model.dtype}", file=sys.stderr)
+            print(f"dsv3: {path} holds a {model.dtype} export: running in {model.dtype}, not {name}", file=sys.stderr)
         return model
     if name == "bfloat16":
         print("dsv3: backend onnxruntime runs bfloat16 as float32 (no bfloat16 CPU kernels)", file=sys.stderr)

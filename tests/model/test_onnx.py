@@ -225,3 +225,16 @@ def test_quantized_checkpoint_is_refused_with_a_pointer_to_convert(tiny, tmp_pat
     with pytest.raises(Dsv3Error, match=r"quantized.*dsv3 convert"):
         export_onnx(fp8, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_paths_are_one_line_errors(tmp_path, embedded, capsys):
+    assert cli_main(["run", "--backend", "onnxruntime", "--ckpt-path", str(tmp_path / "nope"), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err.strip() == f"dsv3: error: {tmp_path / 'nope'}: checkpoint directory not found"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in embedded[0].iterdir():
+        (broken / f.name).symlink_to(f)
+    (broken / "manifest.json").unlink()
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(Dsv3Error, match="manifest.json: cannot read the export manifest"):
+        dsv3.load(broken, backend="onnxruntime")
