@@ -25,6 +25,12 @@ def main(args) -> int:
         if b.info is not None and not args.brief:
             print(f"  {desc}; device {b.info.device}, communication {b.info.dist_backend}")
             print(f"  weight formats: {', '.join(b.info.formats)}")
+            if b.info.convert_formats:
+                conv = "; ".join(f"{src} -> {' or '.join(dst)}" for src, dst in b.info.convert_formats.items())
+                print(f"  converts at load: {conv}")
+            if "whole_model" in b.info.extra:
+                print("  operators: runs whole exported graphs (no per-operator hooks)")
+                continue
             cov = registry.coverage(b, FORMATS)
             if not cov:
                 print("  operators: none of its own (everything falls back to cpu_ref)")
