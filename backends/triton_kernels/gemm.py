@@ -49,7 +49,7 @@ ROWS_PLAIN, ROWS_GATHER, ROWS_SCATTER = 0, 1, 2
 TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "TOPK", "k_tiles_per_split"])  # token counts vary: one compile
 def _gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, b2_ptr, bs2_ptr, c_ptr, rows_ptr, expert_ptr, rw_ptr,
     M, N, K, TOPK, k_tiles_per_split,
@@ -203,7 +203,15 @@ class GemmConfig:
 
 
 def pick_config(
-    m: int, n: int, k: int, a_kind: int, b_kind: int, dual: bool = False, allow_split: bool = True, device=None
+    m: int,
+    n: int,
+    k: int,
+    a_kind: int,
+    b_kind: int,
+    dual: bool = False,
+    allow_split: bool = True,
+    device=None,
+    a_dtype: torch.dtype | None = None,
 ) -> GemmConfig:
     """A tile shape for the problem: small M (decode) gets thin tiles and split-K to fill the GPU.
 
@@ -217,8 +225,8 @@ def pick_config(
         return GemmConfig(min(64, max(16, next_pow2(m))), min(2048, max(16, next_pow2(n))), bk, 8, 4, 1, 1)
     bk = 128 if (a_kind != A_HP or fp8) else 64
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    if is_hip():
-        bm = min(bm, 64)  # MI300 has 64 KiB of LDS per CU
+    if is_hip() or a_dtype == torch.float32:
+        bm = min(bm, 64)  # MI300 has 64 KiB of LDS per CU; fp32 A tiles are twice as large
     bn = 128 if bm >= 64 else 64
     if dual:
         bn = min(bn, 64)  # two accumulators
@@ -304,7 +312,7 @@ def launch_gemm(
 
 def _dense(a, a_scale, b, b_scale, a_kind, b_kind, out_dtype, split_k) -> torch.Tensor:
     m, n, k = a.shape[0], b.shape[0], b.shape[1]
-    config = pick_config(m, n, k, a_kind, b_kind, device=a.device)
+    config = pick_config(m, n, k, a_kind, b_kind, device=a.device, a_dtype=a.dtype)
     if split_k is not None:
         config = dataclasses.replace(config, split_k=split_k)
     if m == 0 or n == 0:

@@ -21,7 +21,7 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "S", "keys_per_split"])  # the cache grows every step: one compile
 def _mla_kernel(
     ql_ptr, qp_ptr, kv_ptr, pe_ptr, pos_ptr, o_ptr, lse_ptr,
     T, H, S, C, R, keys_per_split, qk_scale,
@@ -43,7 +43,7 @@ def _mla_kernel(
     c_ok = offs_c < C
     r_ok = offs_r < R
 
-    pos = tl.load(pos_ptr + b * s_posb + t)
+    pos = tl.load(pos_ptr + b * s_posb + t).to(tl.int32)  # loop bounds in one integer type
     n_keys = tl.minimum(pos + 1, S)
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)

@@ -123,8 +123,9 @@ def moe_experts(
     fp8_dtype, scale_fmt = w1.data.dtype, w1.scale_fmt
     x = x.contiguous()
     n_assign = n_tok * topk
+    a_dtype = x.dtype if a_kind == A_HP else None  # tile sizes depend on the bytes of A
     cfg1 = pick_config(
-        max(1, n_assign // max(1, min(n_exp, n_assign))), inter, dim, a_kind, b_kind, dual=True, allow_split=False
+        max(1, n_assign // max(1, min(n_exp, n_assign))), inter, dim, a_kind, b_kind, True, False, None, a_dtype
     )
     rows, block_expert = align_by_expert(ids, expert_offset, n_exp, cfg1.block_m)
     n_rows = rows.numel()
@@ -139,7 +140,7 @@ def moe_experts(
     )  # fmt: skip
 
     ha, hs = _quantize_rows(h, a_kind, fp8_dtype, scale_fmt)
-    cfg2 = pick_config(cfg1.block_m, dim, inter, a_kind, b_kind, allow_split=False)
+    cfg2 = pick_config(cfg1.block_m, dim, inter, a_kind, b_kind, allow_split=False, a_dtype=a_dtype)
     cfg2 = dataclasses.replace(cfg2, block_m=cfg1.block_m)  # blocks must match the alignment
     y = torch.zeros((n_assign, dim), dtype=torch.float32, device=x.device)
     launch_gemm(

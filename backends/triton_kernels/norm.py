@@ -12,7 +12,7 @@ from .runtime import HP_DTYPES, cdiv, check_device, check_tensor, interpreting, 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _rms_norm_kernel(
     x_ptr, w_ptr, o_ptr, M, D, stride_x, stride_o, eps, OUT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -59,7 +59,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out.view(x.shape)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _silu_mul_kernel(
     g_ptr,
     u_ptr,

@@ -29,7 +29,7 @@ from .runtime import (
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _act_quant_fp8_kernel(
     x_ptr,
     q_ptr,
@@ -104,7 +104,7 @@ def _rows_per_program(m: int) -> int:
     return 1 if m <= 1024 else 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _act_quant_int8_kernel(
     x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, AMAX_MIN: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
 ):
