@@ -248,18 +248,16 @@ def parity(ck: Check) -> None:
 
         def fp8_dyn(x=x, m=m):
             got = ops.resolve("linear", OpRequest("fp8_block", "dynamic", bf16), vendor_gemms=True)(x, w_fp8)
-            path = (
-                "torch._scaled_mm"
-                if ops._fast_ok_shape("fp8", m, Q, D) and ops.fast_path_status("fp8")[0]
-                else "triton"
-            )
+            fast = ops.vendor_min_m("fp8") is not None and ops._fast_ok_shape("fp8", m, Q, D, ops.vendor_min_m("fp8"))
+            path = "torch._scaled_mm" if fast and ops.fast_path_status("fp8")[0] else "triton"
             return rel_err(got, ref.linear_fp8_dynamic(x, w_fp8)), path
 
         def int8_dyn(x=x, m=m):
             got = ops.resolve("linear", OpRequest("int8_w8a8", "dynamic", bf16), vendor_gemms=True)(x, w_int8)
-            path = (
-                "torch._int_mm" if ops._fast_ok_shape("int8", m, Q, D) and ops.fast_path_status("int8")[0] else "triton"
+            fast = ops.vendor_min_m("int8") is not None and ops._fast_ok_shape(
+                "int8", m, Q, D, ops.vendor_min_m("int8")
             )
+            path = "torch._int_mm" if fast and ops.fast_path_status("int8")[0] else "triton"
             return rel_err(got, ref.linear_int8_dynamic(x, w_int8)), path
 
         def fp8_none(x=x):

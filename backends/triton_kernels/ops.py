@@ -8,7 +8,8 @@ Vendor fast paths (chosen once per device, each checked against the Triton kerne
 problem before it is trusted): high-precision linears use the vendor BLAS (``F.linear``); on
 NVIDIA, FP8 block-scaled GEMMs with M >= ``FAST_MIN_M`` may use ``torch._scaled_mm`` with
 1 x 128 / 128 x 128 block scales (cuBLASLt, Hopper, CUDA >= 12.9), and INT8 GEMMs ``torch._int_mm``.
-``DSV3_FP8_GEMM`` / ``DSV3_INT8_GEMM`` = ``triton`` | ``vendor`` | ``auto`` (default) override the choice.
+``DSV3_FP8_GEMM`` / ``DSV3_INT8_GEMM``, read when the operator is built: ``auto`` (default: vendor
+GEMM for M >= FAST_MIN_M), ``vendor`` (vendor GEMM for every M its library accepts), ``triton``.
 """
 
 from __future__ import annotations
@@ -115,10 +116,16 @@ def _int_mm_int8(qa, sa, wq, sw, out_dtype):
     return (acc.float() * sa.unsqueeze(-1) * sw).to(out_dtype)
 
 
-def _fast_ok_shape(kind: str, m: int, n: int, k: int) -> bool:
-    if kind == "fp8":
-        return m >= FAST_MIN_M and n % 128 == 0 and k % 512 == 0
-    return m >= max(FAST_MIN_M, 17) and n % 8 == 0 and k % 8 == 0
+def _fast_ok_shape(kind: str, m: int, n: int, k: int, min_m: int = FAST_MIN_M) -> bool:
+    if kind == "fp8":  # K in whole groups of 4 blocks: cuBLASLt's layout of the block scales
+        return m >= min_m and n % 128 == 0 and k % 512 == 0
+    return m >= max(min_m, 17) and n % 8 == 0 and k % 8 == 0  # torch._int_mm needs M > 16
+
+
+def vendor_min_m(kind: str) -> int | None:
+    """The smallest M given to the vendor GEMM of ``kind`` under DSV3_FP8_GEMM / DSV3_INT8_GEMM (None: never)."""
+    choice = os.environ.get(FAST_ENV[kind], "auto").strip().lower()
+    return {"auto": FAST_MIN_M, "vendor": 1}.get(choice)
 
 
 def fast_path_status(kind: str, index: int = 0) -> tuple[bool, str]:
@@ -168,18 +175,26 @@ def _probe_fast_path(kind: str, index: int) -> tuple[bool, str]:
     return True, f"checked against the Triton kernel (relative error {err:.2e})"
 
 
-def fp8_gemm(qa, sa, wq, sw, out_dtype, vendor: bool):
-    """(M, K) fp8 x (N, K) fp8 with block scales -> (M, N) out_dtype, through the fastest trusted path."""
+def fp8_gemm(qa, sa, wq, sw, out_dtype, min_m: int | None):
+    """(M, K) fp8 x (N, K) fp8 with block scales -> (M, N) out_dtype; the vendor GEMM from M >= min_m."""
     m, n, kk = qa.shape[0], wq.shape[0], qa.shape[1]
-    if vendor and _fast_ok_shape("fp8", m, n, kk) and fast_path_status("fp8", qa.device.index or 0)[0]:
+    if (
+        min_m is not None
+        and _fast_ok_shape("fp8", m, n, kk, min_m)
+        and fast_path_status("fp8", qa.device.index or 0)[0]
+    ):
         return _scaled_mm_fp8_block(qa, sa, wq, sw, out_dtype)
     return _k().gemm.fp8_block_gemm(qa, sa, wq, sw, out_dtype)
 
 
-def int8_gemm(qa, sa, wq, sw, out_dtype, vendor: bool):
-    """(M, K) int8 x (N, K) int8 with per-token / per-channel scales -> (M, N) out_dtype."""
+def int8_gemm(qa, sa, wq, sw, out_dtype, min_m: int | None):
+    """(M, K) int8 x (N, K) int8 with per-token / per-channel scales -> (M, N); the vendor GEMM from M >= min_m."""
     m, n, kk = qa.shape[0], wq.shape[0], qa.shape[1]
-    if vendor and _fast_ok_shape("int8", m, n, kk) and fast_path_status("int8", qa.device.index or 0)[0]:
+    if (
+        min_m is not None
+        and _fast_ok_shape("int8", m, n, kk, min_m)
+        and fast_path_status("int8", qa.device.index or 0)[0]
+    ):
         return _int_mm_int8(qa, sa, wq, sw, out_dtype)
     return _k().gemm.int8_gemm(qa, sa, wq, sw, out_dtype)
 
@@ -197,18 +212,22 @@ def linear_weight_only(x: torch.Tensor, w: Weight) -> torch.Tensor:
 
 
 def make_linear_dynamic(fmt: str, vendor: bool) -> Callable:
-    """Linear with activations quantized at run time (fp8 1 x 128 groups or int8 per token)."""
+    """Linear with activations quantized at run time (fp8 1 x 128 groups or int8 per token).
+
+    vendor: may use the vendor GEMM (from the M that DSV3_FP8_GEMM / DSV3_INT8_GEMM give, read now).
+    """
+    min_m = vendor_min_m("fp8" if fmt == FP8_BLOCK else "int8") if vendor else None
 
     def linear_fp8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
         """x (..., in) -> (..., out): per-token-per-128 fp8 activations, block-scaled fp8 GEMM, fp32 sums."""
         qa, sa = _k().quant.act_quant_fp8(x.reshape(-1, x.shape[-1]), w.data.dtype, w.scale_fmt)
-        y = fp8_gemm(qa, sa, w.data, w.scale, x.dtype, vendor)
+        y = fp8_gemm(qa, sa, w.data, w.scale, x.dtype, min_m)
         return y.view(*x.shape[:-1], w.out_features)
 
     def linear_int8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
         """x (..., in) -> (..., out): per-token int8 activations, int8 GEMM with exact int32 sums."""
         qa, sa = _k().quant.act_quant_int8(x.reshape(-1, x.shape[-1]))
-        y = int8_gemm(qa, sa, w.data, w.scale, x.dtype, vendor)
+        y = int8_gemm(qa, sa, w.data, w.scale, x.dtype, min_m)
         return y.view(*x.shape[:-1], w.out_features)
 
     return linear_fp8_dynamic if fmt == FP8_BLOCK else linear_int8_dynamic

@@ -334,8 +334,11 @@ def test_operator_table_and_reasons(kernels, monkeypatch):
     assert ops.resolve("linear", OpRequest("nf4")) is None
     for kind in ("fp8", "int8"):
         assert ops.fast_path_status(kind) == (False, "vendor GEMM fast paths are used on NVIDIA GPUs only")
+    assert ops.vendor_min_m("fp8") == ops.FAST_MIN_M
+    monkeypatch.setenv("DSV3_INT8_GEMM", "vendor")
+    assert ops.vendor_min_m("int8") == 1
     monkeypatch.setenv("DSV3_FP8_GEMM", "triton")
-    assert ops.fast_path_status("fp8") == (False, "DSV3_FP8_GEMM=triton")
+    assert ops.fast_path_status("fp8") == (False, "DSV3_FP8_GEMM=triton") and ops.vendor_min_m("fp8") is None
     monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: None)
     assert ops.triton_unusable_reason() == "triton is not installed (pip install triton)"
     assert ops.nvidia_unusable_reason() == ops.amd_unusable_reason() == "triton is not installed (pip install triton)"
