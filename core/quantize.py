@@ -40,7 +40,10 @@ def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
 
     Rounding up (never down) keeps ``amax / scale <= FP8_MAX``, so nothing saturates.
     """
-    return torch.exp2(torch.ceil(torch.log2(scale)))
+    mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2**exponent, mantissa in [0.5, 1)
+    # exact, unlike exp2(ceil(log2(s))), whose log2 rounds 2**-7 * (1 + 2**-23) down to -7
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.ldexp(torch.ones_like(scale), exponent)
 
 
 def dequantize(w: Weight, dtype: torch.dtype) -> torch.Tensor:
