@@ -1,9 +1,12 @@
 """How close a backend's result must be to cpu_ref's, per numeric format, and why.
 
-One criterion everywhere: an element passes when ``|out - ref| <= rtol * (|ref| + rms(ref))``.
-The ``rms(ref)`` term measures error against the size of the whole tensor, so outputs that cancel
-to near zero (a dot product of random vectors) are not held to a relative bound they cannot meet;
-the ``|ref|`` term keeps large elements to a relative bound. ``rtol == 0`` means bit-for-bit.
+One criterion everywhere: an element passes when ``|out - ref| <= rtol * (|ref| + rms)``, with
+``rms`` the root mean square of ref's row (its last dimension: one token's output). The ``rms``
+term measures error against the size of the token's whole output, so elements that cancel to near
+zero (a dot product of random vectors) are not held to a relative bound they cannot meet; the
+``|ref|`` term keeps large elements to a relative bound. ``rtol == 0`` means bit-for-bit.
+The sizes were checked against a second, independent implementation of every operator
+(tests/conformance/test_kit.py), on the quick and the full cases.
 """
 
 from __future__ import annotations
@@ -55,12 +58,14 @@ FP8_DYNAMIC_FP32 = Tolerance(
     "round to nearest even), so the e4m3 codes agree except where x/s lies within an fp32 ulp of a "
     "rounding boundary (rare); e4m3 x e4m3 products are exact in fp32 and sums differ by fp32 order only",
 )
-FP8_DYNAMIC_LOW = Tolerance(
-    "fp8 e4m3 dynamic, 16-bit",
-    3e-2,
-    "e4m3 keeps 3 mantissa bits: when an implementation keeps an intermediate (the expert hidden state) "
-    "one bf16 rounding away from cpu_ref's, ~2^-9/2^-4 = 3% of its codes move by one e4m3 step (1/8 of "
-    "the value), which averages to ~1e-2 of the output's scale; plus the bf16 rounding of the output",
+DYNAMIC_LOW = Tolerance(
+    "dynamic activations, 16-bit",
+    6e-2,
+    "a 16-bit input often lands exactly on a rounding midpoint of the e4m3 or int8 grid once scaled (its "
+    "mantissa has 8 bits); a kernel that multiplies by the reciprocal scale, as DeepGEMM's quantizer does, "
+    "rounds such codes the other way than cpu_ref's division. Each moves by one step (1/8 of the value for "
+    "e4m3, 1/127 of the block max for int8); on the 671B shapes that moved single outputs by up to 3.3% "
+    "(fp8) and 2.2% (int8) of their row's rms (measured, 3 of 1024 int8 codes flipped); twice that",
 )
 CHAINED_LOW = Tolerance(
     "16-bit, chained GEMMs",
@@ -69,13 +74,12 @@ CHAINED_LOW = Tolerance(
     "each step, a fused kernel may keep it in float32; measured up to ~2^-6 apart on random cases, so "
     "twice that (2^-5 = 3.1e-2)",
 )
-FP8_DYNAMIC_CHAINED = Tolerance(
-    "fp8 e4m3 dynamic, 16-bit, chained",
+DYNAMIC_CHAINED_LOW = Tolerance(
+    "dynamic activations, 16-bit, chained",
     0.1,
-    "moe_experts requantizes its hidden state to e4m3 before the down projection: where an implementation "
-    "rounds that state differently (float32 instead of bf16), ~3% of its codes move one e4m3 step (1/8 of "
-    "the value); with few terms per sum (the tiny cases have 8) that is up to ~7% of a token's scale "
-    "(measured); real widths (I = 1408, 2048) average it down to ~1%",
+    "moe_experts also requantizes its hidden state before the down projection: where an implementation "
+    "holds that state in float32 instead of bf16, a few percent of its codes move one step; measured up "
+    "to 7.4% (fp8) and 4.8% (int8) of a token's rms, on the tiny (8 terms per sum) and 671B shapes alike",
 )
 INT8_DYNAMIC_FP32 = Tolerance(
     "int8 dynamic, float32",
@@ -104,13 +108,10 @@ def tolerance_for(op: str, fmt: str, act_quant: str, dtype: torch.dtype) -> Tole
     wide = dtype in (torch.float32, torch.float64)
     if op in ("attention", "mla_latent_attention") and wide:
         return ATTENTION_FP32
-    if op in ("linear", "moe_experts") and act_quant == "dynamic":
-        if fmt == FP8_BLOCK:
-            if wide:
-                return FP8_DYNAMIC_FP32
-            return FP8_DYNAMIC_CHAINED if op == "moe_experts" else FP8_DYNAMIC_LOW
-        if fmt == INT8_W8A8 and wide:
-            return INT8_DYNAMIC_FP32
+    if op in ("linear", "moe_experts") and act_quant == "dynamic" and fmt in (FP8_BLOCK, INT8_W8A8):
+        if wide:
+            return FP8_DYNAMIC_FP32 if fmt == FP8_BLOCK else INT8_DYNAMIC_FP32
+        return DYNAMIC_CHAINED_LOW if op == "moe_experts" else DYNAMIC_LOW
     if op == "moe_experts" and not wide:
         return CHAINED_LOW
     return dtype_tolerance(dtype)
@@ -124,8 +125,8 @@ TOLERANCES: tuple[Tolerance, ...] = (
     BFLOAT16,
     FLOAT16,
     FP8_DYNAMIC_FP32,
-    FP8_DYNAMIC_LOW,
-    CHAINED_LOW,
-    FP8_DYNAMIC_CHAINED,
     INT8_DYNAMIC_FP32,
+    CHAINED_LOW,
+    DYNAMIC_LOW,
+    DYNAMIC_CHAINED_LOW,
 )
