@@ -1,0 +1,663 @@
+"""Speed and memory figures for a checkpoint, optionally side by side with transformers in the same run.
+
+What is measured (every timing: ``--warmup`` untimed runs, then ``--repeats`` timed ones; min/median/max):
+
+- each run is one greedy ``generate`` of N tokens (``--decode-tokens``) for B prompts of length L, timed
+  inside it: time to first token (TTFT: prefill + lm_head + sampling, from dsv3's ``stats["ttft_s"]``; for
+  transformers, when its streamer receives the first token) and decode time (first token to the last);
+- prefill tokens/s = B * L / TTFT; decode tokens/s = B * (N - 1) / decode time;
+- by prompt length at batch 1 (prefill, TTFT, and decode speed at that context), and by batch size at
+  ``decode_prompt_len``; implementations take turns run by run, so load changes hit both alike;
+- KV-cache bytes per token, from the cache tensors each implementation allocates (dsv3: both MLA forms,
+  through ``Transformer.new_cache``; transformers: the cache its ``generate`` returns);
+- resident weight bytes per parameter: unique weight tensors (data + scales) / parameters;
+- MTP: acceptance per draft position, tokens per main-model forward, decode tokens/s and the speed-up over
+  plain decoding timed in the same repetitions.
+
+Prompts are random token ids (fixed seed), so no tokenizer is needed; decoding is greedy with EOS off, so
+every run makes exactly the tokens asked for. Times are wall-clock (``time.perf_counter``); the process CPU
+time of each run is recorded too, since on a shared machine it is steadier than wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from . import registry
+from .api import Engine, build_model
+from .errors import Dsv3Error
+from .generate import SamplingParams, generate
+from .model import ATTN_IMPLS, Transformer
+from .speculative import generate_speculative
+
+SCHEMA = 1
+PEERS = ("transformers",)
+
+
+@dataclass
+class BenchSettings:
+    """What to measure. Lengths and counts are validated by :func:`check_settings`."""
+
+    prompt_lens: tuple[int, ...] = (16, 64, 256)
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    decode_tokens: int = 32
+    decode_prompt_len: int = 64
+    repeats: int = 5
+    warmup: int = 1
+    mtp: tuple[int, ...] = (1, 2)
+    seed: int = 0
+
+
+def check_settings(s: BenchSettings, max_positions: int | None = None) -> None:
+    """One clear Dsv3Error for settings that cannot run (on a model with ``max_positions`` positions)."""
+    for name, values in (("--prompt-lens", s.prompt_lens), ("--batch-sizes", s.batch_sizes)):
+        if not values or any(v <= 0 for v in values):
+            raise Dsv3Error(f"{name} must be a comma-separated list of positive integers")
+    if s.decode_tokens < 2:
+        raise Dsv3Error("--decode-tokens must be at least 2 (decode speed is timed over tokens 2..N)")
+    if s.decode_prompt_len <= 0:
+        raise Dsv3Error("--decode-prompt-len must be positive")
+    if s.repeats < 1 or s.warmup < 0:
+        raise Dsv3Error("--repeats must be >= 1 and --warmup >= 0")
+    if any(k < 1 for k in s.mtp):
+        raise Dsv3Error("--mtp takes draft counts >= 1 (or 0 for none)")
+    if max_positions is None:
+        return
+    longest = max(max(s.prompt_lens), s.decode_prompt_len) + s.decode_tokens
+    if longest > max_positions:
+        raise Dsv3Error(
+            f"the longest run needs {longest} positions (prompt + --decode-tokens) but the model has "
+            f"{max_positions} (max_position_embeddings); use shorter --prompt-lens/--decode-prompt-len"
+        )
+
+
+# --------------------------------------------------------------------------- timing
+@dataclass
+class Timing:
+    wall: float
+    cpu: float
+
+
+def timed(fn: Callable[[], object]) -> tuple[Timing, object]:
+    """Run ``fn`` once: (wall and process-CPU seconds, its result)."""
+    c, t = time.process_time(), time.perf_counter()
+    out = fn()
+    return Timing(time.perf_counter() - t, time.process_time() - c), out
+
+
+def spread(values: list[float], digits: int = 6) -> dict:
+    """min / median / max (and every run) of a list of figures."""
+    return {
+        "min": round(min(values), digits),
+        "median": round(statistics.median(values), digits),
+        "max": round(max(values), digits),
+        "runs": [round(v, digits) for v in values],
+    }
+
+
+# --------------------------------------------------------------------------- implementations
+class DsRunner:
+    """dsv3 through its own generation loop (greedy, no EOS)."""
+
+    name = "dsv3"
+
+    def __init__(self, engine: Engine):
+        self.engine, self.model = engine, engine.model
+
+    def generate(self, prompts: torch.Tensor, n: int, mtp: int = 0) -> tuple[list[list[int]], dict]:
+        """prompts (B, L) int64 -> (B lists of exactly n token ids, stats)."""
+        params = SamplingParams(max_new_tokens=n, temperature=0.0, top_p=1.0, seed=None, eos_ids=())
+        ids = prompts.tolist()
+        out = generate_speculative(self.model, ids, params, mtp) if mtp else generate(self.model, ids, params)
+        return out.token_ids, out.stats
+
+    def weights(self) -> dict:
+        return dsv3_weight_bytes(self.model)
+
+
+class _Clock:
+    """A transformers streamer that notes when the prompt and each new token reach it (tokens on the host)."""
+
+    def __init__(self):
+        self.start, self.times = time.perf_counter(), []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+class HfRunner:
+    """transformers' DeepseekV3ForCausalLM through ``generate`` (greedy, ``min_new_tokens = max_new_tokens``)."""
+
+    name = "transformers"
+
+    def __init__(self, model):
+        from transformers import GenerationConfig
+
+        self.model, self._config = model, GenerationConfig
+        self.device = next(model.parameters()).device
+        self.last_cache = None
+
+    def generate(self, prompts: torch.Tensor, n: int, mtp: int = 0) -> tuple[list[list[int]], dict]:
+        cfg = self.model.config
+        eos = cfg.eos_token_id if cfg.eos_token_id is not None else 0
+        eos = eos[0] if isinstance(eos, list) else eos
+        gen = self._config(
+            max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, eos_token_id=eos, pad_token_id=eos
+        )
+        prompts = prompts.to(self.device)
+        clock = _Clock()
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=prompts,
+                attention_mask=torch.ones_like(prompts),
+                generation_config=gen,
+                return_dict_in_generate=True,
+                streamer=clock,
+            )
+        self.last_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        ids = out.sequences[:, prompts.shape[1] :].tolist()
+        if any(len(r) != n for r in ids) or len(clock.times) != n + 1:
+            raise Dsv3Error(f"transformers generated {[len(r) for r in ids]} tokens, not {n}")
+        start, first, last = clock.start, clock.times[1], clock.times[-1]
+        return ids, {"ttft_s": first - start, "decode_s": last - first}
+
+    def weights(self) -> dict:
+        """Every unique tensor of its state dict (parameters and saved buffers such as the routing bias)."""
+        tensors = list(self.model.state_dict(keep_vars=True).values())
+        return _bytes_per_param(tensors, _unique_numel(tensors))
+
+    def kv_bytes_per_token(self) -> dict:
+        """Every tensor of the cache its last ``generate`` returned, per cached token and row."""
+        total, tokens, rows, layout = 0, 0, 1, "?"
+        layers = getattr(self.last_cache, "layers", None) or []
+        for i, layer in enumerate(layers):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            for t in (keys, values):
+                if isinstance(t, torch.Tensor) and t.numel():
+                    total += t.numel() * t.element_size()
+                    rows, tokens = t.shape[0], max(tokens, t.shape[-2])
+            if i == 0 and isinstance(keys, torch.Tensor):
+                layout = f"per layer: keys {tuple(keys.shape)} + values {tuple(values.shape)} {keys.dtype}"
+        return {"bytes_per_token": total // max(rows * tokens, 1), "layout": layout}
+
+
+def _unique(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Tied / shared tensors (the MTP layer's embedding and head) once each."""
+    seen, out = set(), []
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
+def _unique_numel(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() for t in _unique(tensors))
+
+
+def _bytes_per_param(tensors: list[torch.Tensor], params: int, extra: int = 0) -> dict:
+    total = extra + sum(t.numel() * t.element_size() for t in _unique(tensors))
+    return {"bytes": total, "params": params, "bytes_per_param": round(total / max(params, 1), 4)}
+
+
+def dsv3_weight_bytes(model: Transformer) -> dict:
+    """Resident bytes of every unique weight tensor (data + scales) per parameter (scales are not parameters).
+
+    ``derived_bytes``: weights the model derived at run time (the dequantized absorbed ``wkv_b`` of a
+    quantized MLA), included in ``bytes``.
+    """
+    state = model.state_dict(keep_vars=True)
+    params = _unique_numel([t for name, t in state.items() if not name.endswith(".scale")])
+    derived = [m._absorbed for m in model.modules() if getattr(m, "_absorbed", None) is not None]
+    out = _bytes_per_param(list(state.values()), params, sum(t.numel() * t.element_size() for t in derived))
+    out["derived_bytes"] = sum(t.numel() * t.element_size() for t in derived)
+    return out
+
+
+def dsv3_kv_bytes(engine: Engine, backend: str, dtype: torch.dtype) -> dict:
+    """Bytes per cached token for both MLA forms, from ``Transformer.new_cache`` (what generate allocates).
+
+    The loaded form's cache is allocated for real on the model's device; the other form's is built on
+    the meta device (same shapes and dtype, no memory).
+    """
+    out = {}
+    for form in ATTN_IMPLS:
+        if form == engine.model.opts.attn_impl:
+            model = engine.model
+        else:
+            model = build_model(engine.cfg, backend, dtype, attn_impl=form, device="meta")
+        cache = model.new_cache(1, 1)
+        tensors = cache.main[0].tensors if cache.main else {}
+        layout = " + ".join(f"{k} {tuple(t.shape[2:])} {t.dtype}" for k, t in tensors.items())
+        out[form] = {"bytes_per_token": cache.nbytes_per_token(), "layout": f"per layer: {layout}"}
+    return out
+
+
+def load_peer(path: Path, dtype: torch.dtype, device: torch.device):
+    """(HfRunner or None, why not): load with transformers and make one token, quietly.
+
+    A checkpoint transformers cannot load or run (e.g. FP8 weights on CPU) is reported, not raised:
+    the dsv3 figures still stand.
+    """
+    try:
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+    except ImportError as exc:
+        return None, f"transformers is not installed ({exc})"
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        if type(model).__name__ not in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"):
+            return None, f"transformers loaded {type(model).__name__}, not a DeepSeek model"
+        runner = HfRunner(model)
+        runner.generate(torch.zeros(1, 2, dtype=torch.long), 1)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        return None, f"transformers cannot run {path} ({type(exc).__name__}: {first}); peer skipped"
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return runner, None
+
+
+# --------------------------------------------------------------------------- measurements
+def _prompts(batch: int, length: int, vocab: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + batch * 1009 + length)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def _run(runner, prompts: torch.Tensor, n: int, mtp: int = 0) -> dict:
+    """One generate of ``n`` tokens: ids, TTFT, decode seconds, whole-run wall and process-CPU seconds."""
+    t, (ids, stats) = timed(lambda: runner.generate(prompts, n, mtp))
+    return {"ids": ids, "ttft": stats["ttft_s"], "decode": stats["decode_s"], "wall": t.wall, "cpu": t.cpu, **stats}
+
+
+def _figures(runs: list[dict], b: int, length: int, n: int) -> dict:
+    return {
+        "ttft_s": spread([r["ttft"] for r in runs]),
+        "prefill_tokens_per_s": spread([b * length / r["ttft"] for r in runs], 2),
+        "decode_tokens_per_s": spread([b * (n - 1) / max(r["decode"], 1e-9) for r in runs], 2),
+        "run_wall_s": spread([r["wall"] for r in runs]),
+        "run_cpu_s": spread([r["cpu"] for r in runs]),
+    }
+
+
+def measure_point(runners: list, prompts: torch.Tensor, s: BenchSettings, log) -> dict:
+    """TTFT, prefill and decode figures of every runner at one (batch, prompt length), runs interleaved."""
+    b, length = prompts.shape
+    n = s.decode_tokens
+    for runner in runners:
+        for _ in range(s.warmup):
+            _run(runner, prompts, n)
+    runs: dict[str, list[dict]] = {r.name: [] for r in runners}
+    for _ in range(s.repeats):
+        for runner in runners:  # interleaved, so a change of machine load hits both alike
+            runs[runner.name].append(_run(runner, prompts, n))
+    out: dict = {"batch": b, "prompt_len": length, "decode_tokens": n}
+    for name, rs in runs.items():
+        out[name] = _figures(rs, b, length, n)
+    if len(runners) > 1:
+        first, peer = runners[0].name, runners[1].name
+        out["same_tokens"] = runs[first][-1]["ids"] == runs[peer][-1]["ids"]
+        out["ratio"] = _ratios(out[first], out[peer])
+    log(_point_line(out, [r.name for r in runners]))
+    return out
+
+
+def _ratios(a: dict, b: dict) -> dict:
+    """dsv3 / peer for each figure's median (tokens/s: > 1 is dsv3 faster; times: < 1 is dsv3 faster)."""
+    return {k: round(a[k]["median"] / max(b[k]["median"], 1e-12), 3) for k in a}
+
+
+def measure_mtp(runner: DsRunner, prompts: torch.Tensor, s: BenchSettings, log) -> list[dict]:
+    """Plain decoding and MTP with each K, interleaved run by run, on the same prompts."""
+    b, n = prompts.shape[0], s.decode_tokens
+    settings = [0, *s.mtp]
+    for k in settings:
+        for _ in range(s.warmup):
+            _run(runner, prompts, n, k)
+    runs: dict[int, list[dict]] = {k: [] for k in settings}
+    for _ in range(s.repeats):
+        for k in settings:
+            runs[k].append(_run(runner, prompts, n, k))
+    rates = {k: [b * (n - 1) / max(r["decode"], 1e-9) for r in rs] for k, rs in runs.items()}
+    base = statistics.median(rates[0])
+    out = []
+    for k in s.mtp:
+        stats = runs[k][-1]["mtp"]
+        row = {
+            "k": k,
+            "batch": b,
+            "prompt_len": prompts.shape[1],
+            "decode_tokens": n,
+            "acceptance_rate": stats["acceptance_rate"],
+            "tokens_per_forward": stats["tokens_per_forward"],
+            "decode_tokens_per_s": spread(rates[k], 2),
+            "plain_decode_tokens_per_s": spread(rates[0], 2),
+            "speedup": round(statistics.median(rates[k]) / max(base, 1e-12), 3),
+            "same_tokens_as_plain": runs[k][-1]["ids"] == runs[0][-1]["ids"],
+        }
+        log(
+            f"  mtp k={k}: acceptance {row['acceptance_rate']}, {row['tokens_per_forward']:.2f} tokens/forward, "
+            f"decode {row['decode_tokens_per_s']['median']:.1f} tok/s ({row['speedup']:.2f}x plain)"
+        )
+        out.append(row)
+    return out
+
+
+def _point_line(p: dict, names: list[str]) -> str:
+    parts = [
+        f"{n}: TTFT {1e3 * p[n]['ttft_s']['median']:.1f} ms, decode {p[n]['decode_tokens_per_s']['median']:.1f} tok/s"
+        for n in names
+    ]
+    return f"  batch {p['batch']}, prompt {p['prompt_len']}: " + "; ".join(parts)
+
+
+def machine_info() -> dict:
+    """What the figures were measured on (load average: other processes sharing the CPUs)."""
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def run_bench(
+    engine: Engine,
+    settings: BenchSettings,
+    backend: str = registry.REFERENCE,
+    against: str | None = None,
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+) -> dict:
+    """Measure ``engine`` (and the peer named by ``against``) and return every figure as a JSON-ready dict."""
+    model, cfg = engine.model, engine.cfg
+    check_settings(settings, cfg.max_position_embeddings)
+    if settings.mtp and not len(model.mtp):
+        mtp_note = "checkpoint has no MTP layers (num_nextn_predict_layers=0): MTP not measured"
+        settings = dataclasses.replace(settings, mtp=())
+    else:
+        mtp_note = None
+    dtype = model.embed.dtype
+    result: dict = {
+        "schema": SCHEMA,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "load_average_before": _loadavg(),
+        "checkpoint": _describe(engine, backend),
+        "settings": dataclasses.asdict(settings),
+        "timing": "wall-clock seconds; decode rate = B*(N-1)/(t(N tokens) - t(1 token)); dsv3/peer ratios of medians",
+    }
+    runners: list = [DsRunner(engine)]
+    peer_status = None
+    if against is not None:
+        if against not in PEERS:
+            raise Dsv3Error(f"--against {against!r}: choose one of {', '.join(PEERS)}")
+        log(f"loading {against} ...")
+        peer, why = load_peer(engine.path, dtype, model.embed.device)
+        if peer is None:
+            peer_status = why
+            log(f"note: {why}")
+        else:
+            runners.append(peer)
+            peer_status = "ok"
+            result["peer_config"] = {
+                "class": type(peer.model).__name__,
+                "attn_implementation": getattr(peer.model.config, "_attn_implementation", None),
+                "experts_implementation": getattr(peer.model.config, "_experts_implementation", None),
+            }
+    result["against"] = {"name": against, "status": peer_status} if against else None
+    result["impls"] = [r.name for r in runners]
+    vocab = cfg.vocab_size
+
+    log("by prompt length (batch 1) ...")
+    result["prompt_lengths"] = [
+        measure_point(runners, _prompts(1, length, vocab, settings.seed), settings, log)
+        for length in settings.prompt_lens
+    ]
+    log(f"by batch size (prompt {settings.decode_prompt_len}) ...")
+    result["batch_sizes"] = [
+        measure_point(runners, _prompts(b, settings.decode_prompt_len, vocab, settings.seed), settings, log)
+        for b in settings.batch_sizes
+    ]
+    if settings.mtp:
+        b = settings.batch_sizes[0]
+        log(f"MTP (batch {b}, prompt {settings.decode_prompt_len}) ...")
+        prompts = _prompts(b, settings.decode_prompt_len, vocab, settings.seed)
+        result["mtp"] = {"rows": measure_mtp(runners[0], prompts, settings, log), "note": None}
+    else:
+        result["mtp"] = {"rows": [], "note": mtp_note or "not asked (--mtp 0)"}
+
+    kv = {f"dsv3_{form}": v for form, v in dsv3_kv_bytes(engine, backend, dtype).items()}
+    weights = {"dsv3": runners[0].weights()}
+    if len(runners) > 1:
+        kv["transformers"] = runners[1].kv_bytes_per_token()
+        weights["transformers"] = runners[1].weights()
+    result["kv_cache"] = kv
+    result["weights"] = weights
+    result["load_average_after"] = _loadavg()
+    return result
+
+
+def _describe(engine: Engine, backend: str) -> dict:
+    cfg, model = engine.cfg, engine.model
+    return {
+        "path": str(engine.path),
+        "backend": backend,
+        "dtype": str(model.embed.dtype).removeprefix("torch."),
+        "attn_impl": model.opts.attn_impl,
+        "act_quant": model.ops.act_quant,
+        "quantization": cfg.quantization.quant_method if cfg.quantization else None,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "n_routed_experts": cfg.n_routed_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok,
+        "num_attention_heads": cfg.num_attention_heads,
+        "kv_lora_rank": cfg.kv_lora_rank,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim,
+        "vocab_size": cfg.vocab_size,
+        "num_nextn_predict_layers": cfg.num_nextn_predict_layers,
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+def _fmt(st: dict, scale: float = 1.0, digits: int = 1) -> str:
+    return f"{st['median'] * scale:.{digits}f} [{st['min'] * scale:.{digits}f}-{st['max'] * scale:.{digits}f}]"
+
+
+def format_report(r: dict) -> str:
+    """The terminal table: medians with [min-max], then ratios dsv3/peer."""
+    c, m = r["checkpoint"], r["machine"]
+    impls = r["impls"]
+    lines = [
+        f"dsv3 bench: {c['path']}",
+        f"  model: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['n_routed_experts']} experts "
+        f"(top {c['num_experts_per_tok']}), {c['num_attention_heads']} heads, vocab {c['vocab_size']}, "
+        f"{r['weights']['dsv3']['params'] / 1e6:.1f}M parameters",
+        f"  run: backend {c['backend']}, dtype {c['dtype']}, attention {c['attn_impl']}, "
+        f"{m['torch_threads']} torch thread(s); {m['processor']}, {m['cpu_count']} CPUs; "
+        f"load average {r['load_average_before']} -> {r['load_average_after']}",
+        f"  timing: median [min-max] of {r['settings']['repeats']} after {r['settings']['warmup']} warm-up; "
+        f"{r['settings']['decode_tokens']} tokens per decode run; random prompt ids (seed {r['settings']['seed']})",
+    ]
+    if r["against"]:
+        lines.append(f"  against {r['against']['name']}: {r['against']['status']}")
+        if len(impls) > 1:
+            lines.append("  dsv3/peer rows: ratios of medians (tokens/s > 1 and TTFT < 1: dsv3 is faster)")
+    header = f"{'':>7} {'impl':<13} {'TTFT ms':>22} {'prefill tok/s':>24} {'decode tok/s':>24}"
+    for title, key, label in (
+        ("By prompt length, batch 1", "prompt_lengths", "prompt"),
+        (f"By batch size, prompt {r['settings']['decode_prompt_len']}", "batch_sizes", "batch"),
+    ):
+        lines += ["", title, header.replace("       ", f"{label:>7}", 1)]
+        for p in r[key]:
+            at = p["prompt_len"] if label == "prompt" else p["batch"]
+            for name in impls:
+                f = p[name]
+                lines.append(
+                    f"{at:>7} {name:<13} {_fmt(f['ttft_s'], 1e3, 2):>22} {_fmt(f['prefill_tokens_per_s']):>24} "
+                    f"{_fmt(f['decode_tokens_per_s']):>24}"
+                )
+            if "ratio" in p:
+                q = p["ratio"]
+                same = "same tokens" if p["same_tokens"] else "tokens differ"
+                lines.append(
+                    f"{'':>7} {'dsv3/peer':<13} {q['ttft_s']:>21.2f}x {q['prefill_tokens_per_s']:>23.2f}x "
+                    f"{q['decode_tokens_per_s']:>23.2f}x  ({same})"
+                )
+    lines += ["", "KV cache bytes per token (all layers)"]
+    for name, v in r["kv_cache"].items():
+        lines.append(f"  {name:<14} {v['bytes_per_token']:>10}  {v['layout']}")
+    lines += ["", "Resident weights"]
+    for name, v in r["weights"].items():
+        lines.append(
+            f"  {name:<14} {v['bytes'] / 2**20:>10.1f} MiB / {v['params'] / 1e6:.2f}M parameters = "
+            f"{v['bytes_per_param']:.3f} bytes per parameter"
+        )
+    lines += ["", "MTP speculative decoding"]
+    if r["mtp"]["rows"]:
+        for row in r["mtp"]["rows"]:
+            lines.append(
+                f"  k={row['k']} (batch {row['batch']}): acceptance per draft position {row['acceptance_rate']}, "
+                f"{row['tokens_per_forward']:.2f} tokens per forward, decode {_fmt(row['decode_tokens_per_s'])} tok/s "
+                f"vs {_fmt(row['plain_decode_tokens_per_s'])} plain = {row['speedup']:.2f}x"
+                + ("" if row["same_tokens_as_plain"] else " (tokens differ from plain decoding)")
+            )
+    else:
+        lines.append(f"  {r['mtp']['note']}")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | Path) -> Path:
+    """Write atomically: a partial file never replaces an existing one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def need_matplotlib():
+    """pyplot with the non-interactive backend, or a Dsv3Error saying how to get it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise Dsv3Error("--plot-dir needs matplotlib: pip install 'dsv3[bench]' (or pip install matplotlib)") from None
+    return plt
+
+
+def write_plots(result: dict, out_dir: str | Path) -> list[Path]:
+    """PNG plots: decode tokens/s vs batch, prefill and decode tokens/s vs prompt length, bytes per token."""
+    plt = need_matplotlib()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    impls, c = result["impls"], result["checkpoint"]
+    subtitle = (
+        f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['n_routed_experts']} experts, {c['dtype']}"
+    )
+    written = []
+
+    def curve(ax, points, x_key, y_key, label):
+        xs = [p[x_key] for p in points]
+        med = [p[label][y_key]["median"] for p in points]
+        lo = [m - p[label][y_key]["min"] for m, p in zip(med, points, strict=True)]
+        hi = [p[label][y_key]["max"] - m for m, p in zip(med, points, strict=True)]
+        ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=label)
+
+    def log_axis(ax, values):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(values, [str(v) for v in values])
+        ax.minorticks_off()
+
+    def save(fig, name):
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in impls:
+        curve(ax, result["batch_sizes"], "batch", "decode_tokens_per_s", name)
+    log_axis(ax, [p["batch"] for p in result["batch_sizes"]])
+    ax.set(
+        xlabel="batch size",
+        ylabel="decode tokens/s",
+        title=f"Decode, prompt {result['settings']['decode_prompt_len']}\n{subtitle}",
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, "decode_vs_batch.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name in impls:
+        curve(axes[0], result["prompt_lengths"], "prompt_len", "prefill_tokens_per_s", name)
+        curve(axes[1], result["prompt_lengths"], "prompt_len", "decode_tokens_per_s", name)
+    axes[0].set(xlabel="prompt length", ylabel="prefill tokens/s", title=f"Prefill, batch 1\n{subtitle}")
+    axes[1].set(xlabel="prompt length (context)", ylabel="decode tokens/s", title=f"Decode, batch 1\n{subtitle}")
+    for ax in axes:
+        log_axis(ax, [p["prompt_len"] for p in result["prompt_lengths"]])
+        ax.legend()
+        ax.grid(alpha=0.3)
+    save(fig, "tokens_vs_prompt_length.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    kv = result["kv_cache"]
+    names = list(kv)
+    bars = axes[0].bar(names, [kv[n]["bytes_per_token"] for n in names], color=["C0", "C2", "C1"][: len(names)])
+    axes[0].bar_label(bars)
+    axes[0].set(ylabel="bytes per token", title=f"KV cache per token\n{subtitle}")
+    w = result["weights"]
+    bars = axes[1].bar(list(w), [w[n]["bytes_per_param"] for n in w], color=["C0", "C1"][: len(w)])
+    axes[1].bar_label(bars, fmt="%.3f")
+    axes[1].set(ylabel="bytes per parameter", title="Resident weights")
+    save(fig, "memory_per_token.png")
+    return written

@@ -1,0 +1,100 @@
+"""``dsv3 bench``: prefill/decode speed, time to first token, KV-cache and weight memory, MTP gains.
+
+Optionally side by side with transformers on the same checkpoint and dtype (``--against transformers``).
+Prints a table; ``--json FILE`` writes every figure; ``--plot-dir DIR`` writes PNG plots (needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from ..api import load
+from ..bench import (
+    PEERS,
+    BenchSettings,
+    check_settings,
+    format_report,
+    need_matplotlib,
+    run_bench,
+    write_json,
+    write_plots,
+)
+from ..errors import Dsv3Error
+from .run import add_model_args
+
+
+def _ints(text: str, flag: str, allow_zero: bool = False) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise Dsv3Error(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if allow_zero and values == (0,):
+        return ()
+    return values
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="measure speed and memory (optionally against transformers)")
+    add_model_args(p)
+    p.add_argument("--prompt-lens", default="16,64,256", help="prompt lengths for prefill/TTFT (batch 1)")
+    p.add_argument("--batch-sizes", default="1,8,32", help="batch sizes for decode speed")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode run")
+    p.add_argument("--decode-prompt-len", type=int, default=64, help="prompt length of the batch-size and MTP runs")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (min/median/max)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before them")
+    p.add_argument(
+        "--mtp",
+        default="1,2",
+        help="MTP draft counts to measure, at the first batch size (0: none; skipped without MTP layers)",
+    )
+    p.add_argument("--against", choices=PEERS, help="also measure this implementation on the same checkpoint")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
+    p.add_argument("--json", help="write every figure to this JSON file")
+    p.add_argument("--plot-dir", help="write PNG plots into this directory (needs matplotlib)")
+    return p
+
+
+def main(args) -> int:
+    settings = BenchSettings(
+        prompt_lens=_ints(args.prompt_lens, "--prompt-lens"),
+        batch_sizes=_ints(args.batch_sizes, "--batch-sizes"),
+        decode_tokens=args.decode_tokens,
+        decode_prompt_len=args.decode_prompt_len,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        mtp=_ints(args.mtp, "--mtp", allow_zero=True),
+        seed=args.seed,
+    )
+    # everything that can fail fast does, before minutes of measuring
+    check_settings(settings)
+    if args.plot_dir:
+        need_matplotlib()
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise Dsv3Error(f"--json {args.json}: directory {Path(args.json).resolve().parent} does not exist")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise Dsv3Error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    engine = load(
+        args.ckpt_path,
+        args.backend,
+        args.dtype,
+        args.attn_impl,
+        args.act_quant,
+        args.config,
+        progress=False,
+        weight_format=args.weight_format,
+    )
+    result = run_bench(engine, settings, backend=args.backend, against=args.against)
+    print(format_report(result), flush=True)
+    if args.json:
+        print(f"dsv3: wrote {write_json(result, args.json)}", file=sys.stderr)
+    if args.plot_dir:
+        for path in write_plots(result, args.plot_dir):
+            print(f"dsv3: wrote {path}", file=sys.stderr)
+    return 0
