@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import Dsv3Error
 
-COMMANDS = ("run", "backends", "convert", "conformance", "parity", "eval", "serve", "export")
+COMMANDS = ("run", "backends", "convert", "conformance", "parity", "eval", "serve", "bench", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._main(args) or 0)
     except Dsv3Error as exc:
-        print(f"dsv3: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank == "0":  # under torchrun every rank raises the same error: say it once
+            print(f"dsv3: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dsv3: interrupted", file=sys.stderr)

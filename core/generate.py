@@ -6,6 +6,7 @@ padding masks: a row's cache entries past its position are never attended to.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -69,7 +70,11 @@ def prefill(model: Transformer, prompts: list[list[int]], cache: ModelCache) -> 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> GenerationOutput:
-    """Generate up to ``params.max_new_tokens`` tokens after each prompt; stop a row at EOS."""
+    """Generate up to ``params.max_new_tokens`` tokens after each prompt; stop a row at EOS.
+
+    ``stats``: ``ttft_s`` (call to first token, wall clock) and ``decode_s`` (first token to the last).
+    """
+    start = time.perf_counter()
     total = check_lengths(model, prompts, params.max_new_tokens)
     device = model.embed.device
     b = len(prompts)
@@ -87,14 +92,19 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     positions = torch.tensor([len(p) for p in prompts], device=device)  # where each row's next token goes
     out: list[list[int]] = [[] for _ in range(b)]
     done = torch.zeros(b, dtype=torch.bool, device=device)
+    first = None
     for step in range(params.max_new_tokens):
         next_tokens = sample(model.logits(hidden), temperature, top_p, generator)  # (B,)
+        tokens = next_tokens.tolist()  # one copy to the host per step, not one per row
         for i in (~done).nonzero().flatten().tolist():
-            out[i].append(int(next_tokens[i]))
+            out[i].append(tokens[i])
+        if first is None:
+            first = time.perf_counter()
         done |= torch.isin(next_tokens, eos)
         if bool(done.all()) or step == params.max_new_tokens - 1:
             break
         hidden = model(next_tokens.unsqueeze(1), positions.unsqueeze(1), cache)[:, 0]
         positions = positions + 1
     reasons = ["stop" if o and o[-1] in params.eos_ids else "length" for o in out]
-    return GenerationOutput(out, reasons)
+    timing = {} if first is None else {"ttft_s": first - start, "decode_s": time.perf_counter() - first}
+    return GenerationOutput(out, reasons, timing)

@@ -162,7 +162,8 @@ def generate_speculative(
     """Generate like :func:`dsv3.generate.generate`, drafting ``k`` tokens per main-model forward with MTP.
 
     Greedy output is token-for-token that of plain generation; sampled output has the same
-    distribution. ``stats["mtp"]`` holds the batch summary and ``stats["mtp_rows"]`` one dict per row.
+    distribution. ``stats["mtp"]`` holds the batch summary and ``stats["mtp_rows"]`` one dict per row;
+    ``stats["ttft_s"]`` / ``stats["decode_s"]``: call to first token and first token to the end (wall clock).
     """
     check_mtp(model, k)
     if k == 0:
@@ -202,6 +203,7 @@ def generate_speculative(
     first = model.ops.sample(model.logits(hidden[st.rows, lens - 1]), temperature, top_p, generator)  # (B,)
     st.tokens[st.rows, lens] = first
     out = [[int(t)] for t in first.tolist()]
+    first_at = time.perf_counter()
     done = [o[-1] in eos or params.max_new_tokens == 1 for o in out]
     pos = lens.clone()  # position of each row's newest token, not yet seen by the main model
     stats = [RowStats(k, accepted=[0] * k) for _ in range(b)]
@@ -255,7 +257,8 @@ def generate_speculative(
     n_tokens = sum(len(o) for o in out)
     rows = [s.as_dict(n_tokens / max(elapsed, 1e-9)) for s in stats]
     reasons = ["stop" if o and o[-1] in eos else "length" for o in out]
-    return GenerationOutput(out, reasons, {"mtp": summarize(rows, n_tokens, elapsed), "mtp_rows": rows})
+    timing = {"ttft_s": first_at - start, "decode_s": elapsed - (first_at - start)}
+    return GenerationOutput(out, reasons, {"mtp": summarize(rows, n_tokens, elapsed), "mtp_rows": rows, **timing})
 
 
 def _accept_sampled(
