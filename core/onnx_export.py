@@ -70,48 +70,17 @@ def dense_moe_experts(
     return torch.einsum("ne,ned->nd", dense, y.float()).to(x.dtype)
 
 
-def traceable_moe_gate(
-    x: torch.Tensor, gate_weight: torch.Tensor, bias: torch.Tensor | None, routing
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (N, D), gate_weight (E, D) fp32, bias (E,) or None -> (weights (N, k) fp32, ids (N, k) int64).
-
-    cpu_ref's routing, written without in-place updates (the group mask is a scatter of ones) so the
-    TorchScript exporter can trace it to MatMul, Sigmoid/Softmax, TopK, ScatterElements and GatherElements.
-    """
-    scores = x.float() @ gate_weight.float().t()  # (N, E)
-    scores = scores.sigmoid() if routing.scoring == "sigmoid" else scores.softmax(dim=-1)
-    choice = scores if bias is None else scores + bias.float()  # the bias only steers the choice
-    if routing.n_group > 1:
-        grouped = choice.view(x.shape[0], routing.n_group, -1)  # (N, G, E/G)
-        if bias is None:
-            group_score = grouped.amax(dim=-1)
-        else:
-            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
-        best = group_score.topk(routing.topk_group, dim=-1).indices  # (N, topk_group)
-        keep = torch.zeros_like(group_score).scatter(1, best, torch.ones_like(best, dtype=group_score.dtype))
-        choice = grouped.masked_fill(keep.unsqueeze(-1) == 0, float("-inf")).flatten(1)  # (N, E)
-    ids = choice.topk(routing.top_k, dim=-1).indices  # (N, k)
-    weights = scores.gather(1, ids)
-    if routing.norm_topk_prob and routing.top_k > 1:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routing.scale, ids
-
-
 class ExportBackend:
     """The ``export`` backend: built in-process with ``registry.make_backend``, never registered.
 
-    It supplies the MoE gate and expert computation (above); every other operator is cpu_ref's,
-    which is already plain tensor algebra that traces to standard ONNX operators (Einsum, Where,
-    Softmax...).
+    It supplies the expert computation (above); every other operator is cpu_ref's, which is already
+    plain, out-of-place tensor algebra that traces to standard ONNX operators (Einsum, Where, Softmax,
+    TopK, ScatterElements...).
     """
 
     @hookimpl
     def dsv3_backend_info(self) -> BackendInfo:
         return BackendInfo(name="export", description="ONNX export: trace-friendly operators", formats=(HP,))
-
-    @hookimpl
-    def dsv3_op_moe_gate(self, request: OpRequest):
-        return traceable_moe_gate
 
     @hookimpl
     def dsv3_op_moe_experts(self, request: OpRequest):

@@ -22,8 +22,10 @@ def moe_gate(
         else:
             group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)
         best_groups = group_score.topk(routing.topk_group, dim=-1).indices  # (N, topk_group)
-        keep = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, best_groups, True)
-        choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).flatten(1)
+        # out of place, so the ONNX exporter can trace this same function
+        ones = torch.ones_like(best_groups, dtype=group_score.dtype)
+        keep = torch.zeros_like(group_score).scatter(1, best_groups, ones)  # (N, G)
+        choice = grouped.masked_fill(keep.unsqueeze(-1) == 0, float("-inf")).flatten(1)  # (N, E)
     ids = choice.topk(routing.top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if routing.norm_topk_prob and routing.top_k > 1:
