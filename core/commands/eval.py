@@ -25,7 +25,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "window scored). With --against BACKEND and/or --against-ckpt-path DIR the same windows also run through a "
         "reference model (default cpu_ref in float32 on the same checkpoint) and the report adds, per scored "
         "position, KL(reference || test) of the next-token distributions (mean, median, 99th percentile, max), "
-        "the share of positions whose most likely token is the same, and the perplexity ratio test / reference.",
+        "the share of positions whose most likely token is the same, and the perplexity ratio test / reference. "
+        "--config, --act-quant and --weight-format apply to the model under test only.",
     )
     add_model_args(ppl)
     ppl.add_argument(
@@ -153,7 +154,8 @@ def main(args) -> int:
 
     report = evaluate(engine.logits, tokens, context, stride, reference, args.batch, args.progress)
     report.setup = setup
-    print(f"dsv3 eval perplexity: {', '.join(args.text_file)}", flush=True)
+    names = [Path(f).name for f in args.text_file]
+    print(f"dsv3 eval perplexity: {', '.join(names) if len(names) <= 3 else f'{len(names)} files'}", flush=True)
     print(report.format_text(), flush=True)
     if args.json:
         import json
