@@ -33,7 +33,6 @@ from tests.helpers import (
     TINY_WORDS,
     add_tiny_tokenizer,
     make_checkpoint,
-    one_torch_thread,
     pattern_tokens,
     quantize_checkpoint,
 )
@@ -41,8 +40,6 @@ from tests.helpers import (
 BF16_MAX_KLD, BF16_MIN_TOP1 = 1e-3, 98.0
 SEQ = 32  # training sequence length = eval window; positions stay within the YaRN original 32
 CALM = dict(initializer_range=0.02, qk_rope_head_dim=8)
-
-_thread = pytest.fixture(autouse=True, scope="module")(one_torch_thread)
 
 
 @pytest.fixture(scope="module")

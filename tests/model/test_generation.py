@@ -14,14 +14,8 @@ import torch
 import dsv3
 from dsv3.errors import Dsv3Error
 from dsv3.generate import SamplingParams, generate
-from tests.helpers import one_torch_thread
 
 REL_TOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

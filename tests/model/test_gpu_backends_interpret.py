@@ -34,7 +34,7 @@ import dsv3
 from dsv3.backends.cpu_ref.quant import quantize_weight_fp8
 from dsv3.checkpoint import apply_scale_fmt_and_prepare
 from dsv3.cli import main as dsv3_main
-from tests.helpers import add_tiny_tokenizer, make_checkpoint, one_torch_thread
+from tests.helpers import add_tiny_tokenizer, make_checkpoint
 
 pytest.importorskip("triton", reason="the GPU backends need triton (pip install triton)")
 
@@ -84,11 +84,6 @@ def interpreter():
         if gemm is not None and type(gemm._gemm_kernel).__name__ != "InterpretedFunction":
             pytest.skip("the Triton kernels were already compiled for a GPU in this process")
         yield
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
 
 
 @pytest.fixture(scope="module")

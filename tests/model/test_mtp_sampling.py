@@ -27,15 +27,6 @@ ALPHA_Z = 3.0902  # standard normal quantile of 1 - 0.001
 PROMPT = [0, 3, 11]  # two tokens of an unknown progression: the model spreads its bets
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on busy shared cores idle OpenMP threads cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("mtp_sampling") / "ckpt", seed=3, mtp=True, vocab_size=VOCAB)

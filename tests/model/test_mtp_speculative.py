@@ -18,15 +18,6 @@ from tests.helpers import make_checkpoint, pattern_tokens, train_on_patterns
 VOCAB = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on busy shared cores idle OpenMP threads cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny vocab-16 checkpoint with an MTP layer, and a state_dict trained so drafts are often right."""

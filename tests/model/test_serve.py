@@ -18,7 +18,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi", reason="dsv3 serve needs the 'serve' extra (fastapi, uvicorn)")
 httpx = pytest.importorskip("httpx", reason="the serving tests need httpx")
@@ -39,15 +38,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}and{% endif %}"
 )
 PROMPTS = ["the cat sat on the mat", "hello world", "a big dog ran", "small", "the mat is big and the cat is small"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on busy shared cores idle OpenMP threads cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ from dsv3.serve.text import TextStream, held_back
 WAIT_S = 60  # bound on any wait for the scheduler thread (tiny model: it takes well under a second)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads; on busy shared cores idle OpenMP threads cost 10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_ckpt):
     return dsv3.load(tiny_ckpt, dtype="float32")

@@ -23,7 +23,7 @@ import torch
 import yaml
 
 import dsv3
-from tests.helpers import add_mtp_layer, make_transformers_model, make_transformers_v2_model, one_torch_thread
+from tests.helpers import add_mtp_layer, make_transformers_model, make_transformers_v2_model
 
 CONFIGS = Path(dsv3.__file__).resolve().parent.parent / "configs"
 REL_TOL = 1e-5
@@ -69,11 +69,6 @@ CASES = {
     # configs/tiny-v2.yaml as shipped: softmax, group_limited_greedy (best 2 of 4 groups), scale 16, mscale 0.707
     "v2-group-limited-yaml": ("v2", 5, "tiny-v2.yaml"),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    yield from one_torch_thread()
 
 
 def _overrides(spec) -> dict:

@@ -21,7 +21,7 @@ import dsv3
 from dsv3.api import build_model
 from dsv3.cli import main as dsv3_main
 from dsv3.config import builtin_config
-from tests.helpers import TINY, add_tiny_tokenizer, make_checkpoint, one_torch_thread
+from tests.helpers import TINY, add_tiny_tokenizer, make_checkpoint
 
 SHIPPED = sorted(p.name for p in files("dsv3.configs").iterdir() if p.name.endswith((".json", ".yaml", ".yml")))
 
@@ -32,11 +32,6 @@ PUBLISHED = {
     "deepseek-v2-236b": (236e9, 21e9, 0),
     "deepseek-v2-lite-16b": (15.7e9, None, 0),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    yield from one_torch_thread()
 
 
 def test_the_expected_configs_ship():

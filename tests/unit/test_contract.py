@@ -24,17 +24,11 @@ from dsv3.backends.cpu_ref import plugin as cpu_ref_plugin
 from dsv3.cli import main as dsv3_main
 from dsv3.hookspecs import OP_NAMES, WEIGHT_OPS, BackendInfo, OpRequest, hookimpl
 from dsv3.weights import ACT_QUANT_MODES, FORMATS
-from tests.helpers import one_torch_thread
 
 IN_TREE = ("cpu_ref", "nvidia", "amd", "ascend")
 SPEC_NAMES = sorted(n for n in vars(hookspecs.BackendSpec) if n.startswith("dsv3_"))
 OP_SPECS = [n for n in SPEC_NAMES if n.startswith("dsv3_op_")]
 DTYPE_WORDS = ("fp32", "float32", "int64", "bf16", "compute dtype", "dtype", "Weight")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    yield from one_torch_thread()
 
 
 def test_op_names_are_exactly_the_op_hooks():
