@@ -87,26 +87,21 @@ class LayerCache:
     naive: ``k (B, S, H, Dqk)``, ``v (B, S, H, Dv)``. absorb: ``kv (B, S, C)``, ``pe (B, S, R)``.
     """
 
-    def __init__(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor | None = None, length: int | None = None):
         self.tensors = tensors
         self.rows = rows  # (B,) int64 cache rows (slots) that batch rows 0..B-1 use; None: rows 0..B-1
+        self.length = length  # entries to read back (max position + 1); None: computed per write
 
-    def at_rows(self, rows: torch.Tensor) -> LayerCache:
-        """A view whose batch row ``i`` is cache row ``rows[i]`` (rows (B,) int64, distinct); same storage."""
-        return LayerCache(self.tensors, rows)
+    def view(self, rows: torch.Tensor | None = None, length: int | None = None) -> LayerCache:
+        """The same storage seen through cache rows ``rows (B,)`` (distinct; default this view's) and a read length."""
+        return LayerCache(self.tensors, self.rows if rows is None else rows, length)
 
-    def write_and_read(
-        self, new: dict[str, torch.Tensor], positions: torch.Tensor, rows: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """Store ``new[name] (B, T, ...)`` at ``positions (B, T)``; return every entry up to the max position.
-
-        rows (B,) int64: the cache rows (slots) to use, default this view's rows, else 0..B-1.
-        """
-        b = positions.shape[0]
-        rows = self.rows if rows is None else rows
+    def write_and_read(self, new: dict[str, torch.Tensor], positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Store ``new[name] (B, T, ...)`` at ``positions (B, T)``; return every entry up to the max position."""
+        b, rows = positions.shape[0], self.rows
         index = torch.arange(b, device=positions.device) if rows is None else rows
         index = index.unsqueeze(1).expand_as(positions)  # (B, T)
-        s = int(positions.max()) + 1
+        s = self.length if self.length is not None else int(positions.max()) + 1
         out = {}
         for name, value in new.items():
             buf = self.tensors[name]
@@ -328,10 +323,10 @@ class ModelCache:
     def __init__(self, main: list[LayerCache], mtp: list[LayerCache], max_batch: int, max_len: int):
         self.main, self.mtp, self.max_batch, self.max_len = main, mtp, max_batch, max_len
 
-    def at_rows(self, rows: torch.Tensor) -> ModelCache:
-        """Views of every layer's cache addressing cache rows ``rows (B,)`` (see ``LayerCache.at_rows``)."""
-        main = [c.at_rows(rows) for c in self.main]
-        return ModelCache(main, [c.at_rows(rows) for c in self.mtp], self.max_batch, self.max_len)
+    def view(self, rows: torch.Tensor | None = None, length: int | None = None) -> ModelCache:
+        """Every layer's cache seen through ``LayerCache.view(rows, length)``; same storage."""
+        main = [c.view(rows, length) for c in self.main]
+        return ModelCache(main, [c.view(rows, length) for c in self.mtp], self.max_batch, self.max_len)
 
     def nbytes_per_token(self) -> int:
         """Bytes cached per token across the main layers (what MLA saves is visible here)."""
@@ -389,11 +384,11 @@ class Transformer(nn.Module):
         Without a cache, positions must be ``0..T-1`` in every row (a full-sequence forward).
         rows (B,) int64: the cache rows (slots) batch rows use; None: cache rows 0..B-1.
         """
-        if rows is not None:
-            cache = cache.at_rows(rows)
         b, t = tokens.shape
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
+        if cache is not None:  # read the max position once per forward, not once per layer (a device sync)
+            cache = cache.view(rows, int(positions.max()) + 1)
         cos, sin = self.rope(positions)
         x = vocab_parallel_embedding(self._embedding, tokens, self.embed, self.par)  # (B, T, D)
         for i, layer in enumerate(self.layers):
@@ -414,5 +409,5 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Run MTP module ``depth`` on hidden (B, T, D) and the following tokens (B, T) -> hidden (B, T, D)."""
         cos, sin = self.rope(positions)
-        layer_cache = None if cache is None else cache.mtp[depth]
+        layer_cache = None if cache is None else cache.mtp[depth].view(length=int(positions.max()) + 1)
         return self.mtp[depth](hidden, next_tokens, positions, cos, sin, layer_cache)

@@ -97,7 +97,7 @@ class FunctionalLayerCache:
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
 
-    def write_and_read(self, new: dict[str, torch.Tensor], positions: torch.Tensor, rows=None) -> dict:
+    def write_and_read(self, new: dict[str, torch.Tensor], positions: torch.Tensor) -> dict:
         """new[name] (B, T, ...) at positions (B, T) -> every buffer (B, S, ...) with them written."""
         b = positions.shape[0]
         batch = torch.arange(b, device=positions.device).unsqueeze(1).expand_as(positions)  # (B, T)
@@ -110,6 +110,9 @@ class FunctionalLayerCache:
 class _Caches:
     def __init__(self, layers: list[FunctionalLayerCache]):
         self.main = layers
+
+    def view(self, rows=None, length=None) -> _Caches:
+        return self  # export traces one full-length step: the whole buffer is read back
 
 
 class StepGraph(nn.Module):
