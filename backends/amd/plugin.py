@@ -45,7 +45,7 @@ def dsv3_backend_info() -> BackendInfo:
     return BackendInfo(
         name="amd",
         description="AMD GPUs (ROCm): Triton kernels (fp8 block-scaled in e4m3fnuz on MI300 / int8 GEMM, "
-        "grouped MoE, MLA decode, RMSNorm) with hipBLASLt for bf16",
+        "grouped MoE, flash prefill attention, MLA decode, RMSNorm) with hipBLASLt for bf16",
         device=ops.device(),
         dist_backend="nccl",  # RCCL under ROCm builds of torch
         formats=FORMATS,
@@ -58,6 +58,11 @@ def dsv3_backend_info() -> BackendInfo:
 @hookimpl
 def dsv3_op_rms_norm(request: OpRequest):
     return ops.resolve("rms_norm", request)
+
+
+@hookimpl
+def dsv3_op_attention(request: OpRequest):
+    return ops.resolve("attention", request)
 
 
 @hookimpl

@@ -16,8 +16,8 @@ from dsv3.weights import FORMATS
 def dsv3_backend_info() -> BackendInfo:
     return BackendInfo(
         name="nvidia",
-        description="NVIDIA GPUs: Triton kernels (fp8 block-scaled / int8 GEMM, grouped MoE, MLA decode, "
-        "RMSNorm) with cuBLAS for bf16 and checked cuBLASLt fp8/int8 fast paths",
+        description="NVIDIA GPUs: Triton kernels (fp8 block-scaled / int8 GEMM, grouped MoE, flash prefill "
+        "attention, MLA decode, RMSNorm) with cuBLAS for bf16 and checked cuBLASLt fp8/int8 fast paths",
         device=ops.device(),
         dist_backend="nccl",
         formats=FORMATS,
@@ -33,6 +33,11 @@ def _op(name: str, request: OpRequest):
 @hookimpl
 def dsv3_op_rms_norm(request: OpRequest):
     return _op("rms_norm", request)
+
+
+@hookimpl
+def dsv3_op_attention(request: OpRequest):
+    return _op("attention", request)
 
 
 @hookimpl

@@ -91,9 +91,11 @@ def _gpu_has_fp8() -> bool:
 @functools.cache
 def _k() -> types.SimpleNamespace:
     """The kernel modules, imported on first use."""
-    from . import dequant, gemm, mla, moe, norm, quant
+    from . import attention, dequant, gemm, mla, moe, norm, quant
 
-    return types.SimpleNamespace(dequant=dequant, gemm=gemm, mla=mla, moe=moe, norm=norm, quant=quant)
+    return types.SimpleNamespace(
+        attention=attention, dequant=dequant, gemm=gemm, mla=mla, moe=moe, norm=norm, quant=quant
+    )
 
 
 # ----------------------------------------------------------------------------- vendor fast paths
@@ -250,6 +252,11 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _k().norm.silu_and_mul(gate, up)
 
 
+def attention(q, k, v, q_pos, scale: float) -> torch.Tensor:
+    """q (B, T, H, Dqk), k (B, S, H, Dqk), v (B, S, H, Dv), q_pos (B, T) -> (B, T, H, Dv): flash-style prefill."""
+    return _k().attention.attention(q, k, v, q_pos, scale)
+
+
 def mla_latent_attention(q_latent, q_pe, kv, pe, q_pos, scale: float) -> torch.Tensor:
     """q_latent (B, T, H, C), q_pe (B, T, H, R), kv (B, S, C), pe (B, S, R), q_pos (B, T) -> (B, T, H, C)."""
     return _k().mla.mla_latent_attention(q_latent, q_pe, kv, pe, q_pos, scale)
@@ -278,6 +285,8 @@ def resolve(op: str, request: OpRequest, vendor_gemms: bool = False) -> Callable
         return rms_norm
     if op == "silu_and_mul":
         return silu_and_mul
+    if op == "attention":
+        return attention
     if op == "mla_latent_attention":
         return mla_latent_attention
     if op == "dequantize":
@@ -295,7 +304,7 @@ def resolve(op: str, request: OpRequest, vendor_gemms: bool = False) -> Callable
         if fp8_dynamic and not fp8_dot_supported():
             return None
         return make_moe_experts(request.act_quant if _quantized_dynamic(request) else "none")
-    return None  # embedding, rotary, naive attention, moe_gate, sample: cpu_ref's torch ops run on the GPU
+    return None  # embedding, rotary, moe_gate, sample: cpu_ref's torch ops run on the GPU
 
 
 def e4m3fn_to_e4m3fnuz(w: Weight) -> Weight:

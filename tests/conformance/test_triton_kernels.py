@@ -326,9 +326,9 @@ def test_e4m3fnuz_conversion_keeps_values_and_cpu_ref_follows_the_weight_dtype(k
 
 
 def test_operator_table_and_reasons(kernels, monkeypatch):
-    for op in ("rms_norm", "silu_and_mul", "mla_latent_attention", "dequantize"):
+    for op in ("rms_norm", "silu_and_mul", "attention", "mla_latent_attention", "dequantize"):
         assert ops.resolve(op, OpRequest()) is not None
-    for op in ("embedding", "rotary", "attention", "moe_gate", "sample"):
+    for op in ("embedding", "rotary", "moe_gate", "sample"):
         assert ops.resolve(op, OpRequest()) is None  # left to cpu_ref (torch ops run on any device)
     assert ops.resolve("linear", OpRequest(HP)) is ops.linear_hp
     assert ops.resolve("linear", OpRequest("nf4")) is None
