@@ -233,7 +233,7 @@ def load(
     load_weights(
         model, files, cfg, quant_suffix, device, _dtype(dtype), progress, converted, convert, parallel=parallel
     )
-    model.opts = BuildOptions(model.opts.dtype, device, attn_impl, fmt_of, parallel)
+    model.opts = dataclasses.replace(model.opts, device=device, fmt_of=fmt_of)
     scale_fmt = cfg.quantization.scale_fmt if cfg.quantization else None
     apply_scale_fmt_and_prepare(model, scale_fmt, model.backend_info.prepare_weight)
     share_mtp_duplicates(model)

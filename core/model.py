@@ -7,7 +7,7 @@ when the model is built. Weight formats ride on each linear (see ``dsv3.weights`
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -32,6 +32,9 @@ class BuildOptions:
         checkpoint tensor has; ``None`` means every linear is high precision.
     parallel: this process's rank and world (``dsv3.parallel``); ``None`` is one process holding
         everything. Modules build only this rank's part of each split weight.
+    naive_prefill: absorbed form only: a forward of several tokens (a prefill) expands the latents
+        through wkv_b and attends in the naive form when that takes fewer multiply-adds (see
+        :func:`naive_is_cheaper`); the cache stays latent. False: always the absorbed form.
     """
 
     dtype: torch.dtype = torch.bfloat16
@@ -39,6 +42,7 @@ class BuildOptions:
     attn_impl: str = "absorb"
     fmt_of: Callable[[str], str] | None = None
     parallel: ParallelContext | None = None
+    naive_prefill: bool = True
 
 
 class Linear(nn.Module):
@@ -113,6 +117,21 @@ class LayerCache:
         return sum(t[0, 0].numel() * t.element_size() for t in self.tensors.values())
 
 
+def naive_is_cheaper(cfg: ModelConfig, t: int, s: int) -> bool:
+    """Whether ``t`` queries over ``s`` latent cache entries take fewer multiply-adds in MLA's naive form.
+
+    Per head, absorbed: ``t*s*(2C + R)`` for scores and values, plus ``t*C*(Dnope + Dv)`` to absorb the
+    queries and un-absorb the outputs. Naive from the latent cache: ``t*s*(Dqk + Dv)``, plus
+    ``s*C*(Dnope + Dv)`` to expand the keys and values through wkv_b. For a fresh prefill (s = t) the
+    naive form wins whenever ``2C + R > Dqk + Dv`` (DeepSeek-V3: 1088 > 320); one decode token over a
+    long cache, or a few speculative tokens, stay absorbed.
+    """
+    expand = cfg.kv_lora_rank * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    absorbed = t * s * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) + t * expand
+    naive = t * s * (cfg.qk_head_dim + cfg.v_head_dim) + s * expand
+    return naive < absorbed
+
+
 class MLA(nn.Module):
     """Multi-head Latent Attention with decoupled (interleaved) RoPE."""
 
@@ -123,6 +142,7 @@ class MLA(nn.Module):
         self.par = opts.parallel or ParallelContext()
         self.n_heads = cfg.num_attention_heads // self.par.world_size  # this rank's heads
         self.attn_impl = opts.attn_impl
+        self.naive_prefill = opts.naive_prefill
         d, h = cfg.hidden_size, self.n_heads
         if cfg.q_lora_rank:
             self.wq_a = Linear(d, cfg.q_lora_rank, ops, fmt(f"{prefix}.wq_a"), opts)
@@ -158,6 +178,15 @@ class MLA(nn.Module):
                 self._absorbed = self.ops.dequantize[self.wkv_b.fmt](self.wkv_b.as_weight(), dtype).view(shape)
         return self._absorbed
 
+    def expand_latent(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """latent (B, S, C), k_pe (B, S, R) -> per-head keys (B, S, H, Dqk) and values (B, S, H, Dv)."""
+        c = self.cfg
+        b, s, _ = latent.shape
+        kv = self.wkv_b(latent).view(b, s, self.n_heads, -1)  # (B, S, H, Dnope + Dv)
+        k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
+        return k, v
+
     def forward(
         self,
         x: torch.Tensor,
@@ -179,21 +208,25 @@ class MLA(nn.Module):
         k_pe = ops.rotary(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, R)
 
         if self.attn_impl == "naive":
-            kv = self.wkv_b(latent).view(b, t, self.n_heads, -1)  # (B, T, H, Dnope + Dv)
-            k_nope, v = kv.split([c.qk_nope_head_dim, c.v_head_dim], dim=-1)
-            k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)  # (B, T, H, Dqk)
+            k, v = self.expand_latent(latent, k_pe)
             kv_all = {"k": k, "v": v} if cache is None else cache.write_and_read({"k": k, "v": v}, positions)
             q_full = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, Dqk)
             out = ops.attention(q_full, kv_all["k"], kv_all["v"], positions, self.scale)  # (B, T, H, Dv)
         else:
-            w = self.absorbed_wkv_b()  # (H, Dnope + Dv, C)
-            w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]
-            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
             lat_all = {"kv": latent, "pe": k_pe}
             if cache is not None:
-                lat_all = cache.write_and_read(lat_all, positions)
-            o_latent = ops.mla_latent_attention(q_latent, q_pe, lat_all["kv"], lat_all["pe"], positions, self.scale)
-            out = torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, Dv)
+                lat_all = cache.write_and_read(lat_all, positions)  # (B, S, C), (B, S, R)
+            if self.naive_prefill and naive_is_cheaper(c, t, lat_all["kv"].shape[1]):
+                k, v = self.expand_latent(lat_all["kv"], lat_all["pe"])  # (B, S, H, Dqk), (B, S, H, Dv)
+                out = ops.attention(torch.cat([q_nope, q_pe], dim=-1), k, v, positions, self.scale)
+            else:
+                w = self.absorbed_wkv_b()  # (H, Dnope + Dv, C)
+                w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]
+                q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
+                o_latent = ops.mla_latent_attention(
+                    q_latent, q_pe, lat_all["kv"], lat_all["pe"], positions, self.scale
+                )  # (B, T, H, C)
+                out = torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, Dv)
         return self.par.all_reduce_(self.wo(out.flatten(2)))  # (B, T, D), summed over ranks' heads
 
 
@@ -352,6 +385,13 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(table_device), persistent=False)  # (P, R/2)
         self.register_buffer("rope_sin", sin.to(table_device), persistent=False)
         self._embedding = ops.embedding
+
+    def set_naive_prefill(self, on: bool) -> None:
+        """Let multi-token forwards of the absorbed form attend in the naive form when cheaper (default on)."""
+        self.opts = replace(self.opts, naive_prefill=on)
+        for module in self.modules():
+            if isinstance(module, MLA):
+                module.naive_prefill = on
 
     # ------------------------------------------------------------ caches
     def new_cache(self, max_batch: int, max_len: int) -> ModelCache:

@@ -171,7 +171,8 @@ def with_export_ops(model):
     ops = registry.resolve_ops(
         registry.make_backend(ExportBackend(), "export"), (HP,), "none", model.opts.dtype, reference
     )
-    opts = BuildOptions(model.opts.dtype, "meta", model.opts.attn_impl)
+    # one graph serves every step, decode included: keep the absorbed form throughout
+    opts = BuildOptions(model.opts.dtype, "meta", model.opts.attn_impl, naive_prefill=False)
     exported = Transformer(model.cfg, ops, opts)
     exported.load_state_dict(model.state_dict(), assign=True)
     exported.backend_info = model.backend_info

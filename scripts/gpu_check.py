@@ -16,7 +16,9 @@ Sections, each guarded (an error is printed with its traceback and the next sect
    the fp8 weight-only GEMM (act-quant none), the Triton int8 GEMM and torch._int_mm.
 3. moe: the grouped routed-expert GEMMs (256 experts, top-8, 7168 -> 2048 -> 7168) against torch
    bf16 matmuls of the same FLOPs as one dense problem (the ideal of perfect batching).
-4. decode: end-to-end decode tokens/s of a small random DeepSeek-V3-shaped model on the nvidia
+4. prefill: one layer's prefill attention at T = S in both MLA forms (naive: wkv_b GEMM + the Triton
+   flash attention; absorbed: the Triton latent attention), with torch SDPA as the peer.
+5. decode: end-to-end decode tokens/s of a small random DeepSeek-V3-shaped model on the nvidia
    backend against cpu_ref on the same GPU, in bf16 and fp8 (act-quant none and dynamic).
 
 The JSON holds every figure and every error; it is rewritten after each section, so a run cut short
@@ -308,6 +310,15 @@ def parity(ck: Check) -> None:
 
         case("mla_latent_attention", f"B={b} T={t} H={H} C={C} R={R} S={S}", mla_case, 2e-2)
 
+    DQK, DV, TP = (24, 16, 40) if smoke else (192, 128, 512)
+
+    def attention_case():
+        q, kk, v = randn(1, TP, H, DQK), randn(1, TP, H, DQK), randn(1, TP, H, DV)
+        pos = torch.arange(TP, device=dev).view(1, TP)
+        return rel_err(ops.attention(q, kk, v, pos, 0.1), ref_att.attention(q, kk, v, pos, 0.1)), "triton"
+
+    case("attention (naive prefill)", f"T=S={TP} H={H} Dqk={DQK} Dv={DV}", attention_case, 2e-2)
+
     xn, wn = randn(33, D, scale=2.0), randn(D)
     case("rms_norm", f"(33, {D}) bf16", lambda: (rel_err(ops.rms_norm(xn, wn, 1e-6), ref_basic.rms_norm(xn, wn, 1e-6)), "triton"), 1e-2)  # fmt: skip
     gate, up = randn(33, FF, scale=3.0), randn(33, FF)
@@ -554,7 +565,73 @@ def decode(ck: Check) -> None:
 
 
 # ----------------------------------------------------------------------------------------- main
-SECTIONS = {"parity": parity, "gemm": gemm, "moe": moe, "decode": decode}
+# ----------------------------------------------------------------------------------------- 4. prefill
+def prefill(ck: Check) -> None:
+    """One layer's prefill attention at T = S, both MLA forms as the model runs them (bf16, B = 1).
+
+    naive: expand the latents through wkv_b (one bf16 GEMM) + the Triton flash attention.
+    absorbed: absorb the queries, the Triton latent attention, un-absorb the outputs.
+    The model picks naive for every fresh prefill (dsv3.model.naive_is_cheaper); this shows whether
+    the GPU agrees. torch's SDPA (causal, v zero-padded to Dqk) is the peer for the naive kernel.
+    """
+    torch = ck.torch
+    import torch.nn.functional as F
+
+    from dsv3.backends.triton_kernels import ops
+
+    dev, bf16 = ck.device, torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(3)
+    H, C, R, DN, DV = (4, 24, 8, 16, 16) if ck.smoke else (128, 512, 64, 128, 128)
+    lengths = (32,) if ck.smoke else (1024, 4096)
+    rows: list[dict] = []
+
+    def randn(*shape):
+        return (torch.randn(*shape, generator=g, device=dev) * 0.5).to(bf16)
+
+    wkv_b = randn(H * (DN + DV), C) * C**-0.5  # (H*(Dn+Dv), C)
+    w = wkv_b.view(H, DN + DV, C)
+    for n in lengths:
+        if ck.over_budget():
+            rows.append({"T=S": n, "method": "all", "note": "skipped (time budget)"})
+            continue
+        latent, k_pe = randn(1, n, C), randn(1, n, R)
+        q_nope, q_pe = randn(1, n, H, DN), randn(1, n, H, R)
+        pos = torch.arange(n, device=dev).view(1, n)
+
+        def naive(latent=latent, k_pe=k_pe, q_nope=q_nope, q_pe=q_pe, pos=pos, n=n):
+            kv = (latent @ wkv_b.t()).view(1, n, H, DN + DV)
+            k = torch.cat([kv[..., :DN], k_pe.unsqueeze(2).expand(-1, -1, H, -1)], dim=-1)
+            return ops.attention(torch.cat([q_nope, q_pe], dim=-1), k, kv[..., DN:], pos, 0.1)
+
+        def absorbed(latent=latent, k_pe=k_pe, q_nope=q_nope, q_pe=q_pe, pos=pos):
+            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w[:, :DN])
+            o = ops.mla_latent_attention(q_latent, q_pe, latent, k_pe, pos, 0.1)
+            return torch.einsum("bthc,hdc->bthd", o, w[:, DN:])
+
+        qf, kf, vf = randn(1, H, n, DN + R), randn(1, H, n, DN + R), randn(1, H, n, DV)
+        vpad = F.pad(vf, (0, DN + R - DV))
+        methods = {
+            "naive: wkv_b GEMM + Triton flash attention": naive,
+            "absorbed: Triton latent attention (+ absorb/un-absorb)": absorbed,
+            "torch SDPA causal (v padded to Dqk), attention only": lambda qf=qf, kf=kf, vpad=vpad: (
+                F.scaled_dot_product_attention(qf, kf, vpad, is_causal=True, scale=0.1)
+            ),
+        }
+        flops_naive = 2.0 * H * n * (n + 1) / 2 * (DN + R + DV)  # causal: half the (query, key) pairs
+        for name, fn in methods.items():
+            try:
+                ms = ck.time_ms(fn)
+                rows.append(
+                    {"T=S": n, "method": name, "ms": ms, "attention TFLOP/s (naive count)": flops_naive / ms / 1e9}
+                )
+            except Exception as exc:
+                rows.append({"T=S": n, "method": name, "note": f"ERROR {type(exc).__name__}: {str(exc)[:120]}"})
+    ck.results["sections"]["prefill"] = {"rows": rows}
+    table(f"prefill attention, one layer, H={H} C={C} R={R} Dnope={DN} Dv={DV}, bf16", rows,
+          ["T=S", "method", "ms", "attention TFLOP/s (naive count)", "note"])  # fmt: skip
+
+
+SECTIONS = {"parity": parity, "gemm": gemm, "moe": moe, "prefill": prefill, "decode": decode}
 
 
 def main(argv: list[str] | None = None) -> int:

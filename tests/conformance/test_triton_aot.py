@@ -54,13 +54,14 @@ def compile_for(target_name: str) -> dict:
 
     JITFunction.run = compile_only
     from dsv3.backends.cpu_ref import quant as ref
-    from dsv3.backends.triton_kernels import dequant, gemm, mla, moe, norm, quant
+    from dsv3.backends.triton_kernels import attention, dequant, gemm, mla, moe, norm, quant
 
-    for mod in (quant, dequant, gemm, moe, norm, mla):  # CPU tensors only stand for pointers here
+    for mod in (quant, dequant, gemm, moe, norm, mla, attention):  # CPU tensors only stand for pointers here
         mod.check_device = lambda where, **tensors: torch.device("cpu")
     if target.backend == "hip":
         gemm.is_hip = lambda: True
         gemm.launch_opts = lambda warps, stages: {"num_warps": warps, "num_stages": min(stages, 2)}
+        attention.launch_opts = gemm.launch_opts
     fp8 = torch.float8_e4m3fn if target.backend == "cuda" else torch.float8_e4m3fnuz
     bf16 = torch.bfloat16
     failures = []
@@ -93,6 +94,10 @@ def compile_for(target_name: str) -> dict:
     kv, pe = torch.randn(1, 1000, 512).to(bf16), torch.randn(1, 1000, 64).to(bf16)
     pos = torch.full((1, 1), 999)
     attempt("mla decode", lambda: mla.mla_latent_attention(q_latent, q_pe, kv, pe, pos, 0.1, num_splits=4))
+    prefill_pos = torch.arange(300).view(1, 300)
+    for dt in (bf16, torch.float32):  # the naive-form prefill at V3's head dims (Dqk 192, Dv 128)
+        q, v = torch.zeros(1, 300, 4, 192, dtype=dt), torch.zeros(1, 300, 4, 128, dtype=dt)
+        attempt(f"attention prefill {dt}", lambda q=q, v=v: attention.attention(q, q, v, prefill_pos, 0.1))
     attempt("rms_norm", lambda: norm.rms_norm(x, torch.ones(1024, dtype=bf16), 1e-6))
     attempt("silu_and_mul", lambda: norm.silu_and_mul(x, x))
     return {"kernels": kernels, "failures": failures}
@@ -110,7 +115,7 @@ def test_kernels_compile_for_gpu_targets(target):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["failures"] == []
     names = {k["kernel"] for k in result["kernels"]}
-    assert {"_gemm_kernel", "_mla_kernel", "_act_quant_fp8_kernel", "_rms_norm_kernel"} <= names
+    assert {"_gemm_kernel", "_mla_kernel", "_attention_kernel", "_act_quant_fp8_kernel", "_rms_norm_kernel"} <= names
     biggest = max(result["kernels"], key=lambda k: k["shared"])
     assert biggest["shared"] <= SHARED_LIMIT[target], biggest
 

@@ -9,9 +9,10 @@ sums only: 5e-7 measured); bfloat16 compute 0.05 absolute, a few bf16 ulps at |l
 SwiGLU/attention round once where cpu_ref rounds per PyTorch op: 0.016 measured); W8A8 against
 cpu_ref on the same int8 weights 0.06, about 8 bf16 ulps (the grouped matmul takes its weight
 scale in bf16, 2^-8 relative: 0.031 measured), and against the FP8 weights dequantized 0.15 (int8
-requantization of the weights plus per-token activation quantization: 0.04 measured). In W8A8
-greedy tokens are checked to be within that tolerance of cpu_ref's best, not equal: the tiny
-random model has bf16 near-ties.
+requantization of the weights plus per-token activation quantization: 0.04 measured). In bf16
+and W8A8 greedy tokens are checked to be within that tolerance of cpu_ref's best, not equal: the
+tiny random model has bf16 near-ties (seen: cpu_ref bf16 and float32 pick different first tokens
+while their logits differ by at most 0.027).
 """
 
 from __future__ import annotations
@@ -107,6 +108,22 @@ def _ran(npu, *ops: str) -> None:
         assert not missing, f"torch_npu operators never called: {missing}"
 
 
+def _assert_greedy_within(engine: Engine, ref: Engine, tol: float) -> None:
+    """Each greedy token of ``engine`` is, for ``ref`` fed the same sequence, within ``tol`` of ref's best.
+
+    Exact token equality in float32; in bf16 the tiny random model has near-ties (top two logits
+    closer than the bf16 error), so equality there is luck and the check is this one.
+    """
+    if engine.model.opts.dtype == torch.float32:
+        assert _tokens(engine) == _tokens(ref)
+        return
+    for prompt, tokens in zip(PROMPTS, _tokens(engine), strict=True):
+        seq_logits = ref.logits([prompt + tokens])[0].float()  # (T, V), no cache
+        for i, tok in enumerate(tokens):
+            row = seq_logits[len(prompt) - 1 + i]
+            assert row[tok] >= row.max() - tol, f"step {i}: token {tok} is {row.max() - row[tok]:.3g} below the best"
+
+
 def _snapshot(path: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")}
 
@@ -119,7 +136,7 @@ def _snapshot(path: Path) -> dict[str, tuple[int, int]]:
 def test_bf16_checkpoint_matches_cpu_ref(npu, ckpts, dtype, attn_impl, tol):
     ref = dsv3.load(ckpts["bf16"], "cpu_ref", dtype=dtype, attn_impl=attn_impl)
     asc = dsv3.load(ckpts["bf16"], "ascend", dtype=dtype, attn_impl=attn_impl)
-    assert _tokens(asc) == _tokens(ref)
+    _assert_greedy_within(asc, ref, tol)
     diff = (_logits(asc) - _logits(ref)).abs().max().item()
     assert diff <= tol, f"max |logit difference| {diff:.3g} > {tol}"
     # what ran where: the fused operators, and only the stated fallbacks
@@ -146,7 +163,7 @@ def test_fp8_checkpoint_converted_to_bf16_matches_cpu_ref_on_dequantized_weights
     # cpu_ref runs the FP8 weights as stored, dequantizing them in the compute dtype
     ref = dsv3.load(ckpts["fp8"], "cpu_ref", dtype=dtype)
     assert ref.model.layers[0].attn.wq_a.fmt == "fp8_block"
-    assert _tokens(asc) == _tokens(ref)
+    _assert_greedy_within(asc, ref, tol)
     diff = (_logits(asc) - _logits(ref)).abs().max().item()
     assert diff <= tol, f"max |logit difference| {diff:.3g} > {tol}"
     # converted in memory: the checkpoint is untouched and no converted copy was written next to it
@@ -184,15 +201,7 @@ def test_fp8_checkpoint_converted_to_int8_w8a8(npu, ckpts):
     twin = _cpu_ref_twin(asc, "dynamic")  # cpu_ref's exact W8A8 on the same int8 weights
     diff = (_logits(asc) - _logits(twin)).abs().max().item()
     assert diff <= W8A8_TOL, f"W8A8 vs cpu_ref on the same int8 weights: max |logit difference| {diff:.3g}"
-    # greedy within tolerance: each token ascend chose is, for cpu_ref fed the same sequence,
-    # within W8A8_TOL of its best (the tiny random model has bf16 near-ties, so exact equality is luck)
-    for prompt, tokens in zip(PROMPTS, _tokens(asc), strict=True):
-        seq_logits = twin.logits([prompt + tokens])[0].float()  # (T, V), no cache
-        for i, tok in enumerate(tokens):
-            row = seq_logits[len(prompt) - 1 + i]
-            assert row[tok] >= row.max() - W8A8_TOL, (
-                f"step {i}: token {tok} is {row.max() - row[tok]:.3g} below the best"
-            )
+    _assert_greedy_within(asc, twin, W8A8_TOL)
     _ran(npu, "npu_dynamic_quant", "npu_quant_matmul", "npu_grouped_matmul")
     fp8_ref = dsv3.load(ckpts["fp8"], "cpu_ref", dtype="bfloat16")
     diff = (_logits(asc) - _logits(fp8_ref)).abs().max().item()

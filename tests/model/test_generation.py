@@ -1,5 +1,9 @@
 """Generation on a tiny checkpoint: the two MLA forms, the KV cache, batching, sampling, EOS, limits.
 
+"absorb" is the default absorbed form (latent cache; prefills attend in the naive form when that is
+cheaper), "absorb-latent" the same with every token through the latent attention, "naive" the expanded
+per-head cache.
+
 Float32 comparisons use max |diff| <= 1e-5 x the largest logit: the paths compared compute the same
 sums in a different order (absorbed vs expanded keys, a cache read vs a fresh tensor), which in
 float32 drifts by ~1e-7 to 1e-6 of the scale; a wrong position, mask or cache slot moves logits by
@@ -14,13 +18,23 @@ import torch
 import dsv3
 from dsv3.errors import Dsv3Error
 from dsv3.generate import SamplingParams, generate
+from dsv3.model import naive_is_cheaper
 
 REL_TOL = 1e-5
 
 
+FORMS = ("absorb", "absorb-latent", "naive")
+
+
+def _load(path, form: str) -> dsv3.Engine:
+    engine = dsv3.load(path, dtype="float32", attn_impl=form.removesuffix("-latent"), progress=False)
+    engine.model.set_naive_prefill(not form.endswith("-latent"))
+    return engine
+
+
 @pytest.fixture(scope="module")
 def engines(tiny_ckpt):
-    return {impl: dsv3.load(tiny_ckpt, dtype="float32", attn_impl=impl, progress=False) for impl in ("absorb", "naive")}
+    return {form: _load(tiny_ckpt, form) for form in FORMS}
 
 
 def _tokens(seed: int, b: int, t: int, vocab: int = 96) -> torch.Tensor:
@@ -34,7 +48,10 @@ def _close(got: torch.Tensor, want: torch.Tensor) -> None:
 
 def test_naive_and_absorbed_mla_agree(engines):
     tokens = _tokens(0, 2, 40)  # past the YaRN original length (32)
-    _close(engines["absorb"].logits(tokens), engines["naive"].logits(tokens))
+    naive = engines["naive"].logits(tokens)
+    _close(engines["absorb-latent"].logits(tokens), naive)
+    # the absorbed form's prefill runs the very same naive computation from its latents: same bits
+    assert torch.equal(engines["absorb"].logits(tokens), naive)
     a, n = engines["absorb"].model.new_cache(1, 4), engines["naive"].model.new_cache(1, 4)
     cfg = engines["absorb"].cfg
     # the absorbed cache holds C + R values per token per layer; the naive one H x (Dqk + Dv)
@@ -44,7 +61,7 @@ def test_naive_and_absorbed_mla_agree(engines):
     assert n.nbytes_per_token() == cfg.num_hidden_layers * per_layer_naive * 4
 
 
-@pytest.mark.parametrize("impl", ["absorb", "naive"])
+@pytest.mark.parametrize("impl", FORMS)
 def test_prefill_then_decode_equals_full_forward(engines, impl):
     model = engines[impl].model
     b, t = 2, 40
@@ -59,7 +76,7 @@ def test_prefill_then_decode_equals_full_forward(engines, impl):
     _close(torch.cat(parts, dim=1), full)
 
 
-@pytest.mark.parametrize("impl", ["absorb", "naive"])
+@pytest.mark.parametrize("impl", FORMS)
 def test_batched_generation_equals_one_by_one(engines, impl):
     engine = engines[impl]
     lengths = [3, 37, 12, 1]  # different lengths in one batch, one longer than the YaRN original length
@@ -68,6 +85,40 @@ def test_batched_generation_equals_one_by_one(engines, impl):
     single = [engine.generate([p], max_new_tokens=10, temperature=0.0)[0] for p in prompts]
     assert [r.token_ids for r in batched] == [r.token_ids for r in single]
     assert all(len(r.token_ids) == 10 or r.finish_reason == "stop" for r in batched)
+
+
+class _CountingOps:
+    """An operator table that counts calls of the two attention operators."""
+
+    def __init__(self, ops):
+        self._ops, self.calls = ops, {"attention": 0, "mla_latent_attention": 0}
+
+    def __getattr__(self, name):
+        op = getattr(self._ops, name)
+        if name not in self.calls:
+            return op
+
+        def counted(*args):
+            self.calls[name] += 1
+            return op(*args)
+
+        return counted
+
+
+@pytest.mark.parametrize("naive_prefill", [True, False])
+def test_absorbed_prefill_form_follows_the_cost_rule(tiny_ckpt, naive_prefill):
+    """With a latent cache, a 10-token prompt attends in the naive form; each decode step stays latent."""
+    engine = _load(tiny_ckpt, "absorb" if naive_prefill else "absorb-latent")
+    cfg, layers = engine.cfg, engine.cfg.num_hidden_layers
+    assert naive_is_cheaper(cfg, 10, 10) and not naive_is_cheaper(cfg, 1, 11)
+    counting = _CountingOps(engine.model.ops)
+    for layer in engine.model.layers:
+        layer.attn.ops = counting
+    out = engine.generate([_tokens(6, 1, 10)[0].tolist()], max_new_tokens=4, temperature=0.0)[0]
+    steps = len(out.token_ids) - 1  # forwards after the prefill
+    assert steps >= 1
+    prefill_naive = layers if naive_prefill else 0
+    assert counting.calls == {"attention": prefill_naive, "mla_latent_attention": layers * (steps + 1) - prefill_naive}
 
 
 def test_greedy_follows_the_full_forward_argmax(engines):

@@ -3,7 +3,8 @@
 Each case builds a random model with transformers' DeepseekV3ForCausalLM (or DeepseekV2ForCausalLM),
 saves it with save_pretrained, loads that directory with ``dsv3.load`` and compares:
 
-- full-sequence logits, both MLA forms (naive and weight-absorbed). Tolerance: the largest difference
+- full-sequence logits, both MLA forms (naive and weight-absorbed), the absorbed form both with its
+  default naive-form prefill and forced through the latent attention for every token. Tolerance: the largest difference
   must stay under 1e-5 x the largest logit. Both sides compute in float32 (eps 1.2e-7) but in a
   different order (absorbed vs. expanded keys, einsum vs. matmul, index_add order over experts);
   over three layers that drift measures ~1e-6 of the logit scale, so 1e-5 leaves a 10x margin
@@ -98,10 +99,11 @@ def _prompts(seed: int, vocab: int) -> torch.Tensor:
     return tokens
 
 
-@pytest.mark.parametrize("attn_impl", ["absorb", "naive"])
+@pytest.mark.parametrize("attn_impl", ["absorb", "absorb-latent", "naive"])
 def test_logits_match_transformers(case, attn_impl):
     name, ref_model, path = case
-    engine = dsv3.load(path, dtype="float32", attn_impl=attn_impl, progress=False)
+    engine = dsv3.load(path, dtype="float32", attn_impl=attn_impl.removesuffix("-latent"), progress=False)
+    engine.model.set_naive_prefill(not attn_impl.endswith("-latent"))
     cfg = engine.cfg
     assert cfg.yarn is not None and PROMPT_LEN > cfg.yarn.original_max_position_embeddings
     if cfg.uses_bias:  # the selection-only bias must really be present and non-zero

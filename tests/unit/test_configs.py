@@ -21,6 +21,7 @@ import dsv3
 from dsv3.api import build_model
 from dsv3.cli import main as dsv3_main
 from dsv3.config import builtin_config
+from dsv3.model import naive_is_cheaper
 from tests.helpers import TINY, add_tiny_tokenizer, make_checkpoint
 
 SHIPPED = sorted(p.name for p in files("dsv3.configs").iterdir() if p.name.endswith((".json", ".yaml", ".yml")))
@@ -100,6 +101,15 @@ def test_v3_671b_facts():
     assert cfg.softmax_scale == pytest.approx(192**-0.5 * m * m)
     assert cfg.num_nextn_predict_layers == 1 and cfg.eos_ids == (1,)
     assert "_note" in cfg.extra  # unknown keys are kept, not rejected
+
+
+def test_v3_671b_prefill_form_choices():
+    """Per head, absorbed costs t*s*1088 + t*131072 multiply-adds, naive t*s*320 + s*131072 (C 512, R 64)."""
+    cfg = dsv3.load_config(builtin_config("deepseek-v3-671b"))
+    assert naive_is_cheaper(cfg, 2, 2) and naive_is_cheaper(cfg, 4096, 4096)  # fresh prefills
+    assert naive_is_cheaper(cfg, 512, 8192)  # a 512-token chunk onto 7680 cached tokens
+    assert not naive_is_cheaper(cfg, 1, 4096) and not naive_is_cheaper(cfg, 3, 4096)  # decode, MTP verify
+    assert not naive_is_cheaper(cfg, 100, 8192) and naive_is_cheaper(cfg, 200, 8192)  # the break-even: ~171
 
 
 def test_v2_facts():
