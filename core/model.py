@@ -446,8 +446,12 @@ class Transformer(nn.Module):
         next_tokens: torch.Tensor,
         positions: torch.Tensor,
         cache: ModelCache | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run MTP module ``depth`` on hidden (B, T, D) and the following tokens (B, T) -> hidden (B, T, D)."""
+        """Run MTP module ``depth`` on hidden (B, T, D) and the following tokens (B, T) -> hidden (B, T, D).
+
+        rows (B,) int64: the cache rows (slots) batch rows use; None: cache rows 0..B-1.
+        """
         cos, sin = self.rope(positions)
-        layer_cache = None if cache is None else cache.mtp[depth].view(length=int(positions.max()) + 1)
+        layer_cache = None if cache is None else cache.mtp[depth].view(rows, int(positions.max()) + 1)
         return self.mtp[depth](hidden, next_tokens, positions, cos, sin, layer_cache)

@@ -109,50 +109,163 @@ def summary_line(s: dict) -> str:
     )
 
 
-class _State:
-    """Per-row buffers: the token and the main model's hidden state at every position."""
+class RowSampler:
+    """How each row of a speculative step draws its drafts and accepts them.
 
-    def __init__(self, model: Transformer, b: int, size: int, k: int):
-        device = model.embed.device
-        self.rows = torch.arange(b, device=device)
-        self.tokens = torch.zeros(b, size + k + 2, dtype=torch.long, device=device)  # (B, S + K + 2)
-        self.hidden = torch.zeros(b, size, model.cfg.hidden_size, dtype=model.embed.dtype, device=device)  # (B, S, D)
-
-
-def _draft(
-    model: Transformer,
-    cache: ModelCache,
-    st: _State,
-    window: torch.Tensor,
-    pos: torch.Tensor,
-    k: int,
-    cap: int,
-    pick,
-) -> list[torch.Tensor]:
-    """Write K drafts into ``st.tokens[:, pos + 1 .. pos + K]``; return their draft distributions q (B, V) each.
-
-    window (B, W): positions t (ascending, last = pos - 1) whose MTP entries are (re)computed;
-    pos (B,): each row's newest verified token position.
+    temperature (B,), top_p (B,) float32; generators: one per row, a ``torch.Generator`` of its own
+    (a seeded request: it draws alone, exactly as it would in a batch of one) or None (the row
+    draws from ``shared`` together with the other None rows). When every row is greedy, drafts are
+    argmaxes and are accepted while they equal the main model's argmax; otherwise every row goes
+    through rejection sampling (a temperature-0 row has one-hot p and q there, which accepts
+    exactly the argmax-equal drafts and adds the argmax).
     """
-    rows = st.rows.unsqueeze(1)  # (B, 1)
-    n_layers = min(k, len(model.mtp))
-    c = st.hidden[rows, window]  # (B, W, D): c_0[t], the main model's hidden states
-    qs = []
-    for layer in range(n_layers):
-        tok = st.tokens[rows, window + layer + 1]  # (B, W): token t + l + 1 (verified, or this step's drafts)
-        c = model.mtp_forward(layer, c, tok, (window + layer).clamp(max=cap), cache)  # (B, W, D)
-        draft, q = pick(model.mtp[layer].logits(c[:, -1]))
-        st.tokens[st.rows, pos + layer + 1] = draft
-        qs.append(q)
-    g = c[:, -1:]  # (B, 1, D)
-    last = n_layers - 1
-    for j in range(n_layers, k):  # recurrent reuse of the last module, one position further each time
-        tok = st.tokens[st.rows, pos + j].unsqueeze(1)  # (B, 1)
-        g = model.mtp_forward(last, g, tok, (pos + j - 1).clamp(max=cap).unsqueeze(1), cache)
-        draft, q = pick(model.mtp[last].logits(g[:, 0]))
-        st.tokens[st.rows, pos + j + 1] = draft
-        qs.append(q)
-    return qs
+
+    def __init__(
+        self,
+        temperature: torch.Tensor,
+        top_p: torch.Tensor,
+        generators: list[torch.Generator | None],
+        shared: torch.Generator | None,
+    ):
+        self.temperature, self.top_p, self.shared = temperature, top_p, shared
+        self.greedy = bool((temperature == 0).all())
+        self.shared_rows = [i for i, g in enumerate(generators) if g is None]
+        self.own = [(i, g) for i, g in enumerate(generators) if g is not None]
+
+    def _groups(self):
+        """(row indices, generator) groups: the shared rows together, then each seeded row alone."""
+        device = self.temperature.device
+        if self.shared_rows:
+            yield torch.tensor(self.shared_rows, device=device), self.shared
+        for i, g in self.own:
+            yield torch.tensor([i], device=device), g
+
+    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits (B, V) -> drafts (B,) int64 and the draft distributions q (B, V) (None when greedy)."""
+        if self.greedy:
+            return logits.argmax(-1), None
+        q = processed_probs(logits, self.temperature, self.top_p)
+        drafts = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
+        for idx, g in self._groups():
+            drafts[idx] = torch.multinomial(q[idx], 1, generator=g).squeeze(-1)
+        return drafts, q
+
+    def accept(
+        self, logits: torch.Tensor, qs: list[torch.Tensor | None], drafts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits (B, K+1, V), qs K x (B, V), drafts (B, K) -> accepted drafts (B,) and the next token (B,)."""
+        rows = torch.arange(drafts.shape[0], device=drafts.device)
+        if self.greedy:
+            target = logits.argmax(-1)  # (B, K+1)
+            n_acc = (drafts == target[:, : drafts.shape[1]]).long().cumprod(-1).sum(-1)  # (B,)
+            return n_acc, target[rows, n_acc]
+        q = torch.stack(qs, 1)  # (B, K, V)
+        n_acc, bonus = torch.empty_like(rows), torch.empty_like(rows)
+        for idx, g in self._groups():
+            n_acc[idx], bonus[idx] = _accept_sampled(
+                logits[idx], q[idx], drafts[idx], self.temperature[idx], self.top_p[idx], g
+            )
+        return n_acc, bonus
+
+
+class SpecDecoder:
+    """Speculative decoding over the rows (slots) of one cache: each slot's tokens and main hidden states.
+
+    ``prefill`` runs prompts into their slots; ``put`` records a sampled token; ``step`` drafts K
+    tokens for some slots, verifies them with one main-model forward and accepts a prefix (the
+    caller moves each slot's position on by ``n_acc + 1``). Slots are independent: any subset
+    steps together, at its own positions, so requests can join and leave between steps.
+    The cache must hold ``K + 1`` positions past the last token a slot may generate.
+    """
+
+    def __init__(self, model: Transformer, cache: ModelCache, k: int):
+        check_mtp(model, k)
+        if k == 0:
+            raise Dsv3Error("speculative decoding needs mtp >= 1 draft token")
+        self.model, self.cache, self.k = model, cache, k
+        device = model.embed.device
+        b, size = cache.max_batch, cache.max_len
+        self.tokens = torch.zeros(b, size + k + 2, dtype=torch.long, device=device)  # (slots, S + K + 2)
+        self.hidden = torch.zeros(b, size, model.cfg.hidden_size, dtype=model.embed.dtype, device=device)
+        self.cap = min(model.cfg.max_position_embeddings, size) - 1  # positions past a budget clamp here
+        self.window = k + min(k, len(model.mtp))  # MTP positions recomputed per step
+        self.first_span = [0] * b  # a freshly prefilled slot recomputes its whole prompt once
+        self.offsets = torch.arange(k + 1, device=device)
+
+    def _slots(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(slot index tensor, cache rows for forward: None when the slots are 0..B-1)."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.tokens.device)
+        return index, None if slots == list(range(len(slots))) else index
+
+    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run prompts (right-padded) into ``slots``; return the logits (B, V) at each prompt's last token."""
+        sl, rows = self._slots(slots)
+        device = sl.device
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        width = int(lens.max())
+        for s, p in zip(slots, prompts, strict=True):
+            self.tokens[s, : len(p)] = torch.tensor(p, device=device)
+            self.first_span[s] = len(p)
+        positions = torch.arange(width, device=device).expand(len(slots), width)
+        hidden = self.model(self.tokens[sl, :width], positions, self.cache, rows=rows)  # (B, W, D)
+        self.hidden[sl, :width] = hidden
+        return self.model.logits(hidden[torch.arange(len(slots), device=device), lens - 1])
+
+    def put(self, slots: list[int], positions: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Record ``tokens (B,)`` at ``positions (B,)`` of ``slots`` (e.g. the first sampled token)."""
+        self.tokens[self._slots(slots)[0], positions] = tokens
+
+    def step(
+        self, slots: list[int], pos: torch.Tensor, sampler: RowSampler
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One draft-verify-accept step for ``slots`` whose newest token (unseen by the main model) is at pos (B,).
+
+        Returns accepted draft counts (B,), the main model's next token (B,) and the drafts (B, K);
+        the accepted drafts and that token are recorded at positions ``pos + 1 .. pos + n_acc + 1``.
+        """
+        sl, rows = self._slots(slots)
+        span = max([self.window] + [self.first_span[s] for s in slots])
+        for s in slots:
+            self.first_span[s] = 0
+        window = (pos.unsqueeze(1) - span + torch.arange(span, device=pos.device)).clamp(min=0)  # (B, span)
+        qs = self._draft(sl, rows, window, pos, sampler)
+        ver_pos = pos.unsqueeze(1) + self.offsets  # (B, K+1)
+        ver_tok = self.tokens[sl.unsqueeze(1), ver_pos]  # (B, K+1): newest token, then the drafts
+        ver_pos = ver_pos.clamp(max=self.cap)
+        h = self.model(ver_tok, ver_pos, self.cache, rows=rows)  # (B, K+1, D)
+        self.hidden[sl.unsqueeze(1), ver_pos] = h
+        drafts = ver_tok[:, 1:]  # (B, K)
+        n_acc, bonus = sampler.accept(self.model.logits(h), qs, drafts)
+        self.tokens[sl, pos + n_acc + 1] = bonus
+        return n_acc, bonus, drafts
+
+    def _draft(
+        self, sl: torch.Tensor, rows: torch.Tensor | None, window: torch.Tensor, pos: torch.Tensor, sampler
+    ) -> list[torch.Tensor | None]:
+        """Write K drafts into ``tokens[sl, pos + 1 .. pos + K]``; return their draft distributions q (B, V) each.
+
+        window (B, W): positions t (ascending, last = pos - 1) whose MTP entries are (re)computed.
+        """
+        model, cache, cap, k = self.model, self.cache, self.cap, self.k
+        col = sl.unsqueeze(1)  # (B, 1)
+        n_layers = min(k, len(model.mtp))
+        c = self.hidden[col, window]  # (B, W, D): c_0[t], the main model's hidden states
+        qs = []
+        for layer in range(n_layers):
+            tok = self.tokens[col, window + layer + 1]  # (B, W): token t + l + 1 (verified, or this step's drafts)
+            c = model.mtp_forward(layer, c, tok, (window + layer).clamp(max=cap), cache, rows)  # (B, W, D)
+            draft, q = sampler.pick(model.mtp[layer].logits(c[:, -1]))
+            self.tokens[sl, pos + layer + 1] = draft
+            qs.append(q)
+        g = c[:, -1:]  # (B, 1, D)
+        last = n_layers - 1
+        for j in range(n_layers, k):  # recurrent reuse of the last module, one position further each time
+            tok = self.tokens[sl, pos + j].unsqueeze(1)  # (B, 1)
+            g = model.mtp_forward(last, g, tok, (pos + j - 1).clamp(max=cap).unsqueeze(1), cache, rows)
+            draft, q = sampler.pick(model.mtp[last].logits(g[:, 0]))
+            self.tokens[sl, pos + j + 1] = draft
+            qs.append(q)
+        return qs
 
 
 @torch.inference_mode()
@@ -172,10 +285,7 @@ def generate_speculative(
     total = check_lengths(model, prompts, params.max_new_tokens)
     device = model.embed.device
     b = len(prompts)
-    size = total + k + 1
-    cap = min(model.cfg.max_position_embeddings, size) - 1  # positions past a row's budget are clamped here
-    cache = model.new_cache(b, size)
-    st = _State(model, b, size, k)
+    spec = SpecDecoder(model, model.new_cache(b, total + k + 1), k)
     seed, par = params.seed, getattr(model.opts, "parallel", None)
     if par is not None:  # tensor parallel: every rank must draw the same tokens
         from .parallel import agree_on_seed
@@ -184,55 +294,21 @@ def generate_speculative(
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     temperature = torch.full((b,), float(params.temperature), device=device)
     top_p = torch.full((b,), float(params.top_p), device=device)
-    greedy = params.temperature == 0
+    sampler = RowSampler(temperature, top_p, [None] * b, generator)
     eos = set(params.eos_ids)
+    slots = list(range(b))
 
-    def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if greedy:
-            return logits.argmax(-1), None
-        q = processed_probs(logits, temperature, top_p)
-        return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
-
-    # prefill: every prompt at once, right-padded
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    width = int(lens.max())
-    for i, p in enumerate(prompts):
-        st.tokens[i, : len(p)] = torch.tensor(p, device=device)
-    hidden = model(st.tokens[:, :width], torch.arange(width, device=device).expand(b, width), cache)  # (B, W, D)
-    st.hidden[:, :width] = hidden
-    first = model.ops.sample(model.logits(hidden[st.rows, lens - 1]), temperature, top_p, generator)  # (B,)
-    st.tokens[st.rows, lens] = first
+    logits = spec.prefill(slots, prompts)  # every prompt at once, right-padded
+    first = model.ops.sample(logits, temperature, top_p, generator)  # (B,)
+    pos = torch.tensor([len(p) for p in prompts], device=device)  # each row's newest token, unseen by the model
+    spec.put(slots, pos, first)
     out = [[int(t)] for t in first.tolist()]
     first_at = time.perf_counter()
     done = [o[-1] in eos or params.max_new_tokens == 1 for o in out]
-    pos = lens.clone()  # position of each row's newest token, not yet seen by the main model
     stats = [RowStats(k, accepted=[0] * k) for _ in range(b)]
 
-    w = k + min(k, len(model.mtp))
-    offsets = torch.arange(k + 1, device=device)
-    first_step = True
     while not all(done):
-        # the first window covers the whole prompt, later ones the last w positions
-        span = max(width, w) if first_step else w
-        first_step = False
-        window = (pos.unsqueeze(1) - span + torch.arange(span, device=device)).clamp(min=0)  # (B, span)
-        qs = _draft(model, cache, st, window, pos, k, cap, pick)
-
-        ver_pos = pos.unsqueeze(1) + offsets  # (B, K+1)
-        ver_tok = st.tokens[st.rows.unsqueeze(1), ver_pos]  # (B, K+1): newest token, then the drafts
-        ver_pos = ver_pos.clamp(max=cap)
-        h = model(ver_tok, ver_pos, cache)  # (B, K+1, D)
-        st.hidden[st.rows.unsqueeze(1), ver_pos] = h
-        logits = model.logits(h)  # (B, K+1, V) float32
-        drafts = ver_tok[:, 1:]  # (B, K)
-        if greedy:
-            target = logits.argmax(-1)  # (B, K+1)
-            n_acc = (drafts == target[:, :k]).long().cumprod(-1).sum(-1)  # (B,)
-            bonus = target[st.rows, n_acc]
-        else:
-            n_acc, bonus = _accept_sampled(logits, torch.stack(qs, 1), drafts, temperature, top_p, generator)
-        st.tokens[st.rows, pos + n_acc + 1] = bonus
-
+        n_acc, bonus, drafts = spec.step(slots, pos, sampler)
         for i in range(b):
             if done[i]:
                 continue

@@ -4,9 +4,11 @@ For each ``--max-batch`` value it starts ``dsv3 serve`` in a subprocess, sends `
 concurrent streaming /v1/completions requests (temperature 0) with the ``openai`` client, checks
 every answer token for token against ``Engine.generate`` on that prompt alone (what ``dsv3 run``
 does), checks /health (every slot free, nothing lost), and prints throughput and latencies.
-Comparing ``--max-batch 16`` with ``--max-batch 1`` shows what continuous batching buys.
+Comparing ``--max-batch 16`` with ``--max-batch 1`` shows what continuous batching buys;
+``--mtp 0,1`` runs each slot count without and with MTP speculative decoding (``dsv3 serve --mtp``).
 
     python scripts/serve_load_test.py --clients 32 --max-tokens 32 --max-batch 16,1
+    python scripts/serve_load_test.py --clients 16 --max-tokens 32 --max-batch 8 --mtp 0,1
 
 Everything is bounded: ``--timeout`` seconds per run, a fixed number of requests.
 """
@@ -38,9 +40,10 @@ def prompts(n: int) -> list[str]:
     return [f"Story {i} about {SUBJECTS[i % len(SUBJECTS)]}:" + " and then" * (i % 5) for i in range(n)]
 
 
-def start_server(args, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(args, max_batch: int, mtp: int) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "dsv3", "serve", "--port", "0", "--dtype", args.dtype, "--log-level", "warning"]
     cmd += ["--max-batch", str(max_batch), "--max-model-len", str(args.max_model_len), "--max-waiting", "1024"]
+    cmd += ["--mtp", str(mtp)]
     if args.ckpt_path:
         cmd += ["--ckpt-path", args.ckpt_path]
     env = dict(os.environ)
@@ -124,6 +127,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=256)
     ap.add_argument("--max-batch", default="16,1", help="comma-separated slot counts to compare")
+    ap.add_argument("--mtp", default="0", help="comma-separated MTP draft counts (0: plain decoding) to compare")
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads for the server (OMP_NUM_THREADS) and the references"
     )
@@ -144,8 +148,9 @@ def main() -> int:
 
     report = {"clients": args.clients, "max_tokens": args.max_tokens, "runs": []}
     failed = False
-    for max_batch in [int(b) for b in args.max_batch.split(",")]:
-        proc, url = start_server(args, max_batch)
+    configs = [(int(b), int(k)) for b in args.max_batch.split(",") for k in args.mtp.split(",")]
+    for max_batch, mtp in configs:
+        proc, url = start_server(args, max_batch, mtp)
         try:
             model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
             asyncio.run(burst(url, model, ps[:1], 4, args.timeout))  # warm-up
@@ -165,6 +170,7 @@ def main() -> int:
         tokens = sum(len(r["ids"]) for r in ok)
         run = {
             "max_batch": max_batch,
+            "mtp": mtp,
             "answered": len(ok),
             "errors": len(errors),
             "mismatches": len(wrong),
@@ -181,6 +187,9 @@ def main() -> int:
             "finished": health["finished"],
             "load_avg_after": round(os.getloadavg()[0], 1),
         }
+        if mtp:
+            run["steps"] = health["steps"]
+            run["acceptance_rate"] = round(health["accepted_drafts"] / max(health["drafts"], 1), 3)
         report["runs"].append(run)
         print(json.dumps(run), flush=True)
         for e in errors[:3]:
@@ -191,11 +200,12 @@ def main() -> int:
         if errors or wrong or lost or health["slots_used"] or health["finished"] != len(ps) + 1:
             failed = True
     if len(report["runs"]) >= 2:
-        base = report["runs"][-1]["tokens_per_s"]
+        last = report["runs"][-1]
         for run in report["runs"][:-1]:
             print(
-                f"max_batch {run['max_batch']}: {run['tokens_per_s']} tokens/s vs max_batch "
-                f"{report['runs'][-1]['max_batch']}: {base} tokens/s ({run['tokens_per_s'] / base:.1f}x)"
+                f"max_batch {run['max_batch']} mtp {run['mtp']}: {run['tokens_per_s']} tokens/s vs max_batch "
+                f"{last['max_batch']} mtp {last['mtp']}: {last['tokens_per_s']} tokens/s "
+                f"({run['tokens_per_s'] / last['tokens_per_s']:.2f}x)"
             )
     if args.json:
         with open(args.json, "w") as f:

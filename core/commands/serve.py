@@ -45,7 +45,7 @@ def add_parser(sub):
         type=int,
         default=0,
         metavar="K",
-        help="speculative decoding with the MTP module, K drafts per step (requests then run one at a time)",
+        help="speculative decoding with the MTP module: K drafts per step, verified for every running request at once",
     )
     p.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="uvicorn logging"
@@ -107,8 +107,8 @@ def main(args) -> int:
         scheduler = Scheduler(engine.model, args.max_batch, max_len, args.max_waiting, args.mtp)
         app = create_app(engine, scheduler, settings)
         host, port = sock.getsockname()[:2]
-        mib = cache_bytes(engine.model, scheduler.max_batch, max_len) / 2**20
-        mode = f"speculative decoding (mtp={args.mtp}), one request at a time" if args.mtp else "continuous batching"
+        mib = cache_bytes(engine.model, scheduler.max_batch, max_len + (args.mtp + 1 if args.mtp else 0)) / 2**20
+        mode = f"continuous batching with speculative decoding (mtp={args.mtp})" if args.mtp else "continuous batching"
         print(
             f"dsv3: serving '{settings.model_name}' on http://{args.host}:{port}/v1 with {mode}: "
             f"{scheduler.max_batch} slots x {max_len} positions ({mib:.1f} MiB of cache)",

@@ -14,9 +14,12 @@ Sampling is per row: greedy rows and unseeded rows share one ``dsv3_op_sample`` 
 a seed is drawn alone with its own generator, so a seeded request draws exactly what
 ``dsv3 run --seed`` draws for that prompt alone.
 
-With ``mtp=K`` (speculative decoding with the checkpoint's MTP module) requests run one at a
-time through :func:`dsv3.speculative.generate_speculative`, and each request's tokens arrive
-in one event when it finishes (no batching, no early cancellation).
+With ``mtp=K`` (speculative decoding with the checkpoint's MTP module) the same loop runs
+:class:`dsv3.speculative.SpecDecoder` steps instead of plain decode steps: every active slot drafts
+K tokens, one main-model forward verifies them all, and each slot streams its accepted drafts plus
+the main model's token (1 to K + 1 tokens per step) and moves on by that many positions. Requests
+still join and leave between steps; a seeded request draws exactly what ``dsv3 run --mtp K --seed``
+draws for that prompt alone.
 """
 
 from __future__ import annotations
@@ -31,9 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..generate import SamplingParams
 from ..model import Transformer
-from ..speculative import generate_speculative
+from ..speculative import RowSampler, SpecDecoder
 
 
 @dataclass(frozen=True)
@@ -97,13 +99,13 @@ class Scheduler:
 
     def __init__(self, model: Transformer, max_batch: int, max_len: int, max_waiting: int = 256, mtp: int = 0):
         self.model = model
-        self.max_batch = 1 if mtp else max_batch
+        self.max_batch = max_batch
         self.max_len, self.max_waiting, self.mtp = max_len, max_waiting, mtp
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._free = list(range(self.max_batch))  # a heap: the lowest free slot is used first
         self._active: dict[int, _Active] = {}  # slot -> its request
-        self._running: Request | None = None  # mtp mode: the request being generated
+        self._spec: SpecDecoder | None = None  # mtp mode
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._shared_gen = torch.Generator(device=model.embed.device).manual_seed(random.SystemRandom().getrandbits(63))
@@ -154,26 +156,29 @@ class Scheduler:
 
     def stats(self) -> dict:
         """Slot usage and counters (for /health)."""
-        active = 1 if self.mtp and self._running is not None else len(self._active)
-        return {
+        out = {
             "slots_total": self.max_batch,
-            "slots_used": active,
+            "slots_used": len(self._active),
             "waiting": len(self._waiting),
             "max_model_len": self.max_len,
             "mtp": self.mtp,
             "peak_batch": self.peak_batch,
             **{k: self.counters[k] for k in ("submitted", "finished", "cancelled", "errors", "tokens", "steps")},
         }
+        if self.mtp:  # drafts made for running requests, and how many of them the main model accepted
+            out.update({k: self.counters[k] for k in ("drafts", "accepted_drafts")})
+        return out
 
     # ------------------------------------------------------------ the scheduler thread
     def _run(self) -> None:
         try:
             with torch.inference_mode():
-                if self.mtp:
-                    self._loop_mtp()
+                if self.mtp:  # verification reads K + 1 positions past a request's last token
+                    self._cache = self.model.new_cache(self.max_batch, self.max_len + self.mtp + 1)
+                    self._spec = SpecDecoder(self.model, self._cache, self.mtp)
                 else:
                     self._cache = self.model.new_cache(self.max_batch, self.max_len)
-                    self._loop()
+                self._loop()
         except BaseException as exc:  # keep /health honest if the thread itself dies
             self.fatal = f"{type(exc).__name__}: {exc}"
             raise
@@ -201,10 +206,11 @@ class Scheduler:
             admitted = self._take_admissions()
             if admitted is None:
                 return
+            prefill, decode = (self._prefill_mtp, self._decode_mtp) if self.mtp else (self._prefill, self._decode)
             for req, slot in admitted:
-                self._guarded([_Active(req, slot, 0, 0, 0, None)], self._prefill)
+                self._guarded([_Active(req, slot, 0, 0, 0, None)], prefill)
             if self._active:
-                self._guarded(list(self._active.values()), self._decode)
+                self._guarded(list(self._active.values()), decode)
 
     def _guarded(self, rows: list[_Active], step: Callable[[list[_Active]], None]) -> None:
         """Run a model step; a failure ends the requests it concerned with an error, and the server goes on."""
@@ -233,11 +239,14 @@ class Scheduler:
             return None
         return torch.tensor(slots, dtype=torch.long, device=self.model.embed.device)
 
+    def _seed(self, a: _Active) -> None:
+        if a.req.seed is not None and a.req.temperature > 0:
+            a.generator = torch.Generator(device=self.model.embed.device).manual_seed(a.req.seed)
+
     def _prefill(self, rows: list[_Active]) -> None:
         (a,) = rows
         req, device = a.req, self.model.embed.device
-        if req.seed is not None and req.temperature > 0:
-            a.generator = torch.Generator(device=device).manual_seed(req.seed)
+        self._seed(a)
         n = len(req.prompt)
         tokens = torch.tensor([req.prompt], dtype=torch.long, device=device)  # (1, T)
         positions = torch.arange(n, device=device).unsqueeze(0)  # (1, T)
@@ -246,7 +255,38 @@ class Scheduler:
         a.pos = n
         with self._cond:
             self._active[a.slot] = a
-        self._advance([a], self._sample(self.model.logits(hidden), [a]))
+        self._advance([a], [[t] for t in self._sample(self.model.logits(hidden), [a])])
+
+    def _prefill_mtp(self, rows: list[_Active]) -> None:
+        (a,) = rows
+        self._seed(a)
+        logits = self._spec.prefill([a.slot], [a.req.prompt])  # (1, V)
+        self.counters["prefill_tokens"] += len(a.req.prompt)
+        a.pos = len(a.req.prompt)
+        with self._cond:
+            self._active[a.slot] = a
+        (token,) = self._sample(logits, [a])
+        self._spec.put(
+            [a.slot], torch.tensor([a.pos], device=logits.device), torch.tensor([token], device=logits.device)
+        )
+        self._advance([a], [[token]])
+
+    def _decode_mtp(self, rows: list[_Active]) -> None:
+        rows = sorted(rows, key=lambda a: a.slot)
+        device = self.model.embed.device
+        pos = torch.tensor([a.pos for a in rows], dtype=torch.long, device=device)  # (B,) each newest token
+        temperature = torch.tensor([a.req.temperature for a in rows], dtype=torch.float32, device=device)
+        top_p = torch.tensor([a.req.top_p for a in rows], dtype=torch.float32, device=device)
+        sampler = RowSampler(temperature, top_p, [a.generator for a in rows], self._shared_gen)
+        n_acc, bonus, drafts = self._spec.step([a.slot for a in rows], pos, sampler)
+        self.counters["steps"] += 1
+        self.peak_batch = max(self.peak_batch, len(rows))
+        accepted, bonus, drafts = n_acc.tolist(), bonus.tolist(), drafts.tolist()
+        self.counters["drafts"] += self.mtp * len(rows)
+        self.counters["accepted_drafts"] += sum(accepted)
+        for a in rows:
+            a.pos += 1  # where the first new token goes
+        self._advance(rows, [d[:n] + [b] for d, n, b in zip(drafts, accepted, bonus, strict=True)])
 
     def _decode(self, rows: list[_Active]) -> None:
         rows = sorted(rows, key=lambda a: a.slot)
@@ -258,7 +298,7 @@ class Scheduler:
         self.peak_batch = max(self.peak_batch, len(rows))
         for a in rows:
             a.pos += 1
-        self._advance(rows, self._sample(self.model.logits(hidden), rows))
+        self._advance(rows, [[t] for t in self._sample(self.model.logits(hidden), rows)])
 
     def _sample(self, logits: torch.Tensor, rows: list[_Active]) -> list[int]:
         """logits (B, V) fp32 -> one token per row; seeded rows draw alone with their own generator."""
@@ -278,58 +318,34 @@ class Scheduler:
                 out[i] = int(sample(logits[i : i + 1], temperature[i : i + 1], top_p[i : i + 1], a.generator)[0])
         return out
 
-    def _advance(self, rows: list[_Active], tokens: list[int]) -> None:
-        """Hand each row its new token; finish rows at a stop token, max_tokens or the end of the slot."""
-        for a, t in zip(rows, tokens, strict=True):
-            a.generated += 1
-            a.token = t
-            self.counters["tokens"] += 1
-            finish = None
-            if t in a.req.stop_ids:
-                finish = "stop"
-            elif a.generated >= a.req.max_tokens or a.pos >= self.max_len:
-                finish = "length"
+    def _advance(self, rows: list[_Active], tokens: list[list[int]]) -> None:
+        """Hand each row its new tokens (one event per row), the first going at ``a.pos``; finish rows at a
+        stop token, max_tokens or the end of the slot. ``a.pos`` ends at the newest token's position."""
+        for a, new in zip(rows, tokens, strict=True):
+            finish, sent = None, []
+            for i, t in enumerate(new):
+                if i:
+                    a.pos += 1
+                a.generated += 1
+                a.token = t
+                sent.append(t)
+                if t in a.req.stop_ids:
+                    finish = "stop"
+                elif a.generated >= a.req.max_tokens or a.pos >= self.max_len:
+                    finish = "length"
+                if finish is not None:
+                    break
+            self.counters["tokens"] += len(sent)
             if not a.req.cancelled:
-                a.req.sink(Event((t,), finish))
+                a.req.sink(Event(tuple(sent), finish))
             if finish is not None:
                 self.counters["finished"] += 1
                 with self._cond:
                     self._release(a.slot)
 
-    def _loop_mtp(self) -> None:
-        """Speculative decoding: one request at a time, all its tokens in one event."""
-        while True:
-            with self._cond:
-                while not self._stopping and not self._waiting:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                req = self._waiting.popleft()
-                if req.cancelled:
-                    continue
-                self._running = req
-            try:
-                params = SamplingParams(req.max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop_ids))
-                out = generate_speculative(self.model, [req.prompt], params, self.mtp)
-                ids = out.token_ids[0]
-                self.counters["tokens"] += len(ids)
-                self.counters["steps"] += out.stats["mtp"]["steps"]
-                self.counters["finished"] += 1
-                self.peak_batch = 1
-                if not req.cancelled:
-                    req.sink(Event(tuple(ids), out.finish_reasons[0]))
-            except Exception as exc:
-                self.counters["errors"] += 1
-                if not req.cancelled:
-                    req.sink(Event(error=f"generation failed: {type(exc).__name__}: {exc}"))
-            finally:
-                self._running = None
-
     def _fail_all(self, message: str) -> None:
         with self._cond:
             pending = [a.req for a in self._active.values()] + list(self._waiting)
-            if self._running is not None:
-                pending.append(self._running)
             self._waiting.clear()
             for slot in list(self._active):
                 self._release(slot)

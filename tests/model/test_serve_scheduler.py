@@ -1,10 +1,12 @@
-"""The serving scheduler without HTTP: cache rows (slots), continuous batching against generate(), MTP mode."""
+"""The serving scheduler without HTTP: cache rows (slots), continuous batching against generate(), MTP mode
+(batched speculative steps against generate() and generate_speculative())."""
 
 from __future__ import annotations
 
 import queue
 import threading
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -13,6 +15,8 @@ import dsv3
 from dsv3.generate import SamplingParams, generate
 from dsv3.serve.scheduler import Event, Request, Scheduler, SchedulerBusy
 from dsv3.serve.text import TextStream, held_back
+from dsv3.speculative import generate_speculative
+from tests.helpers import make_checkpoint, pattern_tokens, train_on_patterns
 
 WAIT_S = 60  # bound on any wait for the scheduler thread (tiny model: it takes well under a second)
 
@@ -68,16 +72,16 @@ def test_forward_with_cache_rows_matches_rows_zero_to_b(engine):
             assert not buf[[0, 2, 4]].any()  # the other slots are untouched
 
 
-def hold_decode(sched: Scheduler) -> threading.Event:
+def hold_decode(sched: Scheduler, step: str = "_decode") -> threading.Event:
     """Make every decode step wait for the returned event (set it to let them run)."""
     gate = threading.Event()
-    decode = sched._decode
+    decode = getattr(sched, step)
 
     def held(rows):
         gate.wait(WAIT_S)
         decode(rows)
 
-    sched._decode = held
+    setattr(sched, step, held)
     return gate
 
 
@@ -156,17 +160,72 @@ def test_cancel_frees_the_slot_and_busy_queue_refuses(engine):
 
 
 def test_mtp_mode_greedy_equals_plain_generate(engine):
+    """Concurrent greedy requests in MTP mode decode together and answer what plain generation answers."""
     prompts = _prompts(3, seed=2)
     want = [generate(engine.model, [p], SamplingParams(6, eos_ids=engine.eos_ids)).token_ids[0] for p in prompts]
     sched = Scheduler(engine.model, max_batch=8, max_len=32, mtp=2)
+    gate = hold_decode(sched, "_decode_mtp")  # every request is admitted before the first step
     sched.start()
     try:
-        got = _run(sched, prompts, [6] * 3, stop_ids=frozenset(engine.eos_ids))
+        sinks = [Collector() for _ in prompts]
+        for p, sink in zip(prompts, sinks, strict=True):
+            sched.submit(Request(p, 6, sink, stop_ids=frozenset(engine.eos_ids)))
+        while sched.stats()["slots_used"] + sched.stats()["finished"] < len(prompts):
+            time.sleep(0.01)
+        gate.set()
+        got = [sink.result() for sink in sinks]
         stats = sched.stats()
     finally:
         sched.stop()
     assert [ids for ids, _ in got] == want
-    assert stats["slots_total"] == 1 and stats["finished"] == 3
+    assert stats["slots_total"] == 8 and stats["finished"] == 3 and stats["slots_used"] == 0
+    assert stats["peak_batch"] == sum(len(ids) > 1 for ids in want)  # every unfinished request in one step
+    assert 0 <= stats["accepted_drafts"] <= stats["drafts"] and stats["drafts"] % 2 == 0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny vocab-16 model whose MTP module is trained on progressions: drafts are often accepted."""
+    path = make_checkpoint(tmp_path_factory.mktemp("mtp-serve") / "ckpt", seed=3, mtp=True, vocab_size=16)
+    engine = dsv3.load(path, dtype="float32")
+    train_on_patterns(engine.model, steps=60, seed=0)
+    return engine
+
+
+def test_mtp_mode_streams_accepted_drafts_and_matches_speculative_alone(trained):
+    """Greedy and seeded sampled requests share MTP steps; each gets what it would get alone.
+
+    Greedy rows equal plain greedy generation (they ride in a batch that also samples, so they go
+    through rejection sampling with one-hot distributions); a seeded row draws exactly what
+    generate_speculative draws for its prompt alone with that seed. Accepted drafts arrive as
+    several tokens in one event.
+    """
+    model = trained.model
+    g = torch.Generator().manual_seed(5)
+    prompts = [[0] + pattern_tokens(1, n, 16, g)[0].tolist() for n in (3, 7, 4)]
+    kinds = [dict(), dict(temperature=0.9, top_p=0.95, seed=77), dict()]
+    sched = Scheduler(model, max_batch=4, max_len=40, mtp=2)
+    sched.start()
+    try:
+        sinks = [Collector() for _ in prompts]
+        for p, kw, sink in zip(prompts, kinds, sinks, strict=True):
+            sched.submit(Request(p, 12, sink, **kw))
+        events = []
+        for sink in sinks:
+            mine = []
+            while not mine or not mine[-1].finished:
+                mine.append(sink.events.get(timeout=WAIT_S))
+            events.append(mine)
+        stats = sched.stats()
+    finally:
+        sched.stop()
+    got = [[t for ev in evs for t in ev.tokens] for evs in events]
+    for p, kw, ids in zip(prompts, kinds, got, strict=True):
+        params = SamplingParams(12, kw.get("temperature", 0.0), kw.get("top_p", 1.0), kw.get("seed"))
+        want = (generate if not kw else partial(generate_speculative, k=2))(model, [p], params).token_ids[0]
+        assert ids == want, kw
+    assert max(len(ev.tokens) for evs in events for ev in evs) > 1  # drafts accepted and streamed together
+    assert stats["accepted_drafts"] > 0 and stats["tokens"] == sum(len(ids) for ids in got)
 
 
 def test_stop_pending_requests_get_an_error(engine):
