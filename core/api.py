@@ -172,6 +172,25 @@ class Engine:
     @torch.inference_mode()
     def logits(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
         """Full-sequence logits: token_ids (B, T) int64 -> (B, T, V) float32 (no cache)."""
+        return self.model.logits(self.model(self._checked_tokens(token_ids)))
+
+    @torch.inference_mode()
+    def logits_with_mtp(self, token_ids: torch.Tensor | list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_ids (B, T) int64 -> main logits (B, T, V) and the first MTP module's (B, T-1, V), float32.
+
+        MTP entry t combines the main model's hidden state at t with token t+1 and predicts token t+2
+        (the draft that speculative decoding makes). One main forward serves both.
+        """
+        if not len(self.model.mtp):
+            raise Dsv3Error("checkpoint has no MTP layers (num_nextn_predict_layers=0)")
+        tokens = self._checked_tokens(token_ids)
+        hidden = self.model(tokens)  # (B, T, D)
+        positions = torch.arange(tokens.shape[1] - 1, device=tokens.device).expand(tokens.shape[0], -1)
+        mtp_hidden = self.model.mtp_forward(0, hidden[:, :-1], tokens[:, 1:], positions)  # (B, T-1, D)
+        return self.model.logits(hidden), self.model.mtp[0].logits(mtp_hidden)
+
+    def _checked_tokens(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+        """token_ids as (B, T) int64 on the model's device, within the vocabulary and the position limit."""
         tokens = torch.as_tensor(token_ids, dtype=torch.long, device=self.model.embed.device)
         if tokens.dim() == 1:
             tokens = tokens.unsqueeze(0)
@@ -182,7 +201,7 @@ class Engine:
             )
         if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.vocab_size:
             raise Dsv3Error(f"token ids must lie in [0, {self.cfg.vocab_size}) (vocab_size)")
-        return self.model.logits(self.model(tokens))
+        return tokens
 
 
 def load(

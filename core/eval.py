@@ -13,6 +13,13 @@ once, each with at least ``context - stride`` tokens of context (except near the
 ``stride == context`` the windows do not overlap and the first token of each later window, which
 has no context inside its window, is not scored.
 
+With ``mtp=True`` the first MTP module is scored too, on the same windows: its entry at t (the main
+hidden state at t and token t+1) predicts token t+2, so its targets start one token later. Beside
+its own perplexity / KL / top-1 figures, the greedy acceptance rate of one-token speculative
+decoding along the text: the share of positions where the MTP module's argmax for token j equals
+the main model's argmax for token j (what ``--mtp 1`` at temperature 0 would accept if decoding
+followed this text; generation follows its own tokens, so its rate differs with the content).
+
 Every figure is computed in float64 from the float32 logits, so two identical runs give a KL
 divergence of exactly 0 and 100% agreement: the harness adds no error of its own.
 """
@@ -28,8 +35,9 @@ from tqdm import tqdm
 
 from .errors import Dsv3Error
 
-#: ``tokens (B, T) int64 -> logits (B, T, V) float32``, e.g. ``Engine.logits``.
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+#: ``tokens (B, T) int64 -> logits (B, T, V) float32``, e.g. ``Engine.logits``; with MTP scoring,
+#: ``-> (logits (B, T, V), MTP logits (B, T-1, V))``, e.g. ``Engine.logits_with_mtp``.
+LogitsFn = Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -149,6 +157,9 @@ class EvalReport:
     top1_same: int | None = None
     rms_delta_p: float | None = None
     setup: dict | None = None  # what was run: backends, checkpoints, dtypes, text (filled by the caller)
+    mtp: EvalReport | None = None  # the first MTP module's figures (targets t+2), when scored
+    mtp_greedy_acceptance: float | None = None  # % of MTP argmaxes equal to the main model's (test run)
+    mtp_greedy_acceptance_ref: float | None = None  # the same in the reference run
 
     @property
     def has_reference(self) -> bool:
@@ -157,6 +168,8 @@ class EvalReport:
     def to_dict(self) -> dict:
         """JSON-ready: non-finite floats become None (JSON has no NaN)."""
         out = asdict(self)
+        if self.mtp is not None:
+            out["mtp"] = self.mtp.to_dict()
         return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in out.items()}
 
     def format_text(self) -> str:
@@ -182,6 +195,14 @@ class EvalReport:
             ]
         if self.nonfinite:
             lines.append(f"  WARNING: {self.nonfinite} position(s) with non-finite logits (figures are nan)")
+        if self.mtp is not None:
+            body = self.mtp.format_text().splitlines()[1:]
+            body = [line for line in body if not line.startswith(("  test ", "  reference "))]
+            accept = f"test {self.mtp_greedy_acceptance:.2f} %"
+            if self.mtp_greedy_acceptance_ref is not None:
+                accept += f"   reference {self.mtp_greedy_acceptance_ref:.2f} %"
+            lines += [f"MTP module (predicts token t+2; {self.mtp.n_scored:,} scored)", *body]
+            lines.append(f"  greedy acceptance (--mtp 1, temperature 0)  {accept}")
         return "\n".join(lines)
 
 
@@ -246,12 +267,14 @@ def evaluate(
     reference: LogitsFn | None = None,
     batch: int = 1,
     progress: bool | None = None,
+    mtp: bool = False,
 ) -> EvalReport:
     """Strided perplexity of ``tokens`` under ``logits_fn`` and, with a ``reference``, KL/top-1/ppl ratio.
 
     tokens: the whole stream (N,) int64 (with its BOS, if the model expects one).
     context, stride: window length and step (``strided_windows``); batch: windows per forward.
     progress: a tqdm bar on stderr (None: only on a terminal).
+    mtp: also score the first MTP module (``logits_fn`` and ``reference`` return (main, MTP) logits).
     """
     stream = torch.as_tensor(tokens, dtype=torch.long).flatten()
     if batch < 1:
@@ -259,6 +282,9 @@ def evaluate(
     windows = strided_windows(stream.numel(), context, stride)
     total = sum(w.end - w.first_target for w in windows)
     parts: list[PositionStats] = []
+    mtp_parts: list[PositionStats] = []
+    accepted: list[torch.Tensor] = []
+    accepted_ref: list[torch.Tensor] = []
     kld_sum, kld_n = 0.0, 0
     bar = tqdm(total=total, desc="perplexity", unit="tok", disable=None if progress is None else not progress)
     with bar:
@@ -266,7 +292,16 @@ def evaluate(
             inputs = torch.stack([stream[w.begin : w.end] for w in group])  # (B, T)
             logits = logits_fn(inputs)  # (B, T, V)
             logits_ref = reference(inputs) if reference is not None else None
+            mtp_logits = mtp_ref = None
+            if mtp:
+                logits, mtp_logits = logits
+                if logits_ref is not None:
+                    logits_ref, mtp_ref = logits_ref
             for row, w in enumerate(group):
+                if mtp:
+                    _score_mtp(
+                        row, w, stream, logits, mtp_logits, logits_ref, mtp_ref, mtp_parts, accepted, accepted_ref
+                    )
                 pos = slice(w.first_target - w.begin - 1, w.end - w.begin - 1)  # logit t predicts token t+1
                 targets = stream[w.first_target : w.end]
                 ref_rows = logits_ref[row, pos].float() if logits_ref is not None else None
@@ -276,4 +311,24 @@ def evaluate(
                 bar.update(targets.numel())
             if kld_n:
                 bar.set_postfix(mean_kld=f"{kld_sum / kld_n:.2e}", refresh=False)
-    return summarize(_cat(parts), stream.numel(), windows, context, stride)
+    report = summarize(_cat(parts), stream.numel(), windows, context, stride)
+    if mtp and mtp_parts:
+        report.mtp = summarize(_cat(mtp_parts), stream.numel(), windows, context, stride)
+        report.mtp_greedy_acceptance = 100.0 * float(torch.cat(accepted).double().mean())
+        if accepted_ref:
+            report.mtp_greedy_acceptance_ref = 100.0 * float(torch.cat(accepted_ref).double().mean())
+    return report
+
+
+def _score_mtp(row, w: Window, stream, logits, mtp_logits, logits_ref, mtp_ref, parts, accepted, accepted_ref) -> None:
+    """One window's MTP figures: targets j in [max(first_target, begin + 2), end), MTP entry j - 2 predicts j."""
+    first = max(w.first_target, w.begin + 2)
+    if first >= w.end:
+        return
+    pos = slice(first - w.begin - 2, w.end - w.begin - 2)  # MTP entry t predicts token t+2
+    main_pos = slice(first - w.begin - 1, w.end - w.begin - 1)  # the main model's prediction of the same token
+    ref_rows = mtp_ref[row, pos].float() if mtp_ref is not None else None
+    parts.append(position_stats(mtp_logits[row, pos].float(), stream[first : w.end], ref_rows))
+    accepted.append(mtp_logits[row, pos].argmax(-1) == logits[row, main_pos].argmax(-1))
+    if mtp_ref is not None:
+        accepted_ref.append(mtp_ref[row, pos].argmax(-1) == logits_ref[row, main_pos].argmax(-1))

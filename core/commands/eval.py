@@ -48,6 +48,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ppl.add_argument("--stride", type=int, help="step between windows (default context / 2)")
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the file (BOS included)")
     ppl.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
+    ppl.add_argument(
+        "--mtp",
+        action="store_true",
+        help="also score the checkpoint's first MTP module (its t+2 predictions) and the greedy acceptance "
+        "rate --mtp 1 speculative decoding would have along this text",
+    )
     ppl.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
     ppl.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     return p
@@ -112,6 +118,8 @@ def main(args) -> int:
         progress=args.progress,
         weight_format=args.weight_format,
     )
+    if args.mtp and not len(engine.model.mtp):
+        raise Dsv3Error(f"--mtp: {engine.path} has no MTP layers (num_nextn_predict_layers=0)")
     max_pos = engine.cfg.max_position_embeddings
     context = args.context if args.context is not None else min(DEFAULT_CONTEXT, max_pos)
     if context > max_pos:
@@ -147,12 +155,15 @@ def main(args) -> int:
             ref_tokens = [t for text in texts for t in _encode(ref, text)]
             if ref_tokens[: len(tokens)] != tokens:
                 raise Dsv3Error(f"--against-ckpt-path {ref.path}: its tokenizer splits the text differently")
+        if args.mtp and not len(ref.model.mtp):
+            raise Dsv3Error(f"--mtp: the reference {ref.path} has no MTP layers (num_nextn_predict_layers=0)")
         if context > ref.cfg.max_position_embeddings:
             raise Dsv3Error(f"--context {context} exceeds the reference's {ref.cfg.max_position_embeddings} positions")
-        reference = ref.logits
+        reference = ref.logits_with_mtp if args.mtp else ref.logits
         setup["reference"] = describe(ref, ref_backend, ref_dtype, ref_act)
 
-    report = evaluate(engine.logits, tokens, context, stride, reference, args.batch, args.progress)
+    logits_fn = engine.logits_with_mtp if args.mtp else engine.logits
+    report = evaluate(logits_fn, tokens, context, stride, reference, args.batch, args.progress, mtp=args.mtp)
     report.setup = setup
     names = [Path(f).name for f in args.text_file]
     print(f"dsv3 eval perplexity: {', '.join(names) if len(names) <= 3 else f'{len(names)} files'}", flush=True)

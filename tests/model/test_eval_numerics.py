@@ -35,6 +35,7 @@ from tests.helpers import (
     make_checkpoint,
     pattern_tokens,
     quantize_checkpoint,
+    train_on_patterns,
 )
 
 BF16_MAX_KLD, BF16_MIN_TOP1 = 1e-3, 98.0
@@ -203,3 +204,50 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(ckpt, text_file, tmp_path,
 def test_cli_missing_text_file(ckpt, tmp_path, capsys):
     assert _cli(ckpt, tmp_path / "absent.txt") == 2
     assert "absent.txt: no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the MTP module (--mtp)
+@pytest.fixture(scope="module")
+def mtp_engine(tmp_path_factory):
+    """A vocab-16 checkpoint with an MTP layer, trained on progressions (main + MTP loss): drafts are often right."""
+    path = make_checkpoint(tmp_path_factory.mktemp("eval-mtp") / "ckpt", seed=3, mtp=True, vocab_size=16)
+    engine = dsv3.load(path, dtype="float32", progress=False)
+    train_on_patterns(engine.model, steps=60, seed=0)
+    stream = torch.cat([torch.tensor([0]), pattern_tokens(4, 12, 16, torch.Generator().manual_seed(9)).flatten()])
+    return engine, stream  # bos + 4 unseen progressions: 49 tokens
+
+
+def test_mtp_figures_equal_a_direct_computation(mtp_engine):
+    """One window over the whole stream: MTP entry t scores token t+2; acceptance compares argmaxes for the same token."""
+    engine, stream = mtp_engine
+    n = stream.numel()
+    report = evaluate(engine.logits_with_mtp, stream, 64, 64, progress=False, mtp=True)
+    main, mtp = engine.logits_with_mtp(stream[None])  # (1, N, V), (1, N-1, V)
+    nll = -torch.log_softmax(mtp[0].double(), -1)[torch.arange(n - 2), stream[2:]]  # entry t predicts t+2
+    accept = (mtp[0, : n - 2].argmax(-1) == main[0, 1 : n - 1].argmax(-1)).double().mean()
+    assert report.mtp.n_scored == n - 2
+    assert report.mtp.nll_mean == pytest.approx(float(nll.mean()), rel=1e-12)
+    assert report.mtp_greedy_acceptance == pytest.approx(100.0 * float(accept), rel=1e-12)
+    assert report.mtp_greedy_acceptance > 50.0  # trained drafts: an index slip would show here
+    plain = evaluate(engine.logits, stream, 64, 64, progress=False)
+    assert report.nll_mean == plain.nll_mean and report.n_scored == plain.n_scored == n - 1
+
+
+def test_mtp_strided_windows_score_every_target_once_and_match_themselves(mtp_engine):
+    engine, stream = mtp_engine
+    report = evaluate(
+        engine.logits_with_mtp, stream, 16, 8, reference=engine.logits_with_mtp, batch=3, progress=False, mtp=True
+    )
+    assert report.mtp.n_scored == stream.numel() - 2  # context - stride >= 2: only token 1 has no MTP entry
+    assert report.mtp.kld_max == 0.0 and report.mtp.top1_agreement == 100.0
+    assert report.mtp_greedy_acceptance == report.mtp_greedy_acceptance_ref
+    assert "greedy acceptance (--mtp 1, temperature 0)" in report.format_text()
+    assert report.to_dict()["mtp"]["n_scored"] == report.mtp.n_scored
+
+
+def test_cli_mtp_on_a_checkpoint_without_mtp_is_one_line(ckpt, text_file, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert _cli(ckpt, text_file, "--mtp", "--json", str(out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mtp" in err[0] and "no MTP layers" in err[0], err
+    assert not out.exists()
