@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .jit_utils import round_to, row_max, row_sum
+from .jit_utils import online_softmax_tile, round_to, row_max
 from .runtime import HP_DTYPES, cdiv, check_device, check_tensor, interpreting, launch_opts, next_pow2, require
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -81,16 +81,7 @@ def _attention_kernel(
             scores = tl.dot(q, tl.trans(k))
         visible = k_ok[None, :] & (keys[None, :] <= pos[:, None])
         scores = tl.where(visible, scores * qk_scale, float("-inf"))  # (BLOCK_T, BLOCK_S), log2 units
-        m_new = tl.maximum(m_i, row_max(scores, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: no NaN
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(scores - m_use[:, None])
-        l_i = l_i * alpha + row_sum(p, 1)
-        if HP_IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(round_to(p, CDT), v)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_tile(scores, v, m_i, l_i, acc, CDT, HP_IEEE)
 
     o = acc / tl.maximum(l_i, 1e-30)[:, None]  # key 0 is visible to every row: l >= 1; guarded anyway
     o_off = b * s_ob + r64[:, None] * s_ot + h * s_oh + offs_v[None, :]

@@ -85,3 +85,23 @@ def row_sum(x, axis: tl.constexpr):
 def row_max(x, axis: tl.constexpr):
     """Maximum of a tile along ``axis``."""
     return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@device_helper
+def online_softmax_tile(scores, v, m_i, l_i, acc, CDT: tl.constexpr, HP_IEEE: tl.constexpr):
+    """Fold one key tile into a running softmax average (flash attention, base 2).
+
+    scores (R, S) float32 in log2 units (-inf where a key is not visible), v (S, D) the tile's values;
+    m_i (R,) running max, l_i (R,) running sum of exp2, acc (R, D) float32 running weighted sum.
+    Returns the new (m_i, l_i, acc). A row that has seen no visible key yet keeps m = -inf, l = 0,
+    acc = 0 (no NaN). HP_IEEE: fp32 products for p @ v; else p is rounded to CDT first.
+    """
+    m_new = tl.maximum(m_i, row_max(scores, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(scores - m_use[:, None])
+    if HP_IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(round_to(p, CDT), v)
+    return m_new, l_i * alpha + row_sum(p, 1), acc

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .jit_utils import round_to, row_max, row_sum
+from .jit_utils import online_softmax_tile, round_to
 from .runtime import HP_DTYPES, cdiv, check_device, check_tensor, interpreting, next_pow2, require, sm_count
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -81,15 +81,7 @@ def _mla_kernel(
         else:
             scores = tl.dot(q, tl.trans(kv)) + tl.dot(qp, tl.trans(pe))
         scores = tl.where(k_ok[None, :], scores * qk_scale, float("-inf"))  # (BLOCK_H, BLOCK_S), log2 units
-        m_new = tl.maximum(m_i, row_max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + row_sum(p, 1)
-        if HP_IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, kv, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(round_to(p, CDT), kv)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_tile(scores, kv, m_i, l_i, acc, CDT, HP_IEEE)
 
     o_off = split * s_os + b * s_ob + t * s_ot + heads[:, None] * s_oh + offs_c[None, :]
     o = acc / tl.maximum(l_i, 1e-30)[:, None]  # a slice with no visible key has acc = 0, l = 0
