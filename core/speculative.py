@@ -169,13 +169,18 @@ class RowSampler:
 
 
 class SpecDecoder:
-    """Speculative decoding over the rows (slots) of one cache: each slot's tokens and main hidden states.
+    """Speculative decoding over the rows (slots) of one cache: each slot's tokens and recent main hidden states.
 
-    ``prefill`` runs prompts into their slots; ``put`` records a sampled token; ``step`` drafts K
+    ``prefill`` runs prompts into their slots (the main model, then the MTP modules over every
+    prompt position whose tokens are known); ``put`` records a sampled token; ``step`` drafts K
     tokens for some slots, verifies them with one main-model forward and accepts a prefix (the
     caller moves each slot's position on by ``n_acc + 1``). Slots are independent: any subset
-    steps together, at its own positions, so requests can join and leave between steps.
+    steps together, at its own positions, so requests can join and leave between steps, and a
+    step's MTP window is the same ``K + min(K, D)`` positions for every slot.
     The cache must hold ``K + 1`` positions past the last token a slot may generate.
+
+    Main hidden states are only read inside a step's window, so each slot keeps the last
+    ``window + K`` of them in a ring indexed by ``position % ring``.
     """
 
     def __init__(self, model: Transformer, cache: ModelCache, k: int):
@@ -186,10 +191,12 @@ class SpecDecoder:
         device = model.embed.device
         b, size = cache.max_batch, cache.max_len
         self.tokens = torch.zeros(b, size + k + 2, dtype=torch.long, device=device)  # (slots, S + K + 2)
-        self.hidden = torch.zeros(b, size, model.cfg.hidden_size, dtype=model.embed.dtype, device=device)
         self.cap = min(model.cfg.max_position_embeddings, size) - 1  # positions past a budget clamp here
-        self.window = k + min(k, len(model.mtp))  # MTP positions recomputed per step
-        self.first_span = [0] * b  # a freshly prefilled slot recomputes its whole prompt once
+        self.n_layers = min(k, len(model.mtp))  # MTP modules chained per draft; the rest reuse the last
+        self.window = k + self.n_layers  # MTP positions recomputed per step
+        # a step reads hidden states from pos - window on and writes up to pos + K: window + K apart
+        self.ring = self.window + k
+        self.hidden = torch.zeros(b, self.ring, model.cfg.hidden_size, dtype=model.embed.dtype, device=device)
         self.offsets = torch.arange(k + 1, device=device)
 
     def _slots(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,11 +212,30 @@ class SpecDecoder:
         width = int(lens.max())
         for s, p in zip(slots, prompts, strict=True):
             self.tokens[s, : len(p)] = torch.tensor(p, device=device)
-            self.first_span[s] = len(p)
         positions = torch.arange(width, device=device).expand(len(slots), width)
         hidden = self.model(self.tokens[sl, :width], positions, self.cache, rows=rows)  # (B, W, D)
-        self.hidden[sl, :width] = hidden
-        return self.model.logits(hidden[torch.arange(len(slots), device=device), lens - 1])
+        batch = torch.arange(len(slots), device=device).unsqueeze(1)  # (B, 1)
+        # each row's last `ring` positions (short rows repeat position 0: same value, same slot)
+        recent = (lens.unsqueeze(1) - self.ring + torch.arange(self.ring, device=device)).clamp(min=0)
+        self.hidden[sl.unsqueeze(1), recent % self.ring] = hidden[batch, recent]
+        self._prefill_mtp(sl, rows, hidden, lens)
+        return self.model.logits(hidden[batch.squeeze(1), lens - 1])
+
+    def _prefill_mtp(self, sl: torch.Tensor, rows: torch.Tensor | None, hidden: torch.Tensor, lens: torch.Tensor):
+        """MTP cache entries of module l at positions t + l for every t <= len - 1 - n_layers (tokens known).
+
+        The first step's window (the last ``window`` positions) recomputes the rest, once the first
+        sampled token is known. Rows with fewer positions repeat their last one (the same entry again).
+        """
+        last = lens - 1 - self.n_layers  # (B,) the last t whose chain only uses prompt tokens
+        span = int(last.max()) + 1
+        if span <= 0:
+            return
+        t = torch.arange(span, device=lens.device).unsqueeze(0).minimum(last.clamp(min=0).unsqueeze(1))  # (B, span)
+        c = hidden[torch.arange(len(lens), device=lens.device).unsqueeze(1), t]  # (B, span, D)
+        for layer in range(self.n_layers):
+            tok = self.tokens[sl.unsqueeze(1), t + layer + 1]  # (B, span)
+            c = self.model.mtp_forward(layer, c, tok, t + layer, self.cache, rows)
 
     def put(self, slots: list[int], positions: torch.Tensor, tokens: torch.Tensor) -> None:
         """Record ``tokens (B,)`` at ``positions (B,)`` of ``slots`` (e.g. the first sampled token)."""
@@ -224,16 +250,13 @@ class SpecDecoder:
         the accepted drafts and that token are recorded at positions ``pos + 1 .. pos + n_acc + 1``.
         """
         sl, rows = self._slots(slots)
-        span = max([self.window] + [self.first_span[s] for s in slots])
-        for s in slots:
-            self.first_span[s] = 0
-        window = (pos.unsqueeze(1) - span + torch.arange(span, device=pos.device)).clamp(min=0)  # (B, span)
-        qs = self._draft(sl, rows, window, pos, sampler)
+        window = (pos.unsqueeze(1) - self.window + torch.arange(self.window, device=pos.device)).clamp(min=0)
+        qs = self._draft(sl, rows, window, pos, sampler)  # window (B, W): positions pos - W .. pos - 1
         ver_pos = pos.unsqueeze(1) + self.offsets  # (B, K+1)
         ver_tok = self.tokens[sl.unsqueeze(1), ver_pos]  # (B, K+1): newest token, then the drafts
         ver_pos = ver_pos.clamp(max=self.cap)
         h = self.model(ver_tok, ver_pos, self.cache, rows=rows)  # (B, K+1, D)
-        self.hidden[sl.unsqueeze(1), ver_pos] = h
+        self.hidden[sl.unsqueeze(1), ver_pos % self.ring] = h
         drafts = ver_tok[:, 1:]  # (B, K)
         n_acc, bonus = sampler.accept(self.model.logits(h), qs, drafts)
         self.tokens[sl, pos + n_acc + 1] = bonus
@@ -246,10 +269,9 @@ class SpecDecoder:
 
         window (B, W): positions t (ascending, last = pos - 1) whose MTP entries are (re)computed.
         """
-        model, cache, cap, k = self.model, self.cache, self.cap, self.k
+        model, cache, cap, k, n_layers = self.model, self.cache, self.cap, self.k, self.n_layers
         col = sl.unsqueeze(1)  # (B, 1)
-        n_layers = min(k, len(model.mtp))
-        c = self.hidden[col, window]  # (B, W, D): c_0[t], the main model's hidden states
+        c = self.hidden[col, window % self.ring]  # (B, W, D): c_0[t], the main model's hidden states
         qs = []
         for layer in range(n_layers):
             tok = self.tokens[col, window + layer + 1]  # (B, W): token t + l + 1 (verified, or this step's drafts)

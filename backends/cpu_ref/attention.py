@@ -11,12 +11,21 @@ def _causal_mask(q_pos: torch.Tensor, s: int) -> torch.Tensor:
     return (keys.view(1, 1, s) <= q_pos.unsqueeze(-1)).unsqueeze(1)
 
 
+def _past_rows_zeroed(x: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """x (B, S, ...) with entries past each row's largest query position set to 0.
+
+    Those keys are masked, but ``0 * x`` is NaN where a reused cache slot holds a stale NaN/inf.
+    """
+    keep = torch.arange(x.shape[1], device=x.device) <= q_pos.amax(dim=1, keepdim=True)  # (B, S)
+    return x.masked_fill(~keep.view(*keep.shape, *([1] * (x.dim() - 2))), 0)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, T, H, Dqk), k (B, S, H, Dqk), v (B, S, H, Dv), q_pos (B, T) -> (B, T, H, Dv) q.dtype."""
     scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) * scale  # (B, H, T, S)
     scores = scores.masked_fill(~_causal_mask(q_pos, k.shape[1]), float("-inf"))
     probs = scores.softmax(dim=-1)
-    return torch.einsum("bhts,bshd->bthd", probs, v.float()).to(q.dtype)
+    return torch.einsum("bhts,bshd->bthd", probs, _past_rows_zeroed(v.float(), q_pos)).to(q.dtype)
 
 
 def mla_latent_attention(
@@ -32,4 +41,4 @@ def mla_latent_attention(
     scores = scores + torch.einsum("bthr,bsr->bhts", q_pe.float(), pe.float())
     scores = (scores * scale).masked_fill(~_causal_mask(q_pos, kv.shape[1]), float("-inf"))
     probs = scores.softmax(dim=-1)  # (B, H, T, S)
-    return torch.einsum("bhts,bsc->bthc", probs, kv.float()).to(q_latent.dtype)
+    return torch.einsum("bhts,bsc->bthc", probs, _past_rows_zeroed(kv.float(), q_pos)).to(q_latent.dtype)

@@ -70,8 +70,11 @@ def test_prefill_then_decode_equals_full_forward(engines, impl):
     with torch.inference_mode():
         full = model.logits(model(tokens))  # (B, T, V), no cache
         cache = model.new_cache(b, t)
-        # prefill 10, then a chunk of 4 tokens at once, then one token at a time
-        chunks = [(0, 10), (10, 14)] + [(i, i + 1) for i in range(14, t)]
+        # prefill 2, a chunk of 12 over them (absorbed: naive form over the cache), a chunk of 4 (absorbed:
+        # latent form), then one token at a time
+        chunks = [(0, 2), (2, 14), (14, 18)] + [(i, i + 1) for i in range(18, t)]
+        cfg = engines[impl].cfg
+        assert naive_is_cheaper(cfg, 12, 14) and not naive_is_cheaper(cfg, 4, 18)
         parts = [model.logits(model(tokens[:, s:e], positions[:, s:e], cache)) for s, e in chunks]
     _close(torch.cat(parts, dim=1), full)
 

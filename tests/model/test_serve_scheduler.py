@@ -183,6 +183,41 @@ def test_mtp_mode_greedy_equals_plain_generate(engine):
     assert 0 <= stats["accepted_drafts"] <= stats["drafts"] and stats["drafts"] % 2 == 0
 
 
+def test_mtp_mode_long_prompt_joining_running_requests_keeps_steps_small(engine, monkeypatch):
+    """A long prompt's MTP entries are made at its prefill: later batched steps run MTP over the window only."""
+    model = engine.model
+    calls: list[tuple[int, int]] = []
+    mtp_forward = model.mtp_forward
+
+    def spy(depth, hidden, *args, **kwargs):
+        calls.append(tuple(hidden.shape[:2]))  # (B, T)
+        return mtp_forward(depth, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(model, "mtp_forward", spy)
+    sched = Scheduler(model, max_batch=4, max_len=96, mtp=2)
+    sched.start()
+    try:
+        short = [Collector() for _ in range(3)]
+        prompts = _prompts(3, seed=4)
+        for p, sink in zip(prompts, short, strict=True):
+            sched.submit(Request(p, 30, sink))
+        for sink in short:  # all three are running
+            assert sink.events.get(timeout=WAIT_S).tokens
+        long_prompt = _prompts(1, seed=5)[0] * 6  # 66 tokens
+        long_sink = Collector()
+        sched.submit(Request(long_prompt, 10, long_sink))
+        got, _ = long_sink.result()
+        for sink in short:
+            sink.result()
+        window, peak = sched._spec.window, sched.stats()["peak_batch"]
+    finally:
+        sched.stop()
+    assert got == generate(model, [long_prompt], SamplingParams(10, eos_ids=())).token_ids[0]
+    assert peak == 4 and len(long_prompt) > 4 * window
+    assert max(t for b, t in calls if b > 1) <= window  # batched steps: the window, never a whole prompt
+    assert max(t for b, t in calls if b == 1) >= len(long_prompt) - 3  # the long prompt's own prefill
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny vocab-16 model whose MTP module is trained on progressions: drafts are often accepted."""
