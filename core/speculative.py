@@ -204,35 +204,55 @@ class SpecDecoder:
         index = torch.tensor(slots, dtype=torch.long, device=self.tokens.device)
         return index, None if slots == list(range(len(slots))) else index
 
-    def prefill(self, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
-        """Run prompts (right-padded) into ``slots``; return the logits (B, V) at each prompt's last token."""
+    def prefill(
+        self, slots: list[int], prompts: list[list[int]], start: int = 0, stop: int | None = None
+    ) -> torch.Tensor | None:
+        """Run prompts (right-padded) into ``slots``, positions ``start .. stop - 1`` (default: to the end).
+
+        Returns the logits (B, V) at each prompt's last token once ``stop`` reaches the longest
+        prompt, else None (a chunk of a longer prefill: call again from ``stop``). Every row must
+        have more than ``start`` tokens.
+        """
         sl, rows = self._slots(slots)
         device = sl.device
         lens = torch.tensor([len(p) for p in prompts], device=device)
         width = int(lens.max())
+        stop = width if stop is None else stop
         for s, p in zip(slots, prompts, strict=True):
             self.tokens[s, : len(p)] = torch.tensor(p, device=device)
-        positions = torch.arange(width, device=device).expand(len(slots), width)
-        hidden = self.model(self.tokens[sl, :width], positions, self.cache, rows=rows)  # (B, W, D)
+        positions = torch.arange(start, stop, device=device).expand(len(slots), stop - start)
+        hidden = self.model(self.tokens[sl, start:stop], positions, self.cache, rows=rows)  # (B, T, D)
         batch = torch.arange(len(slots), device=device).unsqueeze(1)  # (B, 1)
-        # each row's last `ring` positions (short rows repeat position 0: same value, same slot)
-        recent = (lens.unsqueeze(1) - self.ring + torch.arange(self.ring, device=device)).clamp(min=0)
-        self.hidden[sl.unsqueeze(1), recent % self.ring] = hidden[batch, recent]
-        self._prefill_mtp(sl, rows, hidden, lens)
-        return self.model.logits(hidden[batch.squeeze(1), lens - 1])
+        # each row's last `ring` positions in this chunk (short rows repeat their first: same value, same slot)
+        end = lens.clamp(max=stop).unsqueeze(1)
+        recent = (end - self.ring + torch.arange(self.ring, device=device)).clamp(min=start)
+        self.hidden[sl.unsqueeze(1), recent % self.ring] = hidden[batch, recent - start]
+        self._prefill_mtp(sl, rows, hidden, lens, start, stop)
+        if stop < width:
+            return None
+        return self.model.logits(hidden[batch.squeeze(1), lens - 1 - start])
 
-    def _prefill_mtp(self, sl: torch.Tensor, rows: torch.Tensor | None, hidden: torch.Tensor, lens: torch.Tensor):
-        """MTP cache entries of module l at positions t + l for every t <= len - 1 - n_layers (tokens known).
+    def _prefill_mtp(
+        self,
+        sl: torch.Tensor,
+        rows: torch.Tensor | None,
+        hidden: torch.Tensor,
+        lens: torch.Tensor,
+        start: int,
+        stop: int,
+    ) -> None:
+        """MTP cache entries of module l at positions t + l for the chunk's t <= len - 1 - n_layers (tokens known).
 
+        hidden (B, stop - start, D): the main model's hidden states at positions start .. stop - 1.
         The first step's window (the last ``window`` positions) recomputes the rest, once the first
         sampled token is known. Rows with fewer positions repeat their last one (the same entry again).
         """
-        last = lens - 1 - self.n_layers  # (B,) the last t whose chain only uses prompt tokens
-        span = int(last.max()) + 1
+        last = torch.minimum(lens - 1 - self.n_layers, torch.full_like(lens, stop - 1))  # (B,) last t of the chain
+        span = int(last.max()) + 1 - start
         if span <= 0:
             return
-        t = torch.arange(span, device=lens.device).unsqueeze(0).minimum(last.clamp(min=0).unsqueeze(1))  # (B, span)
-        c = hidden[torch.arange(len(lens), device=lens.device).unsqueeze(1), t]  # (B, span, D)
+        t = (start + torch.arange(span, device=lens.device)).unsqueeze(0).minimum(last.clamp(min=start).unsqueeze(1))
+        c = hidden[torch.arange(len(lens), device=lens.device).unsqueeze(1), t - start]  # (B, span, D)
         for layer in range(self.n_layers):
             tok = self.tokens[sl.unsqueeze(1), t + layer + 1]  # (B, span)
             c = self.model.mtp_forward(layer, c, tok, t + layer, self.cache, rows)

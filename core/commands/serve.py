@@ -48,6 +48,14 @@ def add_parser(sub):
         help="speculative decoding with the MTP module: K drafts per step, verified for every running request at once",
     )
     p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        metavar="N",
+        help="prompt tokens prefilled between two decode steps, so a long prompt does not stall running "
+        "requests (0: whole prompts; default 512)",
+    )
+    p.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="uvicorn logging"
     )
     return p
@@ -66,6 +74,8 @@ def main(args) -> int:
     )
     if args.mtp < 0:
         raise Dsv3Error("--mtp must be >= 0 (draft tokens per step)")
+    if args.prefill_chunk < 0:
+        raise Dsv3Error(f"--prefill-chunk must be >= 0 (0: whole prompts; got {args.prefill_chunk})")
     if not 0 <= args.port <= 65535:
         raise Dsv3Error(f"--port must be in 0..65535 (got {args.port})")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -104,7 +114,7 @@ def main(args) -> int:
             max_request_bytes=args.max_request_bytes,
             api_key=args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None,
         )
-        scheduler = Scheduler(engine.model, args.max_batch, max_len, args.max_waiting, args.mtp)
+        scheduler = Scheduler(engine.model, args.max_batch, max_len, args.max_waiting, args.mtp, args.prefill_chunk)
         app = create_app(engine, scheduler, settings)
         host, port = sock.getsockname()[:2]
         mib = cache_bytes(engine.model, scheduler.max_batch, max_len + (args.mtp + 1 if args.mtp else 0)) / 2**20

@@ -6,9 +6,11 @@ freed slot is reused by starting the next request's positions at 0 again: stale 
 position are never read and get overwritten.
 
 The loop, between two decode steps: drop cancelled requests (their slots become free), admit
-waiting requests into free slots (each is prefilled alone, into its slot, and its first token is
-sampled), then run ONE decode step over every active slot at its own position. A request joins
-and leaves the running batch without waiting for the others.
+waiting requests into free slots, prefill admitted prompts alone into their slots, at most
+``prefill_chunk`` prompt tokens per loop (chunked prefill: a long prompt is spread over several
+loops so running requests keep getting tokens; a request's first token is sampled when its whole
+prompt is in), then run ONE decode step over every active slot at its own position. A request
+joins and leaves the running batch without waiting for the others.
 
 Sampling is per row: greedy rows and unseeded rows share one ``dsv3_op_sample`` call; a row with
 a seed is drawn alone with its own generator, so a seeded request draws exactly what
@@ -27,6 +29,7 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
+import math
 import random
 import threading
 from collections.abc import Callable
@@ -87,6 +90,7 @@ class _Active:
     token: int  # the newest sampled token, not yet seen by the model
     generated: int
     generator: torch.Generator | None
+    prefilled: int = 0  # prompt tokens already in the cache
 
 
 class Scheduler:
@@ -94,17 +98,28 @@ class Scheduler:
 
     max_batch: cache slots (rows decoded together); max_len: positions per slot;
     max_waiting: requests queued for a slot before ``submit`` refuses more; mtp: draft tokens per
-    step for speculative decoding (0: plain continuous batching).
+    step for speculative decoding (0: plain continuous batching); prefill_chunk: prompt tokens
+    prefilled per loop, between two decode steps (0: every admitted prompt whole).
     """
 
-    def __init__(self, model: Transformer, max_batch: int, max_len: int, max_waiting: int = 256, mtp: int = 0):
+    def __init__(
+        self,
+        model: Transformer,
+        max_batch: int,
+        max_len: int,
+        max_waiting: int = 256,
+        mtp: int = 0,
+        prefill_chunk: int = 0,
+    ):
         self.model = model
         self.max_batch = max_batch
         self.max_len, self.max_waiting, self.mtp = max_len, max_waiting, mtp
+        self.prefill_chunk = prefill_chunk
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
         self._free = list(range(self.max_batch))  # a heap: the lowest free slot is used first
         self._active: dict[int, _Active] = {}  # slot -> its request
+        self._prefilling: collections.deque[_Active] = collections.deque()  # admitted, prompt not all in
         self._spec: SpecDecoder | None = None  # mtp mode
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -158,7 +173,8 @@ class Scheduler:
         """Slot usage and counters (for /health)."""
         out = {
             "slots_total": self.max_batch,
-            "slots_used": len(self._active),
+            "slots_used": len(self._active) + len(self._prefilling),
+            "prefilling": len(self._prefilling),
             "waiting": len(self._waiting),
             "max_model_len": self.max_len,
             "mtp": self.mtp,
@@ -188,12 +204,15 @@ class Scheduler:
     def _take_admissions(self) -> list[tuple[Request, int]] | None:
         """Wait for work; drop cancelled requests; pair waiting requests with free slots. None: stop."""
         with self._cond:
-            while not self._stopping and not self._waiting and not self._active:
+            while not self._stopping and not self._waiting and not self._active and not self._prefilling:
                 self._cond.wait()
             if self._stopping:
                 return None
             for slot in [s for s, a in self._active.items() if a.req.cancelled]:
                 self._release(slot)
+            for a in [a for a in self._prefilling if a.req.cancelled]:
+                self._prefilling.remove(a)
+                heapq.heappush(self._free, a.slot)
             if any(r.cancelled for r in self._waiting):
                 self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
             admitted = []
@@ -207,15 +226,28 @@ class Scheduler:
             if admitted is None:
                 return
             prefill, decode = (self._prefill_mtp, self._decode_mtp) if self.mtp else (self._prefill, self._decode)
-            for req, slot in admitted:
-                self._guarded([_Active(req, slot, 0, 0, 0, None)], prefill)
+            with self._cond:
+                self._prefilling.extend(_Active(req, slot, 0, 0, 0, None) for req, slot in admitted)
+            budget = self.prefill_chunk or math.inf
+            while self._prefilling and budget > 0:
+                a = self._prefilling[0]
+                stop = int(min(len(a.req.prompt), a.prefilled + budget))
+                budget -= stop - a.prefilled
+                ok = self._guarded([a], lambda rows, stop=stop, step=prefill: step(rows[0], stop))
+                if not ok or a.prefilled == len(a.req.prompt):
+                    with self._cond:
+                        self._prefilling.popleft()
             if self._active:
                 self._guarded(list(self._active.values()), decode)
 
-    def _guarded(self, rows: list[_Active], step: Callable[[list[_Active]], None]) -> None:
-        """Run a model step; a failure ends the requests it concerned with an error, and the server goes on."""
+    def _guarded(self, rows: list[_Active], step: Callable[[list[_Active]], None]) -> bool:
+        """Run a model step; a failure ends the requests it concerned with an error, and the server goes on.
+
+        Returns whether the step succeeded.
+        """
         try:
             step(rows)
+            return True
         except Exception as exc:  # e.g. out of memory: those requests fail, the others continue
             message = f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             for a in rows:
@@ -227,6 +259,7 @@ class Scheduler:
                         self._release(a.slot)
                     elif a.slot not in self._active and a.slot not in self._free:
                         heapq.heappush(self._free, a.slot)
+            return False
 
     def _release(self, slot: int) -> None:
         """Free ``slot`` (caller holds the lock)."""
@@ -243,25 +276,33 @@ class Scheduler:
         if a.req.seed is not None and a.req.temperature > 0:
             a.generator = torch.Generator(device=self.model.embed.device).manual_seed(a.req.seed)
 
-    def _prefill(self, rows: list[_Active]) -> None:
-        (a,) = rows
+    def _prefill(self, a: _Active, stop: int) -> None:
+        """Prefill prompt tokens ``a.prefilled .. stop - 1`` into a's slot; at the prompt's end sample its first token."""
         req, device = a.req, self.model.embed.device
-        self._seed(a)
-        n = len(req.prompt)
-        tokens = torch.tensor([req.prompt], dtype=torch.long, device=device)  # (1, T)
-        positions = torch.arange(n, device=device).unsqueeze(0)  # (1, T)
+        if a.prefilled == 0:
+            self._seed(a)
+        n, start = len(req.prompt), a.prefilled
+        tokens = torch.tensor([req.prompt[start:stop]], dtype=torch.long, device=device)  # (1, T)
+        positions = torch.arange(start, stop, device=device).unsqueeze(0)  # (1, T)
         hidden = self.model(tokens, positions, self._cache, rows=self._rows([a.slot]))[:, -1]  # (1, D)
-        self.counters["prefill_tokens"] += n
+        self.counters["prefill_tokens"] += stop - start
+        a.prefilled = stop
+        if stop < n:
+            return
         a.pos = n
         with self._cond:
             self._active[a.slot] = a
         self._advance([a], [[t] for t in self._sample(self.model.logits(hidden), [a])])
 
-    def _prefill_mtp(self, rows: list[_Active]) -> None:
-        (a,) = rows
-        self._seed(a)
-        logits = self._spec.prefill([a.slot], [a.req.prompt])  # (1, V)
-        self.counters["prefill_tokens"] += len(a.req.prompt)
+    def _prefill_mtp(self, a: _Active, stop: int) -> None:
+        """As ``_prefill``, through the speculative decoder (which also fills the MTP caches)."""
+        if a.prefilled == 0:
+            self._seed(a)
+        logits = self._spec.prefill([a.slot], [a.req.prompt], a.prefilled, stop)  # (1, V) at the prompt's end
+        self.counters["prefill_tokens"] += stop - a.prefilled
+        a.prefilled = stop
+        if logits is None:
+            return
         a.pos = len(a.req.prompt)
         with self._cond:
             self._active[a.slot] = a
@@ -345,7 +386,10 @@ class Scheduler:
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
-            pending = [a.req for a in self._active.values()] + list(self._waiting)
+            pending = [a.req for a in self._active.values()] + [a.req for a in self._prefilling] + list(self._waiting)
+            for a in self._prefilling:
+                heapq.heappush(self._free, a.slot)
+            self._prefilling.clear()
             self._waiting.clear()
             for slot in list(self._active):
                 self._release(slot)

@@ -490,6 +490,8 @@ def test_dsv3_serve_refuses_bad_limits_and_a_busy_port(ckpt, capsys):
 
     assert cli_main(["serve", "--ckpt-path", str(ckpt), "--max-batch", "0"]) == 2
     assert "--max-batch must be at least 1" in capsys.readouterr().err
+    assert cli_main(["serve", "--ckpt-path", str(ckpt), "--prefill-chunk", "-1"]) == 2
+    assert "--prefill-chunk must be >= 0" in capsys.readouterr().err
     busy = bind_socket("127.0.0.1", 0)
     try:
         assert cli_main(["serve", "--ckpt-path", str(ckpt), "--port", str(busy.getsockname()[1])]) == 2

@@ -159,6 +159,45 @@ def test_cancel_frees_the_slot_and_busy_queue_refuses(engine):
     assert stats["finished"] == 1  # only the second one ran to its end
 
 
+@pytest.mark.parametrize("mtp", [0, 2])
+def test_chunked_prefill_equals_generate_and_lets_running_requests_decode(engine, monkeypatch, mtp):
+    """prefill_chunk=4: a 40-token prompt goes in 10 chunks with a decode step of the running request
+    after each; every answer is what generate() gives for its prompt alone (float32, greedy)."""
+    sched = Scheduler(engine.model, max_batch=2, max_len=64, mtp=mtp, prefill_chunk=4)
+    name = "_prefill_mtp" if mtp else "_prefill"
+    chunks: list[tuple[int, int]] = []  # (prompt length, decode steps so far) per prefill call
+    prefill = getattr(sched, name)
+
+    def spy(a, stop):
+        chunks.append((len(a.req.prompt), sched.counters["steps"]))
+        prefill(a, stop)
+
+    monkeypatch.setattr(sched, name, spy)
+    short, long_prompt = (
+        _prompts(1, seed=6)[0],
+        [0] + torch.randint(2, 96, (39,), generator=torch.Generator().manual_seed(8)).tolist(),
+    )
+    sched.start()
+    try:
+        first = Collector()
+        sched.submit(Request(short, 24, first))
+        head = first.events.get(timeout=WAIT_S).tokens  # running
+        assert head
+        second = Collector()
+        sched.submit(Request(long_prompt, 6, second))
+        got_long, (rest, reason) = second.result(), first.result()
+        got_short = (list(head) + rest, reason)
+        stats, prefilled = sched.stats(), sched.counters["prefill_tokens"]
+    finally:
+        sched.stop()
+    for prompt, (ids, _) in ((short, got_short), (long_prompt, got_long)):
+        assert ids == generate(engine.model, [prompt], SamplingParams(len(ids), eos_ids=())).token_ids[0]
+    assert len(got_short[0]) == 24 and len(got_long[0]) == 6
+    steps = [n for length, n in chunks if length == len(long_prompt)]
+    assert len(steps) == 10 and steps == list(range(steps[0], steps[0] + 10))  # one decode step between chunks
+    assert prefilled == len(short) + len(long_prompt) and stats["slots_used"] == stats["prefilling"] == 0
+
+
 def test_mtp_mode_greedy_equals_plain_generate(engine):
     """Concurrent greedy requests in MTP mode decode together and answer what plain generation answers."""
     prompts = _prompts(3, seed=2)
