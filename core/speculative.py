@@ -180,7 +180,10 @@ class SpecDecoder:
     The cache must hold ``K + 1`` positions past the last token a slot may generate.
 
     Main hidden states are only read inside a step's window, so each slot keeps the last
-    ``window + K`` of them in a ring indexed by ``position % ring``.
+    ``window + K`` of them in a ring indexed by ``position % ring``. That holds while each slot's
+    position moves forward between its steps (a slot stepped again at the same position, such as
+    a finished row that generate_speculative keeps in its batch, reads overwritten entries; its
+    output is discarded).
     """
 
     def __init__(self, model: Transformer, cache: ModelCache, k: int):
@@ -218,8 +221,9 @@ class SpecDecoder:
         lens = torch.tensor([len(p) for p in prompts], device=device)
         width = int(lens.max())
         stop = width if stop is None else stop
-        for s, p in zip(slots, prompts, strict=True):
-            self.tokens[s, : len(p)] = torch.tensor(p, device=device)
+        for s, p in zip(slots, prompts, strict=True):  # this chunk's tokens and those its MTP chain reads
+            upto = min(len(p), stop + self.n_layers)
+            self.tokens[s, start:upto] = torch.tensor(p[start:upto], device=device)
         positions = torch.arange(start, stop, device=device).expand(len(slots), stop - start)
         hidden = self.model(self.tokens[sl, start:stop], positions, self.cache, rows=rows)  # (B, T, D)
         batch = torch.arange(len(slots), device=device).unsqueeze(1)  # (B, 1)

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import Dsv3Error
 from ..model import Transformer
 from ..speculative import RowSampler, SpecDecoder
 
@@ -114,6 +115,8 @@ class Scheduler:
         self.model = model
         self.max_batch = max_batch
         self.max_len, self.max_waiting, self.mtp = max_len, max_waiting, mtp
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 0:
+            raise Dsv3Error(f"prefill_chunk must be an integer >= 0 (0: whole prompts); got {prefill_chunk!r}")
         self.prefill_chunk = prefill_chunk
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -233,10 +236,10 @@ class Scheduler:
                 a = self._prefilling[0]
                 stop = int(min(len(a.req.prompt), a.prefilled + budget))
                 budget -= stop - a.prefilled
-                ok = self._guarded([a], lambda rows, stop=stop, step=prefill: step(rows[0], stop))
-                if not ok or a.prefilled == len(a.req.prompt):
+                if not self._guarded([a], lambda rows, stop=stop, step=prefill: step(rows[0], stop)):
                     with self._cond:
-                        self._prefilling.popleft()
+                        if a in self._prefilling:
+                            self._prefilling.remove(a)
             if self._active:
                 self._guarded(list(self._active.values()), decode)
 
@@ -272,6 +275,12 @@ class Scheduler:
             return None
         return torch.tensor(slots, dtype=torch.long, device=self.model.embed.device)
 
+    def _activate(self, a: _Active) -> None:
+        """a's prompt is all in: it joins the decoding batch (one lock: /health never counts it twice)."""
+        with self._cond:
+            self._prefilling.remove(a)
+            self._active[a.slot] = a
+
     def _seed(self, a: _Active) -> None:
         if a.req.seed is not None and a.req.temperature > 0:
             a.generator = torch.Generator(device=self.model.embed.device).manual_seed(a.req.seed)
@@ -290,8 +299,7 @@ class Scheduler:
         if stop < n:
             return
         a.pos = n
-        with self._cond:
-            self._active[a.slot] = a
+        self._activate(a)
         self._advance([a], [[t] for t in self._sample(self.model.logits(hidden), [a])])
 
     def _prefill_mtp(self, a: _Active, stop: int) -> None:
@@ -304,8 +312,7 @@ class Scheduler:
         if logits is None:
             return
         a.pos = len(a.req.prompt)
-        with self._cond:
-            self._active[a.slot] = a
+        self._activate(a)
         (token,) = self._sample(logits, [a])
         self._spec.put(
             [a.slot], torch.tensor([a.pos], device=logits.device), torch.tensor([token], device=logits.device)

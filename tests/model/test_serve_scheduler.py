@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dsv3
+from dsv3.errors import Dsv3Error
 from dsv3.generate import SamplingParams, generate
 from dsv3.serve.scheduler import Event, Request, Scheduler, SchedulerBusy
 from dsv3.serve.text import TextStream, held_back
@@ -196,6 +197,34 @@ def test_chunked_prefill_equals_generate_and_lets_running_requests_decode(engine
     steps = [n for length, n in chunks if length == len(long_prompt)]
     assert len(steps) == 10 and steps == list(range(steps[0], steps[0] + 10))  # one decode step between chunks
     assert prefilled == len(short) + len(long_prompt) and stats["slots_used"] == stats["prefilling"] == 0
+
+
+@pytest.mark.parametrize("mtp", [0, 2])
+def test_health_counts_each_slot_once_when_a_prefill_ends(engine, mtp):
+    """Seen from the first token's event (sent right after the prompt went in): one slot used, none prefilling."""
+    sched = Scheduler(engine.model, max_batch=1, max_len=32, mtp=mtp, prefill_chunk=3)
+    seen: list[dict] = []
+    sink = Collector()
+
+    def record(ev):
+        if not seen:
+            seen.append(sched.stats())
+        sink(ev)
+
+    sched.start()
+    try:
+        sched.submit(Request(_prompts(1, seed=7)[0] + [5, 6, 7], 3, record))
+        sink.result()
+        after = sched.stats()
+    finally:
+        sched.stop()
+    assert (seen[0]["slots_used"], seen[0]["prefilling"]) == (1, 0)
+    assert (after["slots_used"], after["prefilling"]) == (0, 0)
+
+
+def test_negative_prefill_chunk_is_refused(engine):
+    with pytest.raises(Dsv3Error, match="prefill_chunk must be an integer >= 0"):
+        Scheduler(engine.model, max_batch=1, max_len=32, prefill_chunk=-1)
 
 
 def test_mtp_mode_greedy_equals_plain_generate(engine):
