@@ -3,10 +3,11 @@
 One step, for every row of the batch at once (rows keep their own positions):
 
 1. Draft ``K`` tokens with the MTP modules. Module ``l`` (``l < D``, the number of MTP layers) is
-   chained as in training: its entry at position ``t + l`` combines ``c_l[t]`` (the main model's
-   final-normed hidden for ``l = 0``, else module ``l - 1``'s output at ``t``) with token
-   ``t + l + 1``. Drafts beyond ``D`` reuse the last module recurrently on its own output hidden,
-   one position further each time (as DeepSeek's and SGLang's MTP decoding do).
+   chained as in training (``dsv3.training.mtp_depth_losses``): its entry for chain start ``t``,
+   at position ``t`` of its own cache, combines ``c_l[t]`` (the main model's final-normed hidden
+   for ``l = 0``, else module ``l - 1``'s output at ``t``) with token ``t + l + 1`` and predicts
+   token ``t + l + 2``. Drafts beyond ``D`` reuse the last module recurrently on its own output
+   hidden, one position further each time (as DeepSeek's and SGLang's MTP decoding do).
 2. Verify all drafts with ONE forward of the main model over ``[last token, draft_1..draft_K]``.
 3. Accept the longest agreeing prefix and one more token from the main model. Greedy: a draft is
    accepted while it equals the main model's argmax. Sampling: speculative rejection sampling
@@ -245,7 +246,7 @@ class SpecDecoder:
         start: int,
         stop: int,
     ) -> None:
-        """MTP cache entries of module l at positions t + l for the chunk's t <= len - 1 - n_layers (tokens known).
+        """MTP cache entries of every module for the chunk's chain starts t <= len - 1 - n_layers (tokens known).
 
         hidden (B, stop - start, D): the main model's hidden states at positions start .. stop - 1.
         The first step's window (the last ``window`` positions) recomputes the rest, once the first
@@ -259,7 +260,7 @@ class SpecDecoder:
         c = hidden[torch.arange(len(lens), device=lens.device).unsqueeze(1), t - start]  # (B, span, D)
         for layer in range(self.n_layers):
             tok = self.tokens[sl.unsqueeze(1), t + layer + 1]  # (B, span)
-            c = self.model.mtp_forward(layer, c, tok, t + layer, self.cache, rows)
+            c = self.model.mtp_forward(layer, c, tok, t, self.cache, rows)
 
     def put(self, slots: list[int], positions: torch.Tensor, tokens: torch.Tensor) -> None:
         """Record ``tokens (B,)`` at ``positions (B,)`` of ``slots`` (e.g. the first sampled token)."""
@@ -299,7 +300,7 @@ class SpecDecoder:
         qs = []
         for layer in range(n_layers):
             tok = self.tokens[col, window + layer + 1]  # (B, W): token t + l + 1 (verified, or this step's drafts)
-            c = model.mtp_forward(layer, c, tok, (window + layer).clamp(max=cap), cache, rows)  # (B, W, D)
+            c = model.mtp_forward(layer, c, tok, window.clamp(max=cap), cache, rows)  # (B, W, D)
             draft, q = sampler.pick(model.mtp[layer].logits(c[:, -1]))
             self.tokens[sl, pos + layer + 1] = draft
             qs.append(q)
@@ -307,7 +308,7 @@ class SpecDecoder:
         last = n_layers - 1
         for j in range(n_layers, k):  # recurrent reuse of the last module, one position further each time
             tok = self.tokens[sl, pos + j].unsqueeze(1)  # (B, 1)
-            g = model.mtp_forward(last, g, tok, (pos + j - 1).clamp(max=cap).unsqueeze(1), cache, rows)
+            g = model.mtp_forward(last, g, tok, (pos + j - 1 - last).clamp(max=cap).unsqueeze(1), cache, rows)
             draft, q = sampler.pick(model.mtp[last].logits(g[:, 0]))
             self.tokens[sl, pos + j + 1] = draft
             qs.append(q)

@@ -66,41 +66,42 @@ def make_transformers_model(seed: int = 0, **overrides):
     return model
 
 
-def make_checkpoint(path: str | Path, seed: int = 0, mtp: bool = False, **overrides) -> Path:
-    """Save a random tiny checkpoint to ``path``; with ``mtp`` also the MTP layer's tensors."""
+def make_checkpoint(path: str | Path, seed: int = 0, mtp: bool | int = False, **overrides) -> Path:
+    """Save a random tiny checkpoint to ``path``; with ``mtp`` also MTP layers' tensors (True: one, n: n)."""
     path = Path(path)
     model = make_transformers_model(seed, **overrides)
     model.save_pretrained(path)
     if mtp:
-        add_mtp_layer(path, seed)
+        add_mtp_layer(path, seed, int(mtp))
     return path
 
 
-def add_mtp_layer(path: Path, seed: int = 0) -> None:
-    """Append ``model.layers.{L}.*`` (one MTP module, released layout) to model.safetensors."""
+def add_mtp_layer(path: Path, seed: int = 0, count: int = 1) -> None:
+    """Append ``model.layers.{L..L+count-1}.*`` (``count`` MTP modules, released layout) to model.safetensors."""
     cfg = json.loads((path / "config.json").read_text())
     tensors = load_file(str(path / "model.safetensors"))
     n = cfg["num_hidden_layers"]
     src_layer = n - 1  # copy the shapes of the last decoder layer, fresh random values
     g = torch.Generator().manual_seed(seed + 1000)
     prefix = f"model.layers.{src_layer}."
-    for key, value in list(tensors.items()):
-        if key.startswith(prefix):
-            new = f"model.layers.{n}." + key[len(prefix) :]
-            if key.endswith("layernorm.weight"):
-                tensors[new] = torch.ones_like(value) + 0.1 * torch.randn(value.shape, generator=g)
-            else:
-                tensors[new] = torch.randn(value.shape, generator=g) * value.float().std().clamp(min=0.02)
     h = cfg["hidden_size"]
-    base = f"model.layers.{n}."
-    tensors[base + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
-    tensors[base + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
-    tensors[base + "enorm.weight"] = torch.ones(h)
-    tensors[base + "hnorm.weight"] = torch.ones(h)
-    tensors[base + "shared_head.norm.weight"] = torch.ones(h)
-    tensors[base + "eh_proj.weight"] = torch.randn(h, 2 * h, generator=g) * (2 * h) ** -0.5
+    for layer in range(n, n + count):
+        for key, value in list(tensors.items()):
+            if key.startswith(prefix):
+                new = f"model.layers.{layer}." + key[len(prefix) :]
+                if key.endswith("layernorm.weight"):
+                    tensors[new] = torch.ones_like(value) + 0.1 * torch.randn(value.shape, generator=g)
+                else:
+                    tensors[new] = torch.randn(value.shape, generator=g) * value.float().std().clamp(min=0.02)
+        base = f"model.layers.{layer}."
+        tensors[base + "embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+        tensors[base + "shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+        tensors[base + "enorm.weight"] = torch.ones(h)
+        tensors[base + "hnorm.weight"] = torch.ones(h)
+        tensors[base + "shared_head.norm.weight"] = torch.ones(h)
+        tensors[base + "eh_proj.weight"] = torch.randn(h, 2 * h, generator=g) * (2 * h) ** -0.5
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
-    cfg["num_nextn_predict_layers"] = 1
+    cfg["num_nextn_predict_layers"] = count
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 

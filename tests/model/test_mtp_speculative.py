@@ -12,7 +12,7 @@ import dsv3
 from dsv3.cli import main as cli_main
 from dsv3.errors import Dsv3Error
 from dsv3.generate import SamplingParams, generate
-from dsv3.speculative import generate_speculative
+from dsv3.speculative import RowSampler, SpecDecoder, generate_speculative
 from tests.helpers import make_checkpoint, pattern_tokens, train_on_patterns
 
 VOCAB = 16
@@ -215,3 +215,40 @@ def test_drafts_are_exact_after_partial_acceptance(trained, attn_impl):
         with torch.no_grad():
             want = [_simulated_accepts(model, p, n_out, k) for p in prompts]
         assert [r["accepted"] for r in out.stats["mtp_rows"]] == want, k
+
+
+def test_two_mtp_modules_keep_the_training_positions(tmp_path):
+    """With D = 2 modules, each module's cache entry for chain start t sits at position t, as in training
+    (``mtp_depth_losses``: positions 0..n-1 per depth): after speculative steps, every entry built only
+    from verified tokens equals an uncached training-style forward, for both modules; greedy output
+    equals plain decoding."""
+    path = make_checkpoint(tmp_path / "d2", seed=5, mtp=2, vocab_size=VOCAB)
+    model = dsv3.load(path, dtype="float32", progress=False).model
+    assert len(model.mtp) == 2
+    prompt = [0, 3, 5, 7, 9, 11, 13]
+    greedy = RowSampler(torch.zeros(1), torch.ones(1), [None], None)
+    with torch.inference_mode():
+        spec = SpecDecoder(model, model.new_cache(1, 48), 2)
+        first = spec.prefill([0], [prompt]).argmax(-1)
+        pos = torch.tensor([len(prompt)])
+        spec.put([0], pos, first)
+        seq = prompt + [int(first)]
+        for _ in range(6):
+            n_acc, bonus, drafts = spec.step([0], pos, greedy)
+            a = int(n_acc)
+            seq += drafts[0, :a].tolist() + [int(bonus)]
+            pos += a + 1
+        n_new = len(seq) - len(prompt)
+        assert seq == prompt + generate(model, [prompt], SamplingParams(n_new, eos_ids=())).token_ids[0]
+        # training-style: full sequences, no chain shift in positions, a fresh cache
+        tokens = torch.tensor([seq])
+        fresh = model.new_cache(1, 48)
+        c = model(tokens)
+        for layer in range(2):
+            n = tokens.shape[1] - 1 - layer
+            c = model.mtp_forward(layer, c[:, :n], tokens[:, layer + 1 :], torch.arange(n).unsqueeze(0), fresh)
+            verified = int(pos) - layer - 1  # chain starts whose tokens t+1 .. t+layer+1 are all verified
+            for name, got in spec.cache.mtp[layer].tensors.items():
+                want = fresh.mtp[layer].tensors[name]
+                err = float((got[0, :verified] - want[0, :verified]).abs().max())
+                assert err <= 1e-5 * float(want[0, :verified].abs().max()), (layer, name, err)
