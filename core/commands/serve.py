@@ -78,8 +78,6 @@ def main(args) -> int:
         raise Dsv3Error(f"--prefill-chunk must be >= 0 (0: whole prompts; got {args.prefill_chunk})")
     if not 0 <= args.port <= 65535:
         raise Dsv3Error(f"--port must be in 0..65535 (got {args.port})")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise Dsv3Error("dsv3 serve runs in one process; tensor-parallel serving (torchrun) is not supported")
     try:
         import uvicorn
 
@@ -88,13 +86,47 @@ def main(args) -> int:
         raise Dsv3Error(
             f"dsv3 serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'dsv3[serve]'"
         ) from None
+    from ..parallel import init_for_backend, quiet_unless_rank0
+
+    parallel = init_for_backend(args.backend)  # several processes under torchrun: tensor-parallel serving
+    try:
+        with quiet_unless_rank0(parallel):
+            if parallel.rank:
+                return _follow(args, parallel)
+            return _serve(args, parallel, uvicorn, ServeSettings, create_app)
+    finally:
+        parallel.close()
+
+
+def _follow(args, parallel) -> int:
+    """Ranks 1..N-1: load this rank's shard, then replay rank 0's model calls until it stops."""
+    from ..serve.mirror import follow
+
+    if "error" in parallel.broadcast_object(None):  # rank 0 could not listen: nothing to serve
+        return 2
+    engine = load_from_args(args, parallel)
+    follow(engine.model, parallel)
+    return 0
+
+
+def _serve(args, parallel, uvicorn, ServeSettings, create_app) -> int:
     from ..serve import LOOPBACK, bind_socket
+    from ..serve.mirror import MirroredModel
     from ..serve.scheduler import Scheduler
     from ..speculative import check_mtp
 
-    sock = bind_socket(args.host, args.port)  # before the (slow) load, so a busy port fails fast
     try:
-        engine = load_from_args(args)
+        sock = bind_socket(args.host, args.port)  # before the (slow) load, so a busy port fails fast
+    except Dsv3Error as exc:
+        parallel.broadcast_object({"error": str(exc)})
+        raise
+    parallel.broadcast_object({"ok": True})
+    mirror = scheduler = None
+    try:
+        engine = load_from_args(args, parallel)
+        model = engine.model
+        if parallel.distributed:  # from here on every model call is replayed by the other ranks
+            model = mirror = MirroredModel(engine.model, parallel)
         check_mtp(engine.model, args.mtp)
         if engine.tokenizer is None:
             raise Dsv3Error(f"{engine.path}: no tokenizer files in the checkpoint; dsv3 serve needs one")
@@ -114,11 +146,13 @@ def main(args) -> int:
             max_request_bytes=args.max_request_bytes,
             api_key=args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None,
         )
-        scheduler = Scheduler(engine.model, args.max_batch, max_len, args.max_waiting, args.mtp, args.prefill_chunk)
+        scheduler = Scheduler(model, args.max_batch, max_len, args.max_waiting, args.mtp, args.prefill_chunk)
         app = create_app(engine, scheduler, settings)
         host, port = sock.getsockname()[:2]
         mib = cache_bytes(engine.model, scheduler.max_batch, max_len + (args.mtp + 1 if args.mtp else 0)) / 2**20
         mode = f"continuous batching with speculative decoding (mtp={args.mtp})" if args.mtp else "continuous batching"
+        if parallel.distributed:
+            mode += f", tensor parallel over {parallel.world_size} processes"
         print(
             f"dsv3: serving '{settings.model_name}' on http://{args.host}:{port}/v1 with {mode}: "
             f"{scheduler.max_batch} slots x {max_len} positions ({mib:.1f} MiB of cache)",
@@ -133,6 +167,10 @@ def main(args) -> int:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+        if scheduler is not None:
+            scheduler.stop()  # (the app's shutdown normally did) no model call may follow the release below
+        if mirror is not None:
+            mirror.close()
     return 0
 
 

@@ -11,11 +11,13 @@ import json
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -500,3 +502,67 @@ def test_dsv3_serve_refuses_bad_limits_and_a_busy_port(ckpt, capsys):
         busy.close()
     assert cli_main(["serve", "--ckpt-path", str(ckpt), "--port", "0", "--max-model-len", "4096"]) == 2
     assert "exceeds the model's max_position_embeddings (128)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ tensor parallel (torchrun)
+def _torchrun_serve(ckpt, *extra: str) -> tuple[subprocess.Popen, queue.Queue, threading.Thread]:
+    """``torchrun --standalone --nproc-per-node 2 dsv3 serve ...`` in its own process group; stderr lines in a
+    queue, filled by the returned thread until the output ends."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python"]
+    cmd += [str(Path(sys.executable).with_name("dsv3")), "serve", "--ckpt-path", str(ckpt), "--dtype", "float32"]
+    cmd += ["--api-key", KEY, "--served-model-name", NAME, "--log-level", "warning", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True)
+    reader.start()
+    return proc, lines, reader
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+@pytest.mark.parametrize("mtp", ["0", "2"])
+def test_tensor_parallel_serving_under_torchrun(ckpt, engine, mtp):
+    """2 ranks (gloo): rank 0 serves and schedules, rank 1 replays every model call on its shard; concurrent
+    greedy answers (plain, and chunked prefill with MTP drafts) equal one process's generate()."""
+    proc, lines, _ = _torchrun_serve(ckpt, "--port", "0", "--mtp", mtp, "--prefill-chunk", "3")
+    try:
+        url = None
+        while url is None:
+            line = lines.get(timeout=120)
+            m = re.search(r"on (http://\S+?)/v1 with .*tensor parallel over 2 processes", line)
+            url = m.group(1) if m else None
+        wait_for(url, lambda h: h["status"] == "ok", "the server")
+        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT_S)
+
+        def ask(p):
+            return client.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, PROMPTS[:4]))
+        assert got == [_ref(engine, p, 8, chat=False, temperature=0).text for p in PROMPTS[:4]]
+        h = health(url)
+        assert h["finished"] == 4 and h["slots_used"] == 0 and h["mtp"] == int(mtp)
+    finally:
+        _stop_group(proc)
+
+
+def test_tensor_parallel_serving_busy_port_stops_every_rank(ckpt):
+    busy = bind_socket("127.0.0.1", 0)
+    try:
+        proc, lines, reader = _torchrun_serve(ckpt, "--port", str(busy.getsockname()[1]))
+        try:
+            assert proc.wait(120) != 0  # rank 1 does not wait for a server that never came
+            reader.join(WAIT_S)
+        finally:
+            _stop_group(proc)
+    finally:
+        busy.close()
+    text = ""
+    while not lines.empty():
+        text += lines.get()
+    assert "cannot listen on 127.0.0.1" in text

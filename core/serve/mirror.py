@@ -1,0 +1,141 @@
+"""Tensor-parallel serving: rank 0 runs the server and the scheduler; every other rank replays its model calls.
+
+Under torchrun each rank holds its shard of the model (``dsv3.parallel``), and every forward has
+collectives that all ranks must enter in the same order. Rank 0 serves HTTP and schedules as in one
+process, through :class:`MirroredModel`: each model call (``new_cache``, ``forward``, ``logits``,
+``mtp_forward``, an MTP module's ``logits``) is first announced to the other ranks, with its tensor
+arguments, then run. The other ranks sit in :func:`follow` and run the same call on their shard, so
+the collectives pair up. Only rank 0 samples: the outputs every rank computes are identical
+(gathered logits), and rank 0's choices reach the others as the next call's input tokens.
+
+Messages: a JSON header (operation, integers, tensor shapes and dtypes) through
+``ParallelContext.broadcast_object`` (never pickled), then each tensor by ``dist.broadcast``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..model import ModelCache, Transformer
+from ..parallel import ParallelContext
+
+_DTYPES = {str(d): d for d in (torch.int64, torch.int32, torch.float32, torch.bfloat16, torch.float16)}
+
+
+class _Channel:
+    """Rank 0 -> every other rank: one header and its tensors per model call."""
+
+    def __init__(self, par: ParallelContext, device: torch.device):
+        self.par, self.device = par, device
+
+    def send(self, op: str, ints: dict[str, Any], tensors: list[torch.Tensor | None]) -> None:
+        header = {
+            "op": op,
+            "ints": ints,
+            "tensors": [None if t is None else [list(t.shape), str(t.dtype)] for t in tensors],
+        }
+        self.par.broadcast_object(header)
+        for t in tensors:
+            if t is not None:
+                dist.broadcast(t.detach().to(self.par.device).contiguous(), 0, group=self.par.group)
+
+    def receive(self) -> tuple[str, dict[str, Any], list[torch.Tensor | None]]:
+        header = self.par.broadcast_object(None)
+        tensors: list[torch.Tensor | None] = []
+        for spec in header["tensors"]:
+            if spec is None:
+                tensors.append(None)
+                continue
+            buf = torch.empty(spec[0], dtype=_DTYPES[spec[1]], device=self.par.device)
+            dist.broadcast(buf, 0, group=self.par.group)
+            tensors.append(buf.to(self.device))
+        return header["op"], header["ints"], tensors
+
+
+class _MirroredMTPHead:
+    """``model.mtp[depth]`` as the speculative decoder uses it: only ``logits`` (a collective) is mirrored."""
+
+    def __init__(self, owner: MirroredModel, depth: int):
+        self.owner, self.depth = owner, depth
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.owner.channel.send("mtp_logits", {"depth": self.depth}, [hidden])
+        return self.owner.model.mtp[self.depth].logits(hidden)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.owner.model.mtp[self.depth], name)
+
+
+class MirroredModel:
+    """Rank 0's model for the scheduler: each call is announced to the other ranks, then run here.
+
+    Everything else (cfg, embed, ops, opts...) is the wrapped model's. Calls must come from one
+    thread (the scheduler's); :meth:`close` (after the scheduler stopped) releases the other ranks.
+    """
+
+    def __init__(self, model: Transformer, par: ParallelContext):
+        self.model = model
+        self.channel = _Channel(par, model.embed.device)
+        self.mtp = [_MirroredMTPHead(self, d) for d in range(len(model.mtp))]
+        self._cache_ids: dict[int, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    def _cache_id(self, cache: ModelCache | None) -> int:
+        return -1 if cache is None else self._cache_ids[id(cache)]
+
+    def new_cache(self, max_batch: int, max_len: int) -> ModelCache:
+        cache = self.model.new_cache(max_batch, max_len)
+        self._cache_ids[id(cache)] = len(self._cache_ids)
+        self.channel.send("new_cache", {"max_batch": max_batch, "max_len": max_len}, [])
+        return cache
+
+    def __call__(self, tokens, positions=None, cache: ModelCache | None = None, rows=None) -> torch.Tensor:
+        self.channel.send("forward", {"cache": self._cache_id(cache)}, [tokens, positions, rows])
+        return self.model(tokens, positions, cache, rows=rows)
+
+    forward = __call__
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        self.channel.send("logits", {}, [hidden])
+        return self.model.logits(hidden)
+
+    def mtp_forward(self, depth, hidden, next_tokens, positions, cache: ModelCache | None = None, rows=None):
+        self.channel.send(
+            "mtp_forward", {"depth": depth, "cache": self._cache_id(cache)}, [hidden, next_tokens, positions, rows]
+        )
+        return self.model.mtp_forward(depth, hidden, next_tokens, positions, cache, rows)
+
+    def close(self) -> None:
+        """Tell the other ranks to leave :func:`follow` (call once no model call can follow)."""
+        self.channel.send("stop", {}, [])
+
+
+@torch.inference_mode()
+def follow(model: Transformer, par: ParallelContext) -> None:
+    """On ranks 1..N-1: replay rank 0's model calls on this rank's shard until it sends ``stop``."""
+    channel = _Channel(par, model.embed.device)
+    caches: list[ModelCache] = []
+    while True:
+        op, ints, tensors = channel.receive()
+        cache = caches[ints["cache"]] if ints.get("cache", -1) >= 0 else None
+        if op == "stop":
+            return
+        if op == "new_cache":
+            caches.append(model.new_cache(ints["max_batch"], ints["max_len"]))
+        elif op == "forward":
+            tokens, positions, rows = tensors
+            model(tokens, positions, cache, rows=rows)
+        elif op == "logits":
+            model.logits(tensors[0])
+        elif op == "mtp_forward":
+            hidden, next_tokens, positions, rows = tensors
+            model.mtp_forward(ints["depth"], hidden, next_tokens, positions, cache, rows)
+        elif op == "mtp_logits":
+            model.mtp[ints["depth"]].logits(tensors[0])
+        else:
+            raise RuntimeError(f"dsv3 serve: unknown mirrored call {op!r} from rank 0")
