@@ -25,6 +25,14 @@ from ..parallel import ParallelContext
 _DTYPES = {str(d): d for d in (torch.int64, torch.int32, torch.float32, torch.bfloat16, torch.float16)}
 
 
+class MirrorBroken(BaseException):
+    """A mirrored call failed on rank 0: the ranks may have stopped at different collectives.
+
+    A BaseException on purpose: the scheduler's per-step error handling (``except Exception``) must not
+    carry on with ranks out of step; the scheduler thread stops, /health reports it, requests fail.
+    """
+
+
 class _Channel:
     """Rank 0 -> every other rank: one header and its tensors per model call."""
 
@@ -32,6 +40,8 @@ class _Channel:
         self.par, self.device = par, device
 
     def send(self, op: str, ints: dict[str, Any], tensors: list[torch.Tensor | None]) -> None:
+        if not self.par.distributed:  # nobody to tell
+            return
         header = {
             "op": op,
             "ints": ints,
@@ -63,7 +73,7 @@ class _MirroredMTPHead:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         self.owner.channel.send("mtp_logits", {"depth": self.depth}, [hidden])
-        return self.owner.model.mtp[self.depth].logits(hidden)
+        return self.owner._run(self.owner.model.mtp[self.depth].logits, hidden)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.owner.model.mtp[self.depth], name)
@@ -81,38 +91,51 @@ class MirroredModel:
         self.channel = _Channel(par, model.embed.device)
         self.mtp = [_MirroredMTPHead(self, d) for d in range(len(model.mtp))]
         self._cache_ids: dict[int, int] = {}
+        self.broken = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
+
+    def _run(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            self.broken = True
+            raise MirrorBroken(f"a tensor-parallel model call failed on rank 0: {type(exc).__name__}: {exc}") from exc
 
     def _cache_id(self, cache: ModelCache | None) -> int:
         return -1 if cache is None else self._cache_ids[id(cache)]
 
     def new_cache(self, max_batch: int, max_len: int) -> ModelCache:
-        cache = self.model.new_cache(max_batch, max_len)
-        self._cache_ids[id(cache)] = len(self._cache_ids)
         self.channel.send("new_cache", {"max_batch": max_batch, "max_len": max_len}, [])
+        cache = self._run(self.model.new_cache, max_batch, max_len)
+        self._cache_ids[id(cache)] = len(self._cache_ids)
         return cache
 
     def __call__(self, tokens, positions=None, cache: ModelCache | None = None, rows=None) -> torch.Tensor:
         self.channel.send("forward", {"cache": self._cache_id(cache)}, [tokens, positions, rows])
-        return self.model(tokens, positions, cache, rows=rows)
+        return self._run(self.model, tokens, positions, cache, rows=rows)
 
     forward = __call__
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         self.channel.send("logits", {}, [hidden])
-        return self.model.logits(hidden)
+        return self._run(self.model.logits, hidden)
 
     def mtp_forward(self, depth, hidden, next_tokens, positions, cache: ModelCache | None = None, rows=None):
         self.channel.send(
             "mtp_forward", {"depth": depth, "cache": self._cache_id(cache)}, [hidden, next_tokens, positions, rows]
         )
-        return self.model.mtp_forward(depth, hidden, next_tokens, positions, cache, rows)
+        return self._run(self.model.mtp_forward, depth, hidden, next_tokens, positions, cache, rows)
 
     def close(self) -> None:
-        """Tell the other ranks to leave :func:`follow` (call once no model call can follow)."""
-        self.channel.send("stop", {}, [])
+        """Tell the other ranks to leave :func:`follow` (call once no model call can follow).
+
+        Not after a failed call: the other ranks may be inside a collective that will never pair up,
+        and a message now could match it; they end when this process does (torchrun stops the job).
+        """
+        if not self.broken:
+            self.channel.send("stop", {}, [])
 
 
 @torch.inference_mode()

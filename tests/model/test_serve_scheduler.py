@@ -400,3 +400,35 @@ def test_incremental_decoding_waits_for_whole_characters(engine):
     deltas.append(stream.finish())
     assert "\ufffd" not in "".join(deltas)
     assert "".join(deltas) == text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread dies: expected
+def test_a_failed_mirrored_call_stops_the_scheduler_instead_of_desyncing_ranks(engine, monkeypatch):
+    """Tensor-parallel serving: a model error on rank 0 may leave the other ranks inside a collective, so
+    MirroredModel turns it into MirrorBroken, which ends the scheduler (not just the step's requests)
+    and keeps close() from sending anything more."""
+    from dsv3.parallel import ParallelContext
+    from dsv3.serve.mirror import MirroredModel
+
+    mirror = MirroredModel(engine.model, ParallelContext())  # world 1: the same calls, nothing to send
+
+    def fail(*_a, **_k):
+        raise RuntimeError("out of memory (planted)")
+
+    sched = Scheduler(mirror, max_batch=2, max_len=32)
+    sched.start()
+    try:
+        sink = Collector()
+        sched.submit(Request([0, 5, 9], 4, sink))
+        assert sink.result()[0]  # a healthy mirrored model answers
+        monkeypatch.setattr(engine.model, "forward", fail)  # nn.Module.__call__ -> forward
+        broken = Collector()
+        sched.submit(Request([0, 7], 4, broken))
+        last = broken.events.get(timeout=WAIT_S)
+        sched._thread.join(WAIT_S)
+    finally:
+        sched.stop()
+    assert last.error is not None and "scheduler failed" in last.error and "planted" in last.error
+    assert not sched.alive and "MirrorBroken" in sched.fatal and mirror.broken
+    with pytest.raises(SchedulerBusy):
+        sched.submit(Request([0, 5], 4, Collector()))
