@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from ..errors import Dsv3Error
@@ -86,26 +89,38 @@ def main(args) -> int:
         raise Dsv3Error(
             f"dsv3 serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'dsv3[serve]'"
         ) from None
-    from ..parallel import init_for_backend, quiet_unless_rank0
+    from ..parallel import init_for_backend
 
     parallel = init_for_backend(args.backend)  # several processes under torchrun: tensor-parallel serving
     try:
-        with quiet_unless_rank0(parallel):
-            if parallel.rank:
-                return _follow(args, parallel)
-            return _serve(args, parallel, uvicorn, ServeSettings, create_app)
+        if parallel.rank:
+            return _follow(args, parallel)
+        return _serve(args, parallel, uvicorn, ServeSettings, create_app)
     finally:
         parallel.close()
 
 
 def _follow(args, parallel) -> int:
-    """Ranks 1..N-1: load this rank's shard, then replay rank 0's model calls until it stops."""
+    """Ranks 1..N-1: load this rank's shard, then replay rank 0's model calls until it stops.
+
+    Stop signals (Ctrl-C to the group, SIGTERM from torchrun) are rank 0's to act on: it drains and
+    then releases this rank; a rank that left on its own would break the step in progress. Errors
+    only this rank meets are printed with its rank (the CLI prints rank 0's).
+    """
+    from ..parallel import quiet_unless_rank0
     from ..serve.mirror import follow
 
-    if "error" in parallel.broadcast_object(None):  # rank 0 could not listen: nothing to serve
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        with quiet_unless_rank0(parallel):
+            if "error" in parallel.broadcast_object(None):  # rank 0 could not listen: nothing to serve
+                return 2
+            engine = load_from_args(args, parallel)
+        follow(engine.model, parallel)
+    except Dsv3Error as exc:
+        print(f"dsv3: error (rank {parallel.rank}): {exc}", file=sys.stderr)
         return 2
-    engine = load_from_args(args, parallel)
-    follow(engine.model, parallel)
     return 0
 
 
@@ -164,14 +179,39 @@ def _serve(args, parallel, uvicorn, ServeSettings, create_app) -> int:
                 file=sys.stderr,
             )
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        server = uvicorn.Server(config)
+        # uvicorn drains on SIGTERM and then re-raises it: with the default handler that would end this
+        # process before the clean-up below (which releases the other ranks); raise an interrupt instead
+        signal.signal(signal.SIGTERM, _interrupted)
+        if mirror is not None:  # a failed model call under TP is fatal: stop serving, let torchrun end the job
+            threading.Thread(target=_stop_when_dead, args=(scheduler, server), daemon=True).start()
+        server.run(sockets=[sock])
+        if scheduler.fatal is not None and mirror is not None:
+            raise Dsv3Error(f"tensor-parallel serving stopped: {scheduler.fatal}")
     finally:
         sock.close()
         if scheduler is not None:
-            scheduler.stop()  # (the app's shutdown normally did) no model call may follow the release below
+            # the app's shutdown normally stopped it; under TP wait for the step in progress however long it
+            # takes: no model call may overlap the release below
+            scheduler.stop(timeout=None if mirror is not None else 30.0)
         if mirror is not None:
+            if scheduler is not None and scheduler.alive:
+                mirror.mark_broken()
             mirror.close()
     return 0
+
+
+def _interrupted(_sig, _frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_when_dead(scheduler, server) -> None:
+    """Ask uvicorn to exit once the scheduler thread has died (its model call failed)."""
+    while scheduler.fatal is None:
+        time.sleep(0.2)
+        if server.should_exit:
+            return
+    server.should_exit = True
 
 
 def cache_bytes(model, max_batch: int, max_len: int) -> int:

@@ -38,19 +38,27 @@ class _Channel:
 
     def __init__(self, par: ParallelContext, device: torch.device):
         self.par, self.device = par, device
+        self.broken = False  # a send failed half-way: the other ranks may be waiting for the rest
 
     def send(self, op: str, ints: dict[str, Any], tensors: list[torch.Tensor | None]) -> None:
         if not self.par.distributed:  # nobody to tell
             return
+        for t in tensors:
+            if t is not None and str(t.dtype) not in _DTYPES:
+                raise MirrorBroken(f"cannot mirror a {t.dtype} tensor to the other ranks (call {op!r})")
         header = {
             "op": op,
             "ints": ints,
             "tensors": [None if t is None else [list(t.shape), str(t.dtype)] for t in tensors],
         }
-        self.par.broadcast_object(header)
-        for t in tensors:
-            if t is not None:
-                dist.broadcast(t.detach().to(self.par.device).contiguous(), 0, group=self.par.group)
+        try:
+            self.par.broadcast_object(header)
+            for t in tensors:
+                if t is not None:
+                    dist.broadcast(t.detach().to(self.par.device).contiguous(), 0, group=self.par.group)
+        except Exception as exc:
+            self.broken = True
+            raise MirrorBroken(f"sending {op!r} to the other ranks failed: {type(exc).__name__}: {exc}") from exc
 
     def receive(self) -> tuple[str, dict[str, Any], list[torch.Tensor | None]]:
         header = self.par.broadcast_object(None)
@@ -75,32 +83,44 @@ class _MirroredMTPHead:
         self.owner.channel.send("mtp_logits", {"depth": self.depth}, [hidden])
         return self.owner._run(self.owner.model.mtp[self.depth].logits, hidden)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.owner.model.mtp[self.depth], name)
-
 
 class MirroredModel:
     """Rank 0's model for the scheduler: each call is announced to the other ranks, then run here.
 
-    Everything else (cfg, embed, ops, opts...) is the wrapped model's. Calls must come from one
-    thread (the scheduler's); :meth:`close` (after the scheduler stopped) releases the other ranks.
+    Of the wrapped model's other attributes only those that run nothing are readable (``PLAIN``): a
+    submodule called directly would enter collectives the other ranks never join. Calls must come
+    from one thread (the scheduler's); :meth:`close` (after the scheduler stopped) releases the
+    other ranks.
     """
+
+    PLAIN = frozenset({"cfg", "embed", "ops", "opts", "par", "backend_info"})
 
     def __init__(self, model: Transformer, par: ParallelContext):
         self.model = model
         self.channel = _Channel(par, model.embed.device)
         self.mtp = [_MirroredMTPHead(self, d) for d in range(len(model.mtp))]
         self._cache_ids: dict[int, int] = {}
-        self.broken = False
+        self._failed = False
 
     def __getattr__(self, name: str) -> Any:
+        if name not in MirroredModel.PLAIN:
+            raise AttributeError(f"MirroredModel does not mirror {name!r}: use it through a mirrored call")
         return getattr(self.model, name)
+
+    @property
+    def broken(self) -> bool:
+        """A call failed or a message went half-way: the ranks may be out of step."""
+        return self._failed or self.channel.broken
+
+    def mark_broken(self) -> None:
+        """Say the ranks may be out of step (e.g. the scheduler thread did not stop): close() sends nothing."""
+        self._failed = True
 
     def _run(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            self.broken = True
+            self._failed = True
             raise MirrorBroken(f"a tensor-parallel model call failed on rank 0: {type(exc).__name__}: {exc}") from exc
 
     def _cache_id(self, cache: ModelCache | None) -> int:

@@ -137,8 +137,11 @@ class Scheduler:
             self._thread = threading.Thread(target=self._run, name="dsv3-scheduler", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Finish every pending request with an error and stop the thread (after its current step)."""
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish every pending request with an error and stop the thread (after its current step).
+
+        timeout: seconds to wait for the thread (None: until the step in progress ends).
+        """
         with self._cond:
             self._stopping = True
             self._cond.notify_all()

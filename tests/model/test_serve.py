@@ -519,10 +519,39 @@ def _torchrun_serve(ckpt, *extra: str) -> tuple[subprocess.Popen, queue.Queue, t
     return proc, lines, reader
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (torchrun's workers live in sessions of their own)."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _stop_group(proc: subprocess.Popen) -> list[int]:
+    """SIGTERM to torchrun (it forwards it to the workers and waits); SIGKILL whatever is left.
+    Returns the workers still alive after the graceful stop (should be none)."""
+    workers = _children(proc.pid)
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(90)
+    except subprocess.TimeoutExpired:
+        pass
+    left = [w for w in workers if _alive(w)]
+    for pid in [*left, proc.pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait(30)
+    return left
 
 
 @pytest.mark.parametrize("mtp", ["0", "2"])
@@ -548,7 +577,8 @@ def test_tensor_parallel_serving_under_torchrun(ckpt, engine, mtp):
         h = health(url)
         assert h["finished"] == 4 and h["slots_used"] == 0 and h["mtp"] == int(mtp)
     finally:
-        _stop_group(proc)
+        left = _stop_group(proc)
+    assert left == []  # SIGTERM: rank 0 drains, releases rank 1, and both exit
 
 
 def test_tensor_parallel_serving_busy_port_stops_every_rank(ckpt):
