@@ -86,7 +86,7 @@ def _worker(out_dir: str, ckpts: list[str]) -> None:
 
 # ------------------------------------------------------------------ launching
 def torchrun(n: int, args: list[str], no_python: bool = False, stdin: str | None = None, cwd=None):
-    """Run ``torchrun --standalone --nproc-per-node n`` (a free port); kill the whole group on timeout."""
+    """Run ``torchrun --standalone --nproc-per-node n`` (a free port); stop it and its workers on timeout."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
     cmd += ["--no-python"] if no_python else []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -104,8 +104,14 @@ def torchrun(n: int, args: list[str], no_python: bool = False, stdin: str | None
     try:
         out, err = proc.communicate(stdin, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        # torchrun's workers run in sessions of their own: SIGTERM to torchrun, which forwards it and
+        # waits for them; killing its group would leave them running
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
         raise AssertionError(f"torchrun with {n} processes hung for {TIMEOUT_S} s:\n{err[-3000:]}") from None
     return proc.returncode, out, err
 
