@@ -462,19 +462,9 @@ def test_requests_join_a_running_batch(engine, server, client):
 # ------------------------------------------------------------ the command line
 def test_dsv3_serve_command_with_mtp(ckpt, engine):
     """`dsv3 serve --mtp 2` in a subprocess: greedy answers equal plain generation; /health says mtp mode."""
-    cmd = [sys.executable, "-m", "dsv3", "serve", "--ckpt-path", str(ckpt), "--dtype", "float32", "--port", "0"]
-    cmd += ["--api-key", KEY, "--served-model-name", NAME, "--max-model-len", "64", "--mtp", "2"]
-    cmd += ["--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True).start()
+    proc, lines, _ = _launch_serve(ckpt, "--port", "0", "--max-model-len", "64", "--mtp", "2")
     try:
-        url = None
-        while url is None:
-            line = lines.get(timeout=120)
-            m = re.search(r"on (http://\S+?)/v1 with continuous batching with speculative decoding", line)
-            url = m.group(1) if m else None
-        wait_for(url, lambda h: h["status"] == "ok", "the server")
+        url = _serving_url(lines, "with continuous batching with speculative decoding")
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT_S)
         for p in PROMPTS[:2]:
             r = client.completions.create(model=NAME, prompt=p, max_tokens=10, temperature=0)
@@ -505,18 +495,30 @@ def test_dsv3_serve_refuses_bad_limits_and_a_busy_port(ckpt, capsys):
 
 
 # ------------------------------------------------------------ tensor parallel (torchrun)
-def _torchrun_serve(ckpt, *extra: str) -> tuple[subprocess.Popen, queue.Queue, threading.Thread]:
-    """``torchrun --standalone --nproc-per-node 2 dsv3 serve ...`` in its own process group; stderr lines in a
-    queue, filled by the returned thread until the output ends."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python"]
-    cmd += [str(Path(sys.executable).with_name("dsv3")), "serve", "--ckpt-path", str(ckpt), "--dtype", "float32"]
+def _launch_serve(ckpt, *extra: str, ranks: int = 1) -> tuple[subprocess.Popen, queue.Queue, threading.Thread]:
+    """``dsv3 serve ...`` in a subprocess (under ``torchrun --standalone --nproc-per-node ranks`` when ranks > 1,
+    in its own session); stderr lines in a queue, filled by the returned thread until the output ends."""
+    cmd = [sys.executable, "-m", "dsv3"]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        cmd += ["--no-python", str(Path(sys.executable).with_name("dsv3"))]
+    cmd += ["serve", "--ckpt-path", str(ckpt), "--dtype", "float32"]
     cmd += ["--api-key", KEY, "--served-model-name", NAME, "--log-level", "warning", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, start_new_session=ranks > 1)
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr], daemon=True)
     reader.start()
     return proc, lines, reader
+
+
+def _serving_url(lines: queue.Queue, mode: str) -> str:
+    """The URL of the start-up line "... on URL/v1 <mode>...", once /health says ok."""
+    while True:
+        m = re.search(rf"on (http://\S+?)/v1 {mode}", lines.get(timeout=120))
+        if m:
+            wait_for(m.group(1), lambda h: h["status"] == "ok", "the server")
+            return m.group(1)
 
 
 def _children(pid: int) -> list[int]:
@@ -558,14 +560,9 @@ def _stop_group(proc: subprocess.Popen) -> list[int]:
 def test_tensor_parallel_serving_under_torchrun(ckpt, engine, mtp):
     """2 ranks (gloo): rank 0 serves and schedules, rank 1 replays every model call on its shard; concurrent
     greedy answers (plain, and chunked prefill with MTP drafts) equal one process's generate()."""
-    proc, lines, _ = _torchrun_serve(ckpt, "--port", "0", "--mtp", mtp, "--prefill-chunk", "3")
+    proc, lines, _ = _launch_serve(ckpt, "--port", "0", "--mtp", mtp, "--prefill-chunk", "3", ranks=2)
     try:
-        url = None
-        while url is None:
-            line = lines.get(timeout=120)
-            m = re.search(r"on (http://\S+?)/v1 with .*tensor parallel over 2 processes", line)
-            url = m.group(1) if m else None
-        wait_for(url, lambda h: h["status"] == "ok", "the server")
+        url = _serving_url(lines, "with .*tensor parallel over 2 processes")
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT_S)
 
         def ask(p):
@@ -584,7 +581,7 @@ def test_tensor_parallel_serving_under_torchrun(ckpt, engine, mtp):
 def test_tensor_parallel_serving_busy_port_stops_every_rank(ckpt):
     busy = bind_socket("127.0.0.1", 0)
     try:
-        proc, lines, reader = _torchrun_serve(ckpt, "--port", str(busy.getsockname()[1]))
+        proc, lines, reader = _launch_serve(ckpt, "--port", str(busy.getsockname()[1]), ranks=2)
         try:
             assert proc.wait(120) != 0  # rank 1 does not wait for a server that never came
             reader.join(WAIT_S)
