@@ -350,6 +350,14 @@ class MTPLayer(nn.Module):
         return self.par.all_gather_last(self.head(self.norm(hidden)).float())
 
 
+def cache_rows(slots: list[int], device) -> torch.Tensor | None:
+    """The ``rows`` argument of ``Transformer.forward`` for batch rows living in cache rows ``slots``:
+    None when they are exactly 0..B-1 (a plain slice of the cache), else the slots as int64 (B,)."""
+    if slots == list(range(len(slots))):
+        return None
+    return torch.tensor(slots, dtype=torch.long, device=device)
+
+
 class ModelCache:
     """KV caches for every main layer and MTP layer: ``main[i]``, ``mtp[j]`` (LayerCache)."""
 

@@ -31,7 +31,7 @@ import torch
 
 from .errors import Dsv3Error
 from .generate import GenerationOutput, SamplingParams, check_lengths
-from .model import ModelCache, Transformer
+from .model import ModelCache, Transformer, cache_rows
 
 NO_MTP = "checkpoint has no MTP layers (num_nextn_predict_layers=0)"
 
@@ -205,8 +205,7 @@ class SpecDecoder:
 
     def _slots(self, slots: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(slot index tensor, cache rows for forward: None when the slots are 0..B-1)."""
-        index = torch.tensor(slots, dtype=torch.long, device=self.tokens.device)
-        return index, None if slots == list(range(len(slots))) else index
+        return torch.tensor(slots, dtype=torch.long, device=self.tokens.device), cache_rows(slots, self.tokens.device)
 
     def prefill(
         self, slots: list[int], prompts: list[list[int]], start: int = 0, stop: int | None = None

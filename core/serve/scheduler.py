@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import Dsv3Error
-from ..model import Transformer
+from ..model import Transformer, cache_rows
 from ..speculative import RowSampler, SpecDecoder
 
 
@@ -273,10 +273,7 @@ class Scheduler:
         heapq.heappush(self._free, slot)
 
     def _rows(self, slots: list[int]) -> torch.Tensor | None:
-        """Cache rows for ``forward``: None when the slots are exactly 0..B-1 (a plain slice of the cache)."""
-        if slots == list(range(len(slots))):
-            return None
-        return torch.tensor(slots, dtype=torch.long, device=self.model.embed.device)
+        return cache_rows(slots, self.model.embed.device)
 
     def _activate(self, a: _Active) -> None:
         """a's prompt is all in: it joins the decoding batch (one lock: /health never counts it twice)."""
