@@ -22,7 +22,7 @@ from .conformance.compare import compare_tensors
 from .conformance.tolerances import Tolerance
 from .errors import Dsv3Error
 from .model import Transformer
-from .registry import REFERENCE
+from .registry import REFERENCE, discover
 
 #: Per-place tolerance by compute dtype. Errors compound along the residual stream, so these are
 #: ~10x the per-operator tolerances of the conformance kit (float32 1e-5, bfloat16 2^-6).
@@ -204,6 +204,18 @@ def check_tokens(tokens: Sequence[int], vocab_size: int) -> None:
             raise Dsv3Error(f"token id {t} is outside the vocabulary [0, {vocab_size})")
 
 
+def _check_has_layers(flag: str, name: str, backends: str, ckpt_path: str | Path | None) -> None:
+    """A whole-graph backend (``info.extra["whole_model"]``, e.g. onnxruntime) exposes no layers to hook."""
+    found = discover().get(name)
+    if found is None or found.info is None or "whole_model" not in found.info.extra:
+        return
+    ckpt = "" if ckpt_path is None else f" --ckpt-path {ckpt_path}"
+    raise Dsv3Error(
+        f"{flag} {name}: this backend runs a whole exported graph, so it has no layers to compare; compare "
+        f"its logits instead: dsv3 eval perplexity {backends}{ckpt} --text-file FILE"
+    )
+
+
 def run_parity(
     ckpt_path: str | Path | None,
     backend: str,
@@ -223,6 +235,8 @@ def run_parity(
     """
     from .api import load
 
+    for flag, name in (("--backend", backend), ("--against", against)):
+        _check_has_layers(flag, name, f"--backend {backend} --against {against}", ckpt_path)
     engine = load(ckpt_path, backend, dtype, attn_impl, act_quant, config)
     reference = load(ckpt_path, against, dtype, attn_impl, act_quant, config)
     vocab = engine.cfg.vocab_size

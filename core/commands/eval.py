@@ -90,6 +90,8 @@ def describe(engine, backend: str, dtype: str, act_quant: str) -> str:
     """One line naming what ran: backend, compute dtype, weight formats, activation quantization, checkpoint."""
     from ..model import Linear
 
+    if not hasattr(engine.model, "modules"):  # a whole-graph backend (onnxruntime): no Linear modules to list
+        return f"{backend} {dtype}, whole exported graph  ({engine.path})"
     fmts = sorted({m.fmt for m in engine.model.modules() if isinstance(m, Linear)})
     return f"{backend} {dtype}, weights {'+'.join(fmts)}, act-quant {act_quant}  ({engine.path})"
 

@@ -13,6 +13,7 @@ import torch
 
 from dsv3.cli import main as cli_main
 from dsv3.parity import PARITY_RTOL, capture, run_parity
+from tests.helpers import add_tiny_tokenizer, make_checkpoint
 
 
 def places(n_layers: int) -> list[str]:
@@ -92,3 +93,31 @@ def test_cli_bad_input_is_one_line_and_exit_2(tiny_ckpt, capsys, argv, message):
     rc = cli_main(["parity", "--backend", "cpu_ref", "--ckpt-path", str(tiny_ckpt), *argv])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_whole_graph_backend_is_refused_with_a_pointer_that_works(tmp_path, capsys, monkeypatch):
+    """onnxruntime runs one exported graph: no layers to hook (before: AttributeError on ``model.layers``).
+
+    The command the message points to must itself run (it exports the tiny checkpoint: a few seconds).
+    """
+    ckpt = add_tiny_tokenizer(make_checkpoint(tmp_path / "ckpt"))
+    capsys.readouterr()  # transformers' progress bar while writing the checkpoint
+    for argv in (["--backend", "onnxruntime"], ["--backend", "cpu_ref", "--against", "onnxruntime"]):
+        rc = cli_main(["parity", *argv, "--ckpt-path", str(ckpt)])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "whole exported graph, so it has no layers to compare" in err
+    pointer = err.split("compare its logits instead: ", 1)[1].strip()
+    assert pointer.startswith("dsv3 eval perplexity --backend cpu_ref --against onnxruntime --ckpt-path ")
+
+    pytest.importorskip("onnxruntime", reason="running the pointed-to command needs the onnx extra")
+    pytest.importorskip("onnx", reason="running the pointed-to command needs the onnx extra")
+    from dsv3.backends.onnxruntime.runner import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    text = tmp_path / "text.txt"
+    text.write_text("hello world " * 8)
+    argv = pointer.removeprefix("dsv3 ").replace("FILE", str(text)).split()
+    assert cli_main([*argv, "--dtype", "float32", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "onnxruntime float32, whole exported graph" in out and "top-1 agreement  100.00 %" in out
