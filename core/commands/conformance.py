@@ -16,7 +16,7 @@ from ..hookspecs import OP_NAMES
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "conformance",
-        help="check a backend's operators against cpu_ref (exit 1 on any failure)",
+        help="check a backend's operators against cpu_ref (exit 1 on any failure or when nothing was checked)",
         description="Run generated cases (tiny to the 671B model's real shapes, awkward sizes, edge values) "
         "for every operator, weight format and activation mode the backend implements itself, "
         "against cpu_ref with per-format tolerances. What it declines falls back to cpu_ref and is listed.",
@@ -30,6 +30,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         action="append",
         choices=sorted(DTYPES),
         help="compute dtype (repeatable; default float32 and bfloat16)",
+    )
+    p.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="exit 0 when the backend implements none of the operators asked for (0 cases); default: exit 1",
     )
     p.add_argument("--verbose", action="store_true", help="print each case as it runs (on stderr)")
     p.add_argument("--explain", action="store_true", help="print the tolerance table and its reasons, then exit")
@@ -68,4 +73,16 @@ def main(args) -> int:
     print(report.format_table(), flush=True)
     if args.json:
         _write_atomically(Path(args.json), report.to_json() + "\n")
+    if report.checked_nothing and not args.allow_empty:
+        print(f"dsv3: {_nothing_checked(args.backend)} (pass --allow-empty to accept that)", file=sys.stderr)
+        return 1
     return 0 if report.ok else 1
+
+
+def _nothing_checked(backend: str) -> str:
+    from .. import registry
+
+    line = f"nothing was checked: backend {backend} implements none of the operators asked for itself"
+    if "whole_model" in registry.get_backend(backend).info.extra:
+        line += f"; it runs a whole exported graph: compare it with dsv3 eval perplexity --backend {backend} --against cpu_ref"
+    return line

@@ -283,6 +283,11 @@ class Report:
     def n_cases(self) -> int:
         return sum(r.cases for r in self.rows)
 
+    @property
+    def checked_nothing(self) -> bool:
+        """No case ran and nothing raised: the backend implements none of the operators asked for itself."""
+        return self.n_cases == 0 and not self.errors
+
     def failures(self) -> list[str]:
         """One line per failed case: ``op[format] dtype, case NAME: what is wrong``."""
         out = [f"{label}: {msg}" for label, msg in self.errors]
@@ -313,6 +318,9 @@ class Report:
         fails = self.failures()
         if fails:
             lines += ["", "failures:"] + [f"  {f}" for f in fails]
+        if self.checked_nothing:
+            lines += ["", "NOTHING CHECKED: 0 cases (everything asked for falls back to cpu_ref)"]
+            return "\n".join(lines)
         verdict = "PASS" if self.ok else f"FAIL ({len(fails)} failing, ops: {', '.join(sorted(self.failed_ops()))})"
         lines += ["", f"{verdict}: {self.n_cases} cases in {len(self.rows)} rows"]
         return "\n".join(lines)
@@ -328,6 +336,7 @@ class Report:
             "device": self.device,
             "quick": self.quick,
             "ok": self.ok,
+            "checked_nothing": self.checked_nothing,
             "cases": self.n_cases,
             "rows": [
                 {

@@ -384,6 +384,28 @@ def test_a_backend_that_declines_everything_reports_only_fallbacks():
 
 
 # ---------------------------------------------------------------------------------------- the command and pytest
+def test_cli_says_nothing_was_checked_and_exits_1_unless_allowed(tmp_path, capsys, monkeypatch):
+    """Before: ``PASS: 0 cases`` and exit 0 for a backend that implements no operator."""
+    found = registry.discover()
+    lazy = planted("lazy", "rms_norm", lambda r: None)
+    monkeypatch.setattr(registry, "discover", lambda: {**found, "lazy": lazy})
+    out = tmp_path / "report.json"
+    assert cli_main(["conformance", "--backend", "lazy", "--quick", "--json", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "NOTHING CHECKED: 0 cases" in captured.out and "PASS" not in captured.out
+    assert captured.err.strip().splitlines() == [
+        "dsv3: nothing was checked: backend lazy implements none of the operators asked for itself "
+        "(pass --allow-empty to accept that)"
+    ]
+    data = json.loads(out.read_text())
+    assert data["checked_nothing"] and data["cases"] == 0
+    assert cli_main(["conformance", "--backend", "lazy", "--quick", "--allow-empty"]) == 0
+    assert capsys.readouterr().err == ""
+    # a backend that implements what was asked for is unaffected
+    assert cli_main(["conformance", "--backend", "cpu_ref", "--quick", "--op", "rms_norm", "--dtype", "float32"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
 def test_cli_writes_json_and_exits_nonzero_only_on_failure(tmp_path, capsys):
     out = tmp_path / "report.json"
     rc = cli_main(["conformance", "--backend", "cpu_ref", "--quick", "--op", "rms_norm", "--json", str(out)])
