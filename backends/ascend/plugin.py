@@ -41,7 +41,7 @@ def dsv3_backend_info() -> BackendInfo:
     tn, reason = npu.probe()
     return BackendInfo(
         name="ascend",
-        description=f"Huawei Ascend NPU through torch_npu {npu.version(tn)} fused operators",
+        description=f"Huawei Ascend NPU: torch_npu fused operators (torch_npu {npu.version(tn)})",
         device=npu.device_type(tn),
         dist_backend="hccl",
         formats=(HP, INT8_W8A8),

@@ -7,6 +7,20 @@ import argparse
 from .. import registry
 from ..weights import FORMATS
 
+#: What the cells of the operator table mean, printed once after the table.
+LEGEND = (
+    "Legend (operator rows): each backend lists only the operators it implements itself; any other operator",
+    "runs cpu_ref's. A cell names what the backend's implementation accepts:",
+    "  -            implemented; the operator has no weights, so no weight format applies (it runs in the",
+    "               compute dtype)",
+    "  FMT/ACT      implemented for weights held in FMT with activations ACT: none = the compute dtype,",
+    "               dynamic = quantized per token at run time (--act-quant dynamic)",
+    "  FMT          (dequantize) turns weights held in FMT back into the compute dtype",
+    "Weight formats: hp = high precision (bf16/fp16/fp32), fp8_block = FP8 e4m3 with 128x128 block scales",
+    "(the released DeepSeek-V3 format), int8_w8a8 = int8 per output channel (activations may be quantized),",
+    "int8_wo = int8 weights only (activations stay in the compute dtype).",
+)
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("backends", help="list backends, their usability and operator coverage")
@@ -14,26 +28,36 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def describe_backend(b: registry.Backend, brief: bool = False) -> list[str]:
+    """The lines ``dsv3 backends`` prints for one backend (one line with ``brief``)."""
+    where = f" [{b.distribution}]" if b.distribution and b.distribution != "dsv3" else ""
+    status = "usable" if b.unusable_reason is None else f"NOT usable: {b.unusable_reason}"
+    lines = [f"{b.name}{where}: {status}"]
+    info = b.info
+    if info is None or brief:
+        return lines
+    lines += [
+        f"  description: {info.description}",
+        f"  device: {info.device}; collective communication: {info.dist_backend}",
+        f"  weight formats: {', '.join(info.formats)}",
+    ]
+    if info.convert_formats:
+        conv = "; ".join(f"{src} -> {' or '.join(dst)}" for src, dst in info.convert_formats.items())
+        lines.append(f"  converts at load: {conv}")
+    if "whole_model" in info.extra:
+        return [*lines, "  operators: runs whole exported graphs (no per-operator hooks)"]
+    cov = registry.coverage(b, FORMATS)
+    if not cov:
+        return [*lines, "  operators: none of its own (everything falls back to cpu_ref)"]
+    lines.append("  operators it implements (the rest fall back to cpu_ref):")
+    lines += [f"    {op:<22} {' '.join(fmts)}" for op, fmts in cov.items()]
+    return lines
+
+
 def main(args) -> int:
     backends = registry.discover()
     for name in sorted(backends, key=lambda n: (n != registry.REFERENCE, n)):
-        b = backends[name]
-        status = "usable" if b.unusable_reason is None else f"NOT usable: {b.unusable_reason}"
-        desc = b.info.description if b.info else ""
-        where = f" [{b.distribution}]" if b.distribution and b.distribution != "dsv3" else ""
-        print(f"{name}{where}: {status}")
-        if b.info is not None and not args.brief:
-            print(f"  {desc}; device {b.info.device}, communication {b.info.dist_backend}")
-            print(f"  weight formats: {', '.join(b.info.formats)}")
-            if b.info.convert_formats:
-                conv = "; ".join(f"{src} -> {' or '.join(dst)}" for src, dst in b.info.convert_formats.items())
-                print(f"  converts at load: {conv}")
-            if "whole_model" in b.info.extra:
-                print("  operators: runs whole exported graphs (no per-operator hooks)")
-                continue
-            cov = registry.coverage(b, FORMATS)
-            if not cov:
-                print("  operators: none of its own (everything falls back to cpu_ref)")
-            for op, fmts in cov.items():
-                print(f"    {op:<22} {' '.join(fmts)}")
+        print("\n".join(describe_backend(backends[name], args.brief)))
+    if not args.brief:
+        print("\n" + "\n".join(LEGEND))
     return 0
