@@ -38,7 +38,7 @@ def describe_backend(b: registry.Backend, brief: bool = False) -> list[str]:
         return lines
     lines += [
         f"  description: {info.description}",
-        f"  device: {info.device}; collective communication: {info.dist_backend}",
+        f"  runs on device {info.device}, communication {info.dist_backend} (collective operations)",
         f"  weight formats: {', '.join(info.formats)}",
     ]
     if info.convert_formats:

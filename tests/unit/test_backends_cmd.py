@@ -14,7 +14,7 @@ from dsv3.hookspecs import OP_NAMES
 from dsv3.weights import ACT_QUANT_MODES, FORMATS
 
 HEADER = re.compile(r"^[a-z0-9_]+( \[[^\]]+\])?: (usable|NOT usable: .+)$")
-DETAIL = ("description: ", "device: ", "weight formats: ", "converts at load: ", "operators")
+DETAIL = ("description: ", "runs on device ", "weight formats: ", "converts at load: ", "operators")
 CELLS = {"-", *FORMATS, *(f"{f}/{a}" for f in FORMATS for a in ACT_QUANT_MODES)}
 
 
