@@ -6,6 +6,8 @@ padding masks: a row's cache entries past its position are never attended to.
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -15,16 +17,74 @@ from .errors import Dsv3Error
 from .model import ModelCache, Transformer
 from .parallel import agree_on_seed
 
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes; a negative seed s draws as s + 2**64
+
+
+class SamplingError(Dsv3Error):
+    """A bad sampling parameter: ``param`` names the field, ``reason`` says what it must be.
+
+    The message is ``"<param> <reason>"``; the CLI names its flag instead and the server answers
+    400 naming ``param``.
+    """
+
+    def __init__(self, param: str, reason: str):
+        super().__init__(f"{param} {reason}")
+        self.param, self.reason = param, reason
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
 
 @dataclass
 class SamplingParams:
-    """temperature 0 is greedy; top_p 1 keeps every token; seed makes sampling reproducible."""
+    """temperature 0 is greedy; top_p 1 keeps every token; seed makes sampling reproducible.
+
+    Valid values (``validate``): max_new_tokens an integer >= 1; temperature a finite number >= 0;
+    top_p a number in (0, 1] (one so small that no token reaches it keeps the most likely token);
+    seed None or an integer in [-2**63, 2**64) (a negative seed s draws as s + 2**64).
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     eos_ids: tuple[int, ...] = ()
+
+    def validate(self) -> SamplingParams:
+        """Return self, or raise SamplingError naming the first bad field."""
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise SamplingError("max_new_tokens", f"must be an integer >= 1 (got {self.max_new_tokens!r})")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SamplingError("temperature", f"must be a finite number >= 0 (got {self.temperature!r})")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise SamplingError("top_p", f"must be a number in (0, 1] (got {self.top_p!r})")
+        lo, hi = SEED_RANGE
+        if self.seed is not None and (not _is_int(self.seed) or not lo <= self.seed < hi):
+            raise SamplingError("seed", f"must be an integer in [-2**63, 2**64) (got {self.seed!r})")
+        return self
+
+
+def check_text(text: object, what: str) -> str:
+    """``text`` if it is a str that UTF-8 can encode, else a Dsv3Error naming ``what``.
+
+    Python holds invalid UTF-8 from a command line (and an unpaired ``\\ud800``-``\\udfff`` JSON
+    escape) as lone surrogates, which no tokenizer accepts.
+    """
+    if not isinstance(text, str):
+        raise Dsv3Error(f"{what} must be text, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise Dsv3Error(
+            f"{what} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character {exc.start} "
+            "(invalid UTF-8, or an unpaired \\ud800-\\udfff escape)"
+        ) from None
+    return text
 
 
 @dataclass
@@ -75,7 +135,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     ``stats``: ``ttft_s`` (call to first token, wall clock) and ``decode_s`` (first token to the last).
     """
     start = time.perf_counter()
-    total = check_lengths(model, prompts, params.max_new_tokens)
+    total = check_lengths(model, prompts, params.validate().max_new_tokens)
     device = model.embed.device
     b = len(prompts)
     cache = model.new_cache(b, total)

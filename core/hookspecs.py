@@ -183,7 +183,8 @@ class BackendSpec:
         generator: torch.Generator | None) -> (B,) int64``.
 
         Rows with temperature 0 take the argmax. Others sample from softmax(logits / temperature)
-        restricted to the smallest set of tokens whose probability reaches top_p.
+        restricted to the smallest set of most likely tokens whose probability reaches top_p; that
+        set always holds the most likely token, so a top_p no token reaches (0) keeps just it.
         Deterministic given the generator's state.
         """
 

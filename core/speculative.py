@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .backends.cpu_ref.basic import nucleus
 from .errors import Dsv3Error
 from .generate import GenerationOutput, SamplingParams, check_lengths
 from .model import ModelCache, Transformer, cache_rows
@@ -47,20 +48,14 @@ def check_mtp(model: Transformer, k: int) -> None:
 def processed_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """The distribution ``dsv3_op_sample`` draws from: logits (N, V), temperature (N,), top_p (N,) -> (N, V) fp32.
 
-    softmax(logits / T) restricted to the smallest set of most likely tokens whose mass reaches
-    top_p, renormalized; a one-hot argmax for rows with temperature 0.
+    softmax(logits / T) restricted to the top_p nucleus (the reference op's ``nucleus``: at least
+    the most likely token), renormalized; a one-hot argmax for rows with temperature 0.
     """
-    logits = logits.float()
-    hot = temperature > 0
-    t = torch.where(hot, temperature, torch.ones_like(temperature)).unsqueeze(-1)
-    probs = torch.softmax(logits / t, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p
-    sorted_p = sorted_p.masked_fill(mass_before >= top_p.unsqueeze(-1), 0.0)
-    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    sorted_p, order = nucleus(logits, temperature, top_p)
+    probs = torch.zeros_like(sorted_p).scatter_(-1, order, sorted_p)
     probs = probs / probs.sum(-1, keepdim=True)
     greedy = torch.zeros_like(probs).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    return torch.where(hot.unsqueeze(-1), probs, greedy)
+    return torch.where((temperature > 0).unsqueeze(-1), probs, greedy)
 
 
 @dataclass
@@ -328,7 +323,7 @@ def generate_speculative(
     if k == 0:
         raise Dsv3Error("speculative decoding needs mtp >= 1 draft token")
     start = time.perf_counter()
-    total = check_lengths(model, prompts, params.max_new_tokens)
+    total = check_lengths(model, prompts, params.validate().max_new_tokens)
     device = model.embed.device
     b = len(prompts)
     spec = SpecDecoder(model, model.new_cache(b, total + k + 1), k)

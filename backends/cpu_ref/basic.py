@@ -32,22 +32,39 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits (B, V), temperature (B,), top_p (B,) -> the top-p nucleus of softmax(logits / T), sorted.
+
+    Returns (probabilities (B, V) fp32 in descending order, zero outside the nucleus and not
+    renormalized; their token ids (B, V) int64). The nucleus is the smallest set of most likely
+    tokens whose mass reaches top_p; it always holds the most likely token, so a top_p that no
+    token reaches (0, or smaller than every probability) keeps just that one, as vLLM does.
+    Rows with temperature <= 0 are computed at temperature 1 (the caller takes their argmax).
+    Logits are shifted by their maximum before the division, so a tiny temperature gives the
+    argmax's one-hot instead of inf / inf.
+    """
+    logits = logits.float()
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).unsqueeze(-1)
+    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / t, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_p.cumsum(-1) - sorted_p >= top_p.unsqueeze(-1)  # mass before a token already reaches top_p
+    outside[:, 0] = False
+    return sorted_p.masked_fill(outside, 0.0), order
+
+
 def sample(
     logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
     """logits (B, V) fp32, temperature (B,), top_p (B,) -> (B,) int64.
 
-    Temperature 0 rows take the argmax; others sample from the top-p nucleus of softmax(logits / T).
+    Temperature 0 rows take the argmax; others sample from the top-p nucleus of softmax(logits / T)
+    (see ``nucleus``: a top_p that no token reaches keeps the most likely token).
     """
     greedy = logits.argmax(dim=-1)
     hot = temperature > 0
     if not bool(hot.any()):
         return greedy
-    t = torch.where(hot, temperature, torch.ones_like(temperature)).unsqueeze(-1)
-    probs = torch.softmax(logits.float() / t, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_p.cumsum(-1) - sorted_p
-    sorted_p = sorted_p.masked_fill(mass_before >= top_p.unsqueeze(-1), 0.0)  # keep the nucleus
+    sorted_p, order = nucleus(logits, temperature, top_p)
     choice = torch.multinomial(sorted_p, 1, generator=generator).squeeze(-1)
     sampled = order.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
     return torch.where(hot, sampled, greedy)

@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import registry
 from ..api import DTYPES, load
 from ..errors import Dsv3Error
+from ..generate import SamplingError, SamplingParams, check_text
 from ..model import ATTN_IMPLS
 from ..parallel import ParallelContext, init_for_backend, quiet_unless_rank0
 from ..speculative import check_mtp, summarize, summary_line
@@ -62,27 +63,41 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    if args.max_new_tokens <= 0:
-        raise Dsv3Error("--max-new-tokens must be positive")
-    if args.temperature < 0:
-        raise Dsv3Error("--temperature must be >= 0")
-    if not 0 < args.top_p <= 1:
-        raise Dsv3Error("--top-p must be in (0, 1]")
+    try:
+        SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()
+    except SamplingError as exc:
+        raise Dsv3Error(f"--{exc.param.replace('_', '-')} {exc.reason}") from None
     if args.mtp < 0:
         raise Dsv3Error("--mtp must be >= 0 (draft tokens per step)")
+
+
+def _read_text_file(path: Path) -> str:
+    """A prompt file's text: UTF-8 (a leading BOM dropped); one line naming the fault otherwise."""
+    if not path.exists():
+        raise Dsv3Error(f"{path}: input file not found")
+    if not path.is_file():
+        raise Dsv3Error(f"{path}: not a regular file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise Dsv3Error(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise Dsv3Error(f"{path}: not UTF-8 text (byte 0x{data[exc.start]:02x} on line {line})") from None
 
 
 def _read_prompts(args) -> list[str]:
     if args.input_file:
         path = Path(args.input_file)
-        if not path.is_file():
-            raise Dsv3Error(f"{path}: input file not found")
-        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+        prompts = [line for line in _read_text_file(path).splitlines() if line.strip()]
         if not prompts:
             raise Dsv3Error(f"{path}: no prompts in the file")
         return prompts
     if args.prompt:
-        return args.prompt
+        many = len(args.prompt) > 1
+        return [check_text(p, f"--prompt #{i + 1}" if many else "--prompt") for i, p in enumerate(args.prompt)]
     raise Dsv3Error("give --prompt TEXT, --input-file FILE or --interactive")
 
 
@@ -158,6 +173,8 @@ def _read_line(parallel: ParallelContext) -> str | None:
 def _interactive(engine, args, parallel: ParallelContext | None = None) -> int:
     tok = engine._need_tokenizer()
     chat = engine.default_chat() if args.chat is None else args.chat
+    if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused by check_text, not by input()
+        sys.stdin.reconfigure(errors="surrogateescape")
     messages: list[dict] = []
     while True:
         line = _read_line(parallel or ParallelContext())
@@ -172,13 +189,15 @@ def _interactive(engine, args, parallel: ParallelContext | None = None) -> int:
             continue
         if chat:
             messages.append({"role": "user", "content": line})
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            ids = list(ids)
-        else:
-            ids = engine.encode(line, chat=False)
         try:
+            check_text(line, "that line")
+            if chat:
+                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                    ids = ids["input_ids"]
+                ids = list(ids)
+            else:
+                ids = engine.encode(line, chat=False)
             params = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
             result = engine.generate([ids], *params, mtp=args.mtp)[0]
         except Dsv3Error as exc:  # e.g. the conversation outgrew the context: say so, keep the session

@@ -175,3 +175,29 @@ def test_prompt_longer_than_the_context_is_a_clear_error(engines):
     with pytest.raises(Dsv3Error, match="max_position_embeddings"):
         engine.generate([[2] * 5, [2] * (limit - 3)], max_new_tokens=8)  # fits alone, not with the new tokens
     assert len(engine.generate([[2] * (limit - 4)], max_new_tokens=4)[0].token_ids) <= 4  # exactly fits
+
+
+@pytest.mark.parametrize("mtp", [0, 1])
+def test_a_top_p_that_keeps_no_token_samples_the_most_likely_one(engines, mtp):
+    """top_p=1e-300 is 0 in float32: the nucleus keeps the most likely token (plain and speculative decoding);
+    before, torch.multinomial raised on the all-zero row."""
+    engine = engines["absorb"]
+    prompts = [_tokens(6, 1, 5)[0].tolist(), _tokens(7, 1, 9)[0].tolist()]
+    greedy = [r.token_ids for r in engine.generate(prompts, max_new_tokens=8, temperature=0.0, mtp=mtp)]
+    tiny = engine.generate(prompts, max_new_tokens=8, temperature=1.0, top_p=1e-300, seed=5, mtp=mtp)
+    assert [r.token_ids for r in tiny] == greedy
+
+
+@pytest.mark.parametrize(
+    ("kw", "param"),
+    [
+        (dict(temperature=float("nan")), "temperature"),  # before: silently greedy
+        (dict(temperature=float("inf")), "temperature"),  # before: silently uniform
+        (dict(temperature=1.0, seed=2**64), "seed"),  # before: ValueError from torch.Generator.manual_seed
+    ],
+)
+@pytest.mark.parametrize("mtp", [0, 1])
+def test_bad_sampling_parameters_are_a_clear_error(engines, kw, param, mtp):
+    with pytest.raises(Dsv3Error, match=f"^{param} must ") as err:
+        engines["absorb"].generate([[2, 3, 4]], max_new_tokens=2, mtp=mtp, **kw)
+    assert "\n" not in str(err.value)

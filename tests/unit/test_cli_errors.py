@@ -135,6 +135,21 @@ def _error_cases(base: Path, tok: Path, work: Path) -> dict[str, tuple[list[str]
         argv=["run", "--ckpt-path", str(tok), "--prompt", " ".join(["cat"] * 200), *GEN],
     )
     add("no-tokenizer-for-text", base, ["tokenizer"])
+
+    tok_run = ["run", "--ckpt-path", str(tok), *GEN]
+    add("temperature-nan", tok, ["--temperature", "nan"], argv=[*tok_run, "--prompt", "hi", "--temperature", "nan"])
+    add("temperature-inf", tok, ["--temperature", "inf"], argv=[*tok_run, "--prompt", "hi", "--temperature", "inf"])
+    add("seed-past-2**64", tok, ["--seed", str(2**64)], argv=[*tok_run, "--prompt", "hi", "--seed", str(2**64)])
+    # a lone surrogate is how Python holds invalid UTF-8 in argv (a subprocess gets the byte 0xff itself)
+    add("prompt-not-utf8", tok, ["--prompt #2", "surrogate"], argv=[*tok_run, "--prompt", "hi", "--prompt", "a \udcff"])
+    not_utf8 = work / "latin1-prompts.txt"
+    not_utf8.write_bytes("the cat\ncaf\u00e9\n".encode("latin-1"))
+    add(
+        "input-file-not-utf8",
+        tok,
+        ["latin1-prompts.txt", "not UTF-8", "line 2"],
+        argv=[*tok_run, "--input-file", str(not_utf8)],
+    )
     return cases
 
 
@@ -225,6 +240,11 @@ ERROR_NAMES = [
     "input-file-missing",
     "prompt-too-long",
     "no-tokenizer-for-text",
+    "temperature-nan",
+    "temperature-inf",
+    "seed-past-2**64",
+    "prompt-not-utf8",
+    "input-file-not-utf8",
 ]
 
 
@@ -236,6 +256,7 @@ SUBPROCESS = [
     "experts-not-divisible",
     "unknown-backend",
     "pickled-weights",
+    "prompt-not-utf8",
 ]
 
 
@@ -300,3 +321,25 @@ def test_run_interactive_with_clear_and_exit(setup):
     answers = [line for line in proc.stdout.replace(">>> ", "\n").splitlines() if line.strip()]
     want = [setup["expected"][p].text for p in ("the cat sat", "hello world")]
     assert answers == [w for w in want if w.strip()]
+
+
+def test_run_top_p_that_keeps_no_token_is_greedy(setup):
+    """--top-p 1e-300 (0 in float32) keeps the most likely token; before, torch.multinomial raised."""
+    tok = setup["work"] / "with-tokenizer"
+    argv = ["run", "--ckpt-path", str(tok), "--prompt", "the cat sat", "--output-format", "jsonl", *GEN]
+    proc = _in_process([*argv, "--temperature", "1", "--top-p", "1e-300", "--seed", "3"])
+    assert [r["token_ids"] for r in _records(proc)] == [setup["expected"]["the cat sat"].token_ids]
+
+
+def test_run_interactive_refuses_a_line_that_is_not_utf8_and_goes_on(setup, monkeypatch):
+    tok = setup["work"] / "with-tokenizer"
+    stdin = io.TextIOWrapper(io.BytesIO(b"the cat sat\n\xff\xfe\nhello world\n/exit\n"), encoding="utf-8")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    proc = _in_process(["run", "--ckpt-path", str(tok), "--interactive", *GEN])
+    assert proc.returncode == 0
+    assert proc.stderr.strip().splitlines() == [
+        "dsv3: error: that line is not valid Unicode: a lone surrogate '\\udcff' at character 0 "
+        "(invalid UTF-8, or an unpaired \\ud800-\\udfff escape)"
+    ]
+    answers = [line for line in proc.stdout.replace(">>> ", "\n").splitlines() if line.strip()]
+    assert answers == [setup["expected"][p].text for p in ("the cat sat", "hello world") if setup["expected"][p].text]
