@@ -11,20 +11,34 @@ Memory is bounded: tensors are read one at a time through safetensors' memory ma
 shard is written as soon as it is full, so the peak is about ``max_shard_size`` plus one tensor in
 float32. Everything is written into a temporary directory next to ``out`` and renamed into place
 at the end: a failure (or Ctrl-C) leaves no output directory behind. The input is only read.
+
+Nothing dsv3 did not make is destroyed: ``--force`` replaces only an empty directory, one that
+looks like a checkpoint (``CHECKPOINT_FILES``) or one a conversion wrote (its ``MARKER`` lists the
+files). The temporary directory carries a marker with the owning process, so a later run removes
+one left by a killed conversion, and only once that process is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fnmatch
+import glob
 import json
 import os
 import re
 import shutil
+import signal
+import socket
+import sys
 import tempfile
-import uuid
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -75,6 +89,31 @@ _SAFETENSORS_DTYPES = {
 }
 _TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+
+#: Written into every output (state "complete", with the files written) and into the temporary
+#: directories of a conversion in progress (state "partial", with its process id and host).
+MARKER = ".dsv3-convert.json"
+_WRITTEN_BY = "dsv3 convert"
+#: What a checkpoint directory holds: ``--force`` replaces one holding only these (plus config.json
+#: and a .safetensors file), never a directory with anything else in it.
+CHECKPOINT_FILES = (
+    "config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "chat_template.*",
+    "*.jinja",
+    "*.py",
+    "README*",
+    "LICENSE*",
+    ".gitattributes",
+    MARKER,
+)
 
 
 def is_quantized_projection(name: str) -> bool:
@@ -258,10 +297,153 @@ def _check_paths(src: Path, out: Path, force: bool) -> None:
         raise Dsv3Error(f"--out {out}: is the input checkpoint {src} or inside it; choose another directory")
     if o in s.parents:
         raise Dsv3Error(f"--out {out}: contains the input checkpoint {src}; choose another directory")
+    if out.is_symlink():
+        raise Dsv3Error(f"--out {out}: is a symbolic link; give the directory itself")
+    above = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if above != out and not above.is_dir():
+        raise Dsv3Error(f"--out {out}: {above} is not a directory")
     if out.exists() and not out.is_dir():
         raise Dsv3Error(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise Dsv3Error(f"--out {out}: exists and is not empty (pass --force to replace it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise Dsv3Error(f"--out {out}: exists and is not empty (pass --force to replace it)")
+        why = _not_replaceable(out)
+        if why is not None:
+            raise Dsv3Error(f"--out {out}: {why}; --force replaces only a checkpoint or a dsv3 convert output")
+
+
+def _read_marker(directory: Path) -> dict | None:
+    """The marker a conversion wrote in ``directory``, or None (absent, unreadable or not dsv3's)."""
+    path = directory / MARKER
+    try:
+        if path.is_symlink() or not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("written_by") == _WRITTEN_BY else None
+
+
+def _write_marker(directory: Path, state: str, **fields) -> None:
+    info = {"written_by": _WRITTEN_BY, "state": state, **fields}
+    (directory / MARKER).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _not_replaceable(out: Path) -> str | None:
+    """Why ``--force`` must not replace the non-empty directory ``out`` (None: it may)."""
+    entries = sorted(out.iterdir())
+    marker = _read_marker(out)
+    written = set(marker.get("files") or ()) | {MARKER} if marker and marker.get("state") == "complete" else set()
+    for p in entries:
+        if p.is_symlink() or not p.is_file():
+            return f"holds {p.name}, which is not a regular file"
+        if p.name not in written and not any(fnmatch.fnmatchcase(p.name, pat) for pat in CHECKPOINT_FILES):
+            return f"holds {p.name}, which is not part of a checkpoint"
+    if {p.name for p in entries} <= written:
+        return None  # exactly what an earlier conversion wrote
+    if not (out / "config.json").is_file() or not any(p.name.endswith(".safetensors") for p in entries):
+        return "does not look like a checkpoint (no config.json and .safetensors files)"
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove temporary directories of earlier conversions into ``out`` whose process is gone.
+
+    Only a directory holding this module's marker, written on this host by a process that no longer
+    exists, is removed; the name only narrows the search.
+    """
+    host = socket.gethostname()
+    for p in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        if p.is_symlink() or not p.is_dir():
+            continue
+        marker = _read_marker(p)
+        if marker is None or marker.get("state") != "partial" or marker.get("host") != host:
+            continue
+        pid = marker.get("pid")
+        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+            print(f"dsv3: removed {p}, left by an interrupted conversion (process {pid})", file=sys.stderr)
+
+
+def _new_partial(out: Path, suffix: str = ".partial") -> Path:
+    """An empty temporary directory next to ``out``, marked with this process."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=suffix, dir=out.parent))
+    except OSError as exc:
+        raise Dsv3Error(f"--out {out}: cannot create a directory in {out.parent}: {exc.strerror or exc}") from None
+    try:
+        _write_marker(tmp, "partial", pid=os.getpid(), host=socket.gethostname())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create the missing parents of ``out``; the ones created, deepest first (to remove on failure)."""
+    missing = [p for p in out.parents if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(missing)
+        raise Dsv3Error(f"--out {out}: cannot create {exc.filename or out.parent}: {exc.strerror or exc}") from None
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for p in directories:
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+@contextlib.contextmanager
+def _file_size_limit_as_error() -> Iterator[None]:
+    """Writing past RLIMIT_FSIZE raises EFBIG instead of killing the process (SIGXFSZ's default)."""
+    sig = getattr(signal, "SIGXFSZ", None)
+    if sig is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file, with its I/O failures as OSError (safetensors reports them as SafetensorError text)."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        m = re.search(r"os error (\d+)", str(exc))
+        if m is None:
+            raise OSError(f"{exc}", str(path)) from None
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
+def _write_failure(out: Path, exc: OSError) -> str:
+    """One line for an OSError while writing ``out``: which file, what went wrong."""
+    what = exc.strerror or str(exc)
+    if exc.errno == errno.EFBIG:
+        what += " (the file size limit, see ulimit -f)"
+    name = exc.filename
+    if name is not None:
+        p = Path(name)
+        if p.parent.parent == out.parent and p.parent.name.startswith(f".{out.name}."):
+            name = out / p.name  # the file it was to become, not its temporary name
+    where = f" {name}:" if name is not None else ""
+    return f"--out {out}:{where} {what}; nothing was written"
 
 
 def _side_files(src: Path) -> list[Path]:
@@ -292,18 +474,23 @@ def _new_config(raw: dict, dst_fmt: str, hp_dtype: torch.dtype, scale_fmt: str |
 
 
 def _install(tmp: Path, out: Path) -> None:
-    """Move the finished temporary directory to ``out`` (replacing an old ``out`` only at the end)."""
+    """Move the finished temporary directory to ``out`` (replacing an old ``out`` only at the end).
+
+    The old ``out`` is first moved, untouched, into a marked temporary directory, so that a run killed
+    before it is removed leaves something the next run cleans up.
+    """
     if not out.exists():
         tmp.rename(out)
         return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    out.rename(old)
+    trash = _new_partial(out, ".old")
+    out.rename(trash / out.name)
     try:
         tmp.rename(out)
     except BaseException:
-        old.rename(out)
+        (trash / out.name).rename(out)
+        shutil.rmtree(trash, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def convert_checkpoint(
@@ -318,7 +505,8 @@ def convert_checkpoint(
     """Convert checkpoint directory ``src`` into ``out`` with its projections in format ``to`` (see TARGETS).
 
     scale_fmt: ``"ue8m0"`` rounds fp8 weight scales up to powers of two and says so in the config.
-    force: replace a non-empty ``out`` (never the input, never a directory holding the input).
+    force: replace a non-empty ``out`` that holds a checkpoint or an earlier conversion's output, nothing
+        else (never the input, never a directory holding the input).
     """
     if to not in TARGETS:
         raise Dsv3Error(f"--to {to!r}: choose one of {', '.join(TARGETS)}")
@@ -346,39 +534,70 @@ def convert_checkpoint(
     )
     total = sum(item.nbytes for item in items)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    made = _make_parents(out)
     try:
-        weight_map = {}
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to {to}", disable=_disable(progress))
-        with bar:
-            for fname, shard in zip(names, shards, strict=True):
-                tensors: dict[str, torch.Tensor] = {}
-                for item in shard:
-                    produced = convert_item(files, item, hp_dtype, scale_fmt)
-                    for name, shape, dtype in item.outputs:
-                        t = produced[name]
-                        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:  # a bug here, not bad input
-                            raise RuntimeError(f"{name}: produced {t.dtype} {list(t.shape)}, planned {dtype} {shape}")
-                        tensors[name] = t.contiguous()
-                        weight_map[name] = fname
-                    bar.update(item.nbytes)
-                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-                del tensors
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        new_cfg = _new_config(raw, dst_fmt, hp_dtype, scale_fmt)
-        (tmp / "config.json").write_text(json.dumps(new_cfg, indent=2) + "\n")
-        for side in _side_files(src):
-            shutil.copy2(side, tmp / side.name)
-        os.chmod(tmp, 0o755 & ~_umask())
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _file_size_limit_as_error():
+            _remove_stale(out)
+            tmp = _new_partial(out)
+            try:
+                weight_map = _write_shards(tmp, files, shards, names, hp_dtype, scale_fmt, total, to, progress)
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                index = index if len(shards) > 1 else None
+                _write_the_rest(tmp, src, _new_config(raw, dst_fmt, hp_dtype, scale_fmt), index, to)
+                _install(tmp, out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+    except BaseException as exc:
+        _remove_empty(made)
+        if isinstance(exc, OSError):
+            raise Dsv3Error(_write_failure(out, exc)) from None
         raise
     n_quant = sum(1 for item in items if item.dst_fmt != HP)
     return ConvertResult(out, names, len(weight_map), n_quant, total)
+
+
+def _write_shards(
+    tmp: Path,
+    files: CheckpointFiles,
+    shards: list[list[_Item]],
+    names: list[str],
+    hp_dtype: torch.dtype,
+    scale_fmt: str | None,
+    total: int,
+    to: str,
+    progress: bool | None,
+) -> dict[str, str]:
+    """Convert and write every output shard into ``tmp``; the weight map (tensor name -> file name)."""
+    weight_map = {}
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"converting to {to}", disable=_disable(progress))
+    with bar:
+        for fname, shard in zip(names, shards, strict=True):
+            tensors: dict[str, torch.Tensor] = {}
+            for item in shard:
+                produced = convert_item(files, item, hp_dtype, scale_fmt)
+                for name, shape, dtype in item.outputs:
+                    t = produced[name]
+                    if tuple(t.shape) != tuple(shape) or t.dtype != dtype:  # a bug here, not bad input
+                        raise RuntimeError(f"{name}: produced {t.dtype} {list(t.shape)}, planned {dtype} {shape}")
+                    tensors[name] = t.contiguous()
+                    weight_map[name] = fname
+                bar.update(item.nbytes)
+            _save_shard(tensors, tmp / fname)
+            del tensors
+    return weight_map
+
+
+def _write_the_rest(tmp: Path, src: Path, config: dict, index: dict | None, to: str) -> None:
+    """After the shards: the index (None: a single shard), config.json, the side files, and the marker last."""
+    if index is not None:
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for side in _side_files(src):
+        shutil.copy2(side, tmp / side.name)
+    written = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
+    _write_marker(tmp, "complete", to=to, files=written)
+    os.chmod(tmp, 0o755 & ~_umask())
 
 
 def _disable(progress: bool | None) -> bool | None:

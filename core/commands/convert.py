@@ -28,7 +28,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--scale-fmt", choices=("ue8m0",), help="fp8 only: power-of-two scales (DeepSeek-V3.1)")
     p.add_argument("--max-shard-size", default=f"{DEFAULT_MAX_SHARD_SIZE // 10**9}GB", help="e.g. 5GB, 500MB, 2GiB")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out (never the input)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace a non-empty --out that holds a checkpoint or an earlier dsv3 convert output, nothing else",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

@@ -10,12 +10,24 @@ int8 <= 0.05 (observed ~0.02).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import traceback
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 import dsv3
@@ -185,20 +197,289 @@ def test_input_is_never_modified(src, fp8, tmp_path):
 # ----------------------------------------------------------------- refusals and failures
 
 
-def test_refuses_to_write_over_or_around_its_input(src, tmp_path):
+def _tree(path: Path) -> dict:
+    """Every entry under ``path`` (itself included): mode, and the bytes of files or the target of links."""
+    out = {}
+    for p in [path, *sorted(path.rglob("*"))]:
+        st = p.lstat()
+        body = os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else None
+        out[str(p.relative_to(path))] = (stat.S_IFMT(st.st_mode), st.st_mode & 0o7777, body)
+    return out
+
+
+def _convert_cli(src, out, *extra) -> list[str]:
+    return ["convert", "--ckpt-path", str(src), "--out", str(out), "--to", "int8", "--no-progress", *extra]
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dsv3: error: "), err
+    return err[0]
+
+
+def test_refuses_to_write_over_or_around_its_input(src):
     s = src[0]
-    for out, force in ((s, True), (s / "sub", True), (s.parent, True)):
-        with pytest.raises(Dsv3Error, match="--out"):
-            conv.convert_checkpoint(s, out, "int8", force=force, progress=False)
-    busy = tmp_path / "busy"
-    busy.mkdir()
-    (busy / "keep.txt").write_text("mine")
-    with pytest.raises(Dsv3Error, match="not empty .*--force"):
-        conv.convert_checkpoint(s, busy, "int8", progress=False)
-    assert (busy / "keep.txt").read_text() == "mine"
-    conv.convert_checkpoint(s, busy, "int8", force=True, progress=False)
-    assert not (busy / "keep.txt").exists() and (busy / "config.json").exists()
+    for out in (s, s / "sub", s.parent, Path("/")):
+        with pytest.raises(Dsv3Error, match="--out .*(is the input|contains the input)"):
+            conv.convert_checkpoint(s, out, "int8", force=True, progress=False)
     assert _fingerprint(s) == src[1]
+
+
+def _home(d: Path) -> None:
+    d.mkdir()
+    (d / ".bashrc").write_text("export PATH\n")
+    (d / "Documents").mkdir()
+    (d / "Documents" / "thesis.tex").write_text("chapter 1")
+    (d / "notes.txt").write_text("mine")
+
+
+def _checkpoint_with_a_subdirectory(d: Path) -> None:
+    shutil.copytree(make_checkpoint(d.parent / "tiny"), d)
+    (d / "figures").mkdir()
+    (d / "figures" / "plot.png").write_bytes(b"\x89PNG")
+
+
+def _config_and_notes(d: Path) -> None:
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    (d / "notes.txt").write_text("not a checkpoint")
+
+
+def _checkpoint_and_a_symlink(d: Path) -> None:
+    shutil.copytree(make_checkpoint(d.parent / "tiny"), d)
+    (d / "tokenizer.json").symlink_to(d.parent / "elsewhere")
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (_home, "holds .bashrc, which is not part of a checkpoint"),
+        (_checkpoint_with_a_subdirectory, "holds figures, which is not a regular file"),
+        (_config_and_notes, "holds notes.txt, which is not part of a checkpoint"),
+        (_checkpoint_and_a_symlink, "holds tokenizer.json, which is not a regular file"),
+    ],
+)
+def test_force_refuses_a_directory_that_is_not_a_checkpoint_and_leaves_it(src, tmp_path, capsys, make, why):
+    """Before: --force renamed any non-empty --out away and deleted it."""
+    victim = tmp_path / "victim"
+    make(victim)
+    before = _tree(victim)
+    capsys.readouterr()
+    assert cli.main(_convert_cli(src[0], victim)) == 2
+    assert "exists and is not empty (pass --force" in _one_error_line(capsys)
+    assert cli.main(_convert_cli(src[0], victim, "--force")) == 2
+    line = _one_error_line(capsys)
+    assert line == (f"dsv3: error: --out {victim}: {why}; --force replaces only a checkpoint or a dsv3 convert output")
+    assert _tree(victim) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary directory left"
+
+
+def test_force_replaces_a_checkpoint_or_its_own_output(src, tmp_path, capsys):
+    with_notes = tmp_path / "src"
+    shutil.copytree(src[0], with_notes)
+    (with_notes / "eval-notes.docx").write_bytes(b"copied as a side file")
+    out = tmp_path / "out"
+    assert cli.main(_convert_cli(with_notes, out)) == 0
+    marker = json.loads((out / conv.MARKER).read_text())
+    assert marker["written_by"] == "dsv3 convert" and marker["state"] == "complete" and marker["to"] == "int8"
+    assert "eval-notes.docx" in marker["files"] and "model.safetensors" in marker["files"]
+    assert cli.main(_convert_cli(with_notes, out, "--force")) == 0, "what dsv3 wrote, it may replace"
+
+    (out / "results.csv").write_text("a user's file, added later")
+    capsys.readouterr()
+    assert cli.main(_convert_cli(with_notes, out, "--force")) == 2
+    assert "holds results.csv, which is not part of a checkpoint" in _one_error_line(capsys)
+    assert (out / "results.csv").exists()
+
+    downloaded = tmp_path / "downloaded"  # a checkpoint dsv3 did not write: config, weights, tokenizer, README
+    shutil.copytree(src[0], downloaded)
+    (downloaded / "README.md").write_text("model card")
+    assert cli.main(_convert_cli(src[0], downloaded, "--force")) == 0
+    assert not (downloaded / "README.md").exists() and (downloaded / conv.MARKER).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["downloaded", "out", "src"]
+    assert _fingerprint(src[0]) == src[1]
+
+
+def _partial(parent: Path, out_name: str, tag: str, marker: dict | None) -> Path:
+    d = parent / f".{out_name}.{tag}.partial"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"half a shard")
+    if marker is not None:
+        (d / conv.MARKER).write_text(json.dumps(marker))
+    return d
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid
+
+
+def test_stale_partial_of_a_dead_conversion_is_removed_and_nothing_else(src, tmp_path, capsys):
+    """Before: every interrupted conversion left a hidden ``.OUT.*.partial`` directory for ever."""
+    host = socket.gethostname()
+    mark = {"written_by": "dsv3 convert", "state": "partial", "host": host}
+    stale = _partial(tmp_path, "out", "dead", {**mark, "pid": _dead_pid()})
+    keep = [
+        _partial(tmp_path, "out", "nomarker", None),
+        _partial(tmp_path, "out", "alive", {**mark, "pid": os.getpid()}),
+        _partial(tmp_path, "out", "otherhost", {**mark, "pid": _dead_pid(), "host": host + "-elsewhere"}),
+        _partial(tmp_path, "out", "foreign", {**mark, "pid": _dead_pid(), "written_by": "someone else"}),
+        _partial(tmp_path, "other", "dead", {**mark, "pid": _dead_pid()}),  # another output's: not this run's
+    ]
+    before = {d.name: _tree(d) for d in keep}
+    assert cli.main(_convert_cli(src[0], tmp_path / "out")) == 0
+    assert f"removed {stale}, left by an interrupted conversion" in capsys.readouterr().err
+    assert not stale.exists()
+    assert {d.name: _tree(d) for d in keep} == before
+
+
+def _in_child(fn) -> tuple[int, str]:
+    """Run ``fn()`` (an exit code) in a forked child: its exit status (-N for signal N) and its stderr."""
+    with tempfile.TemporaryFile() as err:
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into pytest
+            code = 70
+            try:
+                os.dup2(err.fileno(), 2)
+                sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+                code = fn()
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        err.seek(0)
+        return os.waitstatus_to_exitcode(status), err.read().decode(errors="replace")
+
+
+def test_a_killed_conversion_is_cleaned_up_by_the_next_run(src, tmp_path):
+    out = tmp_path / "out"
+
+    def killed_mid_write():
+        def die(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        conv.save_file = die
+        return cli.main(_convert_cli(src[0], out))
+
+    status, _ = _in_child(killed_mid_write)
+    assert status == -signal.SIGKILL
+    [partial] = tmp_path.iterdir()
+    assert partial.name.startswith(".out.") and partial.name.endswith(".partial")
+    assert json.loads((partial / conv.MARKER).read_text())["state"] == "partial"
+    assert cli.main(_convert_cli(src[0], out)) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ],
+    ids=["oserror", "safetensors"],
+)
+def test_a_full_disk_is_one_line_and_leaves_nothing(src, tmp_path, monkeypatch, capsys, failure):
+    real_save = conv.save_file
+    calls = []
+
+    def disk_full_on_second_shard(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise failure
+        real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(conv, "save_file", disk_full_on_second_shard)
+    out = tmp_path / "new" / "out"
+    assert cli.main(_convert_cli(src[0], out, "--max-shard-size", "200KB")) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"dsv3: error: --out {out}: ")
+    assert line.endswith("No space left on device; nothing was written")
+    assert len(calls) == 2, "the first shard was written before the failure"
+    assert list(tmp_path.iterdir()) == [], "no output, no temporary directory, no parent it created"
+
+    old = tmp_path / "old"  # with --force, the previous output survives a failed replacement
+    assert cli.main(_convert_cli(src[0], old, "--to", "bf16")) == 0
+    before = _tree(old)
+    capsys.readouterr()
+    calls.clear()
+    assert cli.main(_convert_cli(src[0], old, "--max-shard-size", "200KB", "--force")) == 2
+    assert "No space left on device" in _one_error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"] and _tree(old) == before
+    assert _fingerprint(src[0]) == src[1]
+
+
+def test_a_file_size_limit_is_one_line_and_leaves_nothing(src, tmp_path):
+    """RLIMIT_FSIZE: SIGXFSZ would kill the process; the conversion turns it into EFBIG and one line.
+
+    CPython ignores SIGXFSZ at start-up, but a program embedding dsv3 may not: the child restores the
+    default (kill) first, and checks that the conversion puts it back afterwards.
+    """
+    out = tmp_path / "out"
+
+    def convert_under_a_limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # the output is ~1.6 MB
+        code = cli.main(_convert_cli(src[0], out))
+        if signal.getsignal(signal.SIGXFSZ) != signal.SIG_DFL:
+            print("SIGXFSZ disposition not restored", file=sys.stderr)
+        return code
+
+    status, err = _in_child(convert_under_a_limit)
+    assert status == 2, err
+    assert err.strip().splitlines() == [
+        f"dsv3: error: --out {out}: {out / 'model.safetensors'}: File too large "
+        "(the file size limit, see ulimit -f); nothing was written"
+    ]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_under_a_regular_file_is_one_line(src, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file" / "sub", tmp_path / "a_file" / "x" / "sub"):
+        assert cli.main(_convert_cli(src[0], out)) == 2
+        assert _one_error_line(capsys) == f"dsv3: error: --out {out}: {tmp_path / 'a_file'} is not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and (tmp_path / "a_file").read_text() == "x"
+
+
+def test_out_in_a_read_only_directory_is_one_line(src, tmp_path):
+    """Run in a child as an unprivileged user when the tests run as root (root writes anywhere)."""
+    shutil.copytree(src[0], tmp_path / "src")
+    for f in (tmp_path / "src").iterdir():
+        f.chmod(0o644)  # readable by the unprivileged user
+    for d in (tmp_path / "ro", tmp_path / "ro" / "sub"):
+        d.mkdir()
+    for d in (tmp_path / "ro" / "sub", tmp_path / "ro"):
+        d.chmod(0o555)
+    tmp_path.chmod(0o755)
+
+    def convert_read_only():
+        os.chdir(tmp_path)  # relative paths: the unprivileged user cannot search pytest's root-only parents
+        if os.geteuid() == 0:
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+            except PermissionError:
+                return 77
+        codes = [cli.main(_convert_cli("src", out)) for out in ("ro/out", "ro/sub/new/out")]
+        return 2 if codes == [2, 2] else 1
+
+    try:
+        status, err = _in_child(convert_read_only)
+    finally:
+        for d in (tmp_path / "ro", tmp_path / "ro" / "sub"):
+            d.chmod(0o755)
+    if status == 77:
+        pytest.skip("running as root without the right to switch to an unprivileged user")
+    assert status == 2, err
+    assert err.strip().splitlines() == [
+        "dsv3: error: --out ro/out: cannot create a directory in ro: Permission denied",
+        "dsv3: error: --out ro/sub/new/out: cannot create ro/sub/new: Permission denied",
+    ]
+    assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == ["sub"]
+    assert list((tmp_path / "ro" / "sub").iterdir()) == []
 
 
 def test_cli_reports_bad_arguments_on_one_line(src, tmp_path, capsys):
@@ -216,34 +497,6 @@ def test_cli_reports_bad_arguments_on_one_line(src, tmp_path, capsys):
     )
     assert "checkpoint directory not found" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
-
-
-def test_failure_mid_conversion_leaves_no_output(src, tmp_path, monkeypatch):
-    real_save = conv.save_file
-    calls = []
-
-    def disk_full_on_second_shard(tensors, filename, metadata=None):
-        calls.append(filename)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        real_save(tensors, filename, metadata=metadata)
-
-    monkeypatch.setattr(conv, "save_file", disk_full_on_second_shard)
-    out = tmp_path / "out"
-    with pytest.raises(OSError, match="No space left"):
-        conv.convert_checkpoint(src[0], out, "fp8", max_shard_size="200KB", progress=False)
-    assert len(calls) == 2, "the first shard was written before the failure"
-    assert not out.exists()
-    assert list(tmp_path.iterdir()) == [], "no temporary directory is left behind"
-
-    old = tmp_path / "old"  # with --force, the previous output survives a failed replacement
-    old.mkdir()
-    (old / "config.json").write_text("{}")
-    calls.clear()
-    with pytest.raises(OSError):
-        conv.convert_checkpoint(src[0], old, "fp8", max_shard_size="200KB", force=True, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"] and (old / "config.json").read_text() == "{}"
-    assert _fingerprint(src[0]) == src[1]
 
 
 def test_corrupt_input_shard_fails_clearly_and_writes_nothing(src, tmp_path):
