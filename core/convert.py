@@ -426,8 +426,8 @@ def _save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
         save_file(tensors, str(path), metadata={"format": "pt"})
     except SafetensorError as exc:
         m = re.search(r"os error (\d+)", str(exc))
-        if m is None:
-            raise OSError(f"{exc}", str(path)) from None
+        if m is None:  # not an I/O failure
+            raise
         code = int(m.group(1))
         raise OSError(code, os.strerror(code), str(path)) from None
 
