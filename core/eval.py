@@ -178,6 +178,8 @@ class EvalReport:
             f"{self.n_scored:,} scored"
         ]
         setup = self.setup or {}
+        if "context_source" in setup:
+            lines.append(f"  context    {self.context} tokens: {setup['context_source']}")
         if "test" in setup:
             lines.append(f"  test       {setup['test']}")
         if "reference" in setup:

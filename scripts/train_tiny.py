@@ -497,7 +497,8 @@ def train(args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- export
-def hf_config(cfg: ModelConfig, dtype: str) -> dict:
+def hf_config(cfg: ModelConfig, dtype: str, train_context: int) -> dict:
+    """The released config.json; ``train_context``: the training window (``dsv3 eval perplexity``'s default)."""
     d = cfg.to_hf_dict()
     d.update(
         num_key_value_heads=cfg.num_attention_heads,
@@ -509,6 +510,7 @@ def hf_config(cfg: ModelConfig, dtype: str) -> dict:
         rope_scaling=None,
         # a completion model: `dsv3 run` uses the chat template only with --chat
         dsv3_default_prompt="raw",
+        dsv3_train_context=train_context,
     )
     for k in ("source",):
         d.pop(k, None)
@@ -533,10 +535,10 @@ def hf_tensors(model, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.T
     return out
 
 
-def export_hf(model, cfg: ModelConfig, tok_dir: Path, out_dir: Path) -> None:
+def export_hf(model, cfg: ModelConfig, tok_dir: Path, out_dir: Path, train_context: int) -> None:
     """Write config.json, model.safetensors (BF16) and the tokenizer files in the released layout."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, "bfloat16"), indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg, "bfloat16", train_context), indent=2) + "\n")
     gen = {"bos_token_id": BOS, "eos_token_id": EOS, "do_sample": False}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     save_file(hf_tensors(model, cfg, torch.bfloat16), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -677,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     train(args)
     if args.export:
-        export_hf(args._model, args._cfg, Path(args.out) / "tokenizer", Path(args.export))
+        export_hf(args._model, args._cfg, Path(args.out) / "tokenizer", Path(args.export), args.seq_len)
         if args.export_fp8:
             export_fp8(Path(args.export), Path(args.export_fp8))
     return 0

@@ -8,11 +8,17 @@ from pathlib import Path
 
 from .. import registry
 from ..api import DTYPES
+from ..config import ModelConfig
 from ..errors import Dsv3Error
 from ..weights import ACT_QUANT_MODES
 from .run import add_model_args
 
-DEFAULT_CONTEXT = 512
+#: config.json key: the window length (tokens) the checkpoint was trained on; ``--context``'s default.
+TRAIN_CONTEXT_KEY = "dsv3_train_context"
+#: ``--context``'s default when the checkpoint gives no training context: DeepSeek-V2/V3 were pre-trained
+#: on 4096-token sequences (their configs' ``rope_scaling.original_max_position_embeddings``; the 128K
+#: positions come from YaRN extension), and a window's float32 logits (batch x 4096 x vocab) stay in memory.
+CONTEXT_CAP = 4096
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -44,7 +50,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     ppl.add_argument(
         "--against-act-quant", choices=ACT_QUANT_MODES, help="reference activation quantization (default none)"
     )
-    ppl.add_argument("--context", type=int, help=f"window length in tokens (default min({DEFAULT_CONTEXT}, model max))")
+    ppl.add_argument(
+        "--context",
+        type=int,
+        help=f"window length in tokens (default: the checkpoint's training context, config.json {TRAIN_CONTEXT_KEY}; "
+        f"without it, max_position_embeddings capped at {CONTEXT_CAP}, DeepSeek-V3's pre-training length)",
+    )
     ppl.add_argument("--stride", type=int, help="step between windows (default context / 2)")
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the file (BOS included)")
     ppl.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
@@ -96,6 +107,43 @@ def describe(engine, backend: str, dtype: str, act_quant: str) -> str:
     return f"{backend} {dtype}, weights {'+'.join(fmts)}, act-quant {act_quant}  ({engine.path})"
 
 
+def default_context(cfg: ModelConfig, config_file: str) -> tuple[int, str]:
+    """``--context``'s default for a model and where it comes from (for the report)."""
+    max_pos = cfg.max_position_embeddings
+    train = cfg.extra.get(TRAIN_CONTEXT_KEY)
+    if train is not None:
+        if isinstance(train, bool) or not isinstance(train, int) or not 2 <= train <= max_pos:
+            raise Dsv3Error(
+                f"{config_file}: {TRAIN_CONTEXT_KEY} {train!r} must be an integer in [2, {max_pos}] "
+                "(max_position_embeddings)"
+            )
+        return train, f"the model's training context ({TRAIN_CONTEXT_KEY} in {config_file})"
+    if max_pos <= CONTEXT_CAP:
+        return max_pos, f"max_position_embeddings ({config_file} gives no {TRAIN_CONTEXT_KEY})"
+    return CONTEXT_CAP, (
+        f"max_position_embeddings {max_pos} capped at {CONTEXT_CAP}, DeepSeek-V3's pre-training length "
+        f"({config_file} gives no {TRAIN_CONTEXT_KEY})"
+    )
+
+
+def context_and_source(args, cfg: ModelConfig, config_file: str) -> tuple[int, str]:
+    """The window length to use and a phrase saying where it came from; a --context past the training
+    context is said too, since perplexity beyond it measures what the model never learned."""
+    default, why = default_context(cfg, config_file)
+    if args.context is None:
+        context, source = default, why
+    else:
+        context, source = args.context, "--context"
+        train = cfg.extra.get(TRAIN_CONTEXT_KEY)
+        if train is not None and context > train:
+            source += f"; longer than the {train}-token training context, so perplexity is higher than trained"
+    if context > cfg.max_position_embeddings:
+        raise Dsv3Error(
+            f"--context {context} exceeds the model's {cfg.max_position_embeddings} positions (max_position_embeddings)"
+        )
+    return context, source
+
+
 def main(args) -> int:
     from ..api import load
     from ..eval import evaluate
@@ -122,10 +170,9 @@ def main(args) -> int:
     )
     if args.mtp and not len(engine.model.mtp):
         raise Dsv3Error(f"--mtp: {engine.path} has no MTP layers (num_nextn_predict_layers=0)")
-    max_pos = engine.cfg.max_position_embeddings
-    context = args.context if args.context is not None else min(DEFAULT_CONTEXT, max_pos)
-    if context > max_pos:
-        raise Dsv3Error(f"--context {context} exceeds the model's {max_pos} positions (max_position_embeddings)")
+    context, context_source = context_and_source(
+        args, engine.cfg, args.config or str(Path(engine.path) / "config.json")
+    )
     stride = args.stride if args.stride is not None else max(1, context // 2)
     tokens = [t for text in texts for t in _encode(engine, text)]  # each file a document: BOS + its ids
     if args.max_tokens is not None:
@@ -133,6 +180,7 @@ def main(args) -> int:
     setup = {
         "text_files": [str(f) for f in args.text_file],
         "tokens": len(tokens),
+        "context_source": context_source,
         "test": describe(engine, args.backend, args.dtype, args.act_quant),
     }
     reference = None
@@ -160,7 +208,10 @@ def main(args) -> int:
         if args.mtp and not len(ref.model.mtp):
             raise Dsv3Error(f"--mtp: the reference {ref.path} has no MTP layers (num_nextn_predict_layers=0)")
         if context > ref.cfg.max_position_embeddings:
-            raise Dsv3Error(f"--context {context} exceeds the reference's {ref.cfg.max_position_embeddings} positions")
+            raise Dsv3Error(
+                f"context {context} ({context_source}) exceeds the reference's {ref.cfg.max_position_embeddings} "
+                "positions; pass a shorter --context"
+            )
         reference = ref.logits_with_mtp if args.mtp else ref.logits
         setup["reference"] = describe(ref, ref_backend, ref_dtype, ref_act)
 
