@@ -84,7 +84,7 @@ def main(args) -> int:
     try:
         import uvicorn
 
-        from ..serve.app import ServeSettings, create_app
+        from ..serve.app import ServeSettings, create_app, http_protocol
     except ImportError as exc:
         raise Dsv3Error(
             f"dsv3 serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'dsv3[serve]'"
@@ -95,7 +95,7 @@ def main(args) -> int:
     try:
         if parallel.rank:
             return _follow(args, parallel)
-        return _serve(args, parallel, uvicorn, ServeSettings, create_app)
+        return _serve(args, parallel, uvicorn, ServeSettings, create_app, http_protocol)
     finally:
         parallel.close()
 
@@ -124,7 +124,7 @@ def _follow(args, parallel) -> int:
     return 0
 
 
-def _serve(args, parallel, uvicorn, ServeSettings, create_app) -> int:
+def _serve(args, parallel, uvicorn, ServeSettings, create_app, http_protocol) -> int:
     from ..serve import LOOPBACK, bind_socket
     from ..serve.mirror import MirroredModel
     from ..serve.scheduler import Scheduler
@@ -178,7 +178,7 @@ def _serve(args, parallel, uvicorn, ServeSettings, create_app) -> int:
                 f"dsv3: warning: listening on {host} without an API key: anyone who can reach it can use it",
                 file=sys.stderr,
             )
-        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5, http=http_protocol())
         server = uvicorn.Server(config)
         # uvicorn drains on SIGTERM and then re-raises it: with the default handler that would end this
         # process before the clean-up below (which releases the other ranks); raise an interrupt instead

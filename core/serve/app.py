@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,9 +26,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..api import Engine
-from .protocol import APIError, ChatRequest, CompletionRequest, messages_of, parse, prompts_of, stops_of
+from .protocol import APIError, ChatRequest, CompletionRequest, messages_of, parse, parse_json, prompts_of, stops_of
 from .scheduler import Event, Scheduler, SchedulerBusy
 from .scheduler import Request as GenRequest
 from .text import TextStream, first_stop
@@ -77,6 +79,7 @@ class _Choice:
 
 
 _GONE = object()  # queued when the client disconnected
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: its handler and --log-level
 
 
 class _Run:
@@ -306,6 +309,25 @@ async def _stream_events(request: Request, run: _Run, head: dict, chat: bool) ->
         run.cancel()
 
 
+def http_protocol() -> type:
+    """uvicorn's HTTP protocol class, answering a request it cannot parse as HTTP with OpenAI's error shape.
+
+    uvicorn (h11 or httptools) refuses such a request itself, before the app sees it, with one
+    warning line and a text/plain 400; this subclass sends that 400 as JSON. Pass it as
+    ``uvicorn.Config(http=...)``.
+    """
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class JsonErrorHTTPProtocol(AutoHTTPProtocol):
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(APIError(400, msg).body()).encode()
+            head = b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: %d\r\n" % len(body)
+            self.transport.write(head + b"connection: close\r\n\r\n" + body)
+            self.transport.close()
+
+    return JsonErrorHTTPProtocol
+
+
 def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops ``scheduler``."""
 
@@ -354,14 +376,16 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         if length is not None and length.isdigit() and int(length) > limit:
             raise too_big
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_big
         try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_big
+        except ClientDisconnect:  # nobody to answer: one line in the log, not a traceback
+            client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+            log.warning("%s disconnected while sending the body of %s %s", client, request.method, request.url.path)
+            raise APIError(499, "the client disconnected while sending the request body") from None
+        return parse_json(bytes(body))
 
     def check_model(name: str) -> None:
         if name != settings.model_name:

@@ -8,11 +8,16 @@ does not implement (``n > 1``, logprobs, penalties, tools...) are refused rather
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
+from ..errors import Dsv3Error
+from ..generate import SamplingError, SamplingParams, check_text
+
 MAX_STOP_STRINGS = 16
+MAX_JSON_DEPTH = 64  # OpenAI bodies nest a few levels; deeper ones would exhaust the recursion limit downstream
 
 
 class APIError(Exception):
@@ -26,6 +31,7 @@ class APIError(Exception):
         code: str | None = None,
         type: str = "invalid_request_error",
     ):
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # echoed lone surrogates, escaped
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -34,9 +40,10 @@ class APIError(Exception):
 
 
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
-Temperature = Annotated[float, Field(strict=True, ge=0, le=2)]
-TopP = Annotated[float, Field(strict=True, gt=0, le=1)]
-Seed = Annotated[int, Field(strict=True, ge=-(2**63), lt=2**64)]  # what torch.Generator.manual_seed takes
+# types only: the ranges are SamplingParams.validate's (as for dsv3 run), plus OpenAI's cap on temperature
+Temperature = Annotated[float, Field(strict=True, le=2)]
+TopP = Annotated[float, Field(strict=True)]
+Seed = Annotated[int, Field(strict=True)]
 Penalty = Annotated[float, Field(strict=True, ge=-2, le=2)]
 
 
@@ -83,6 +90,25 @@ class ChatRequest(_Common):
     response_format: dict | None = None
 
 
+def parse_json(body: bytes) -> Any:
+    """A request body decoded as JSON; an APIError (400) if it is not JSON or nests too deeply."""
+    too_deep = APIError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        raise too_deep from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise too_deep
+        items = value.values() if isinstance(value, dict) else value
+        stack.extend((v, depth + 1) for v in items if isinstance(v, (dict, list)))
+    return data
+
+
 def parse(model: type[BaseModel], data: Any) -> Any:
     """Validate a decoded JSON body; an APIError (400) naming the first bad field."""
     if not isinstance(data, dict):
@@ -95,6 +121,11 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         if err["type"] == "missing":
             raise APIError(400, f"missing required field '{param}'", param) from None
         raise APIError(400, f"'{param}': {err['msg']} (got {err.get('input')!r})"[:500], param) from None
+    temperature, top_p = (1.0 if v is None else v for v in (req.temperature, req.top_p))
+    try:
+        SamplingParams(1, temperature, top_p, req.seed).validate()
+    except SamplingError as exc:
+        raise APIError(400, f"'{exc.param}' {exc.reason}", exc.param) from None
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", "n")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -129,16 +160,24 @@ def prompts_of(value: Any) -> list[str | list[int]]:
     """``prompt``: a string, a list of strings, a list of token ids, or a list of such lists."""
     shape = "a string, a list of strings, a list of token ids or a list of lists of token ids"
     if isinstance(value, str):
-        return [value]
+        return [_text(value, "prompt")]
     if not isinstance(value, list) or not value:
         raise APIError(400, f"'prompt' must be {shape} (non-empty)", "prompt")
     if all(isinstance(p, str) for p in value):
-        return list(value)
+        return [_text(p, f"prompt.{i}") for i, p in enumerate(value)]
     if all(_is_int(t) for t in value):
         return [list(value)]
     if all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in value):
         return [list(p) for p in value]
     raise APIError(400, f"'prompt' must be {shape}", "prompt")
+
+
+def _text(value: str, param: str) -> str:
+    """A prompt or message string, checked as ``dsv3 run`` checks its prompts (no lone surrogates)."""
+    try:
+        return check_text(value, f"'{param}'")
+    except Dsv3Error as exc:
+        raise APIError(400, str(exc), param) from None
 
 
 def stops_of(value: Any) -> tuple[str, ...]:
@@ -178,5 +217,6 @@ def messages_of(value: Any) -> list[dict[str, str]]:
             content = "".join(texts)
         if not isinstance(content, str):
             raise APIError(400, f"'{where}.content' must be a string or a list of text parts", f"{where}.content")
+        _text(content, f"{where}.content")
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
