@@ -7,12 +7,15 @@ What is measured (every timing: ``--warmup`` untimed runs, then ``--repeats`` ti
   transformers, when its streamer receives the first token) and decode time (first token to the last);
 - prefill tokens/s = B * L / TTFT; decode tokens/s = B * (N - 1) / decode time;
 - by prompt length at batch 1 (prefill, TTFT, and decode speed at that context), and by batch size at
-  ``decode_prompt_len``; implementations take turns run by run, so load changes hit both alike;
+  ``decode_prompt_len``; at each point the implementations (and dsv3 with each MTP draft count) take
+  turns run by run, so load changes hit all alike. The point batch 1 / ``decode_prompt_len`` belongs to
+  both sweeps and is measured once;
 - KV-cache bytes per token, from the cache tensors each implementation allocates (dsv3: both MLA forms,
   through ``Transformer.new_cache``; transformers: the cache its ``generate`` returns);
 - resident weight bytes per parameter: unique weight tensors (data + scales) / parameters;
-- MTP: acceptance per draft position, tokens per main-model forward, decode tokens/s and the speed-up over
-  plain decoding timed in the same repetitions.
+- MTP, at every batch size: acceptance per draft position, tokens per main-model forward, decode tokens/s
+  (the same window: tokens 2..N) and the speed-up over plain decoding, whose figure is the batch sweep's
+  dsv3 row, timed in the same turns.
 
 Prompts are random token ids (fixed seed), so no tokenizer is needed; decoding is greedy with EOS off, so
 every run makes exactly the tokens asked for. Times are wall-clock (``time.perf_counter``); the process CPU
@@ -42,7 +45,13 @@ from .generate import SamplingParams, generate
 from .model import ATTN_IMPLS, Transformer
 from .speculative import generate_speculative
 
-SCHEMA = 1
+SCHEMA = 2  # 2: MTP rows at every batch size, timed in the batch sweep's turns; speedup_per_run
+#: What every figure measures (B rows, prompts of L tokens, N new tokens per row), for the JSON and the report.
+TIMING = (
+    "wall-clock seconds, median [min-max] of the timed runs; TTFT = call to first token (prefill + first "
+    "sampled token); prefill tokens/s = B*L/TTFT; decode tokens/s = B*(N-1)/(t(token N) - t(token 1)), i.e. "
+    "tokens 2..N of every row, TTFT excluded; MTP uses the same decode window; dsv3/peer: ratios of medians"
+)
 PEERS = ("transformers",)
 
 
@@ -56,8 +65,11 @@ class BenchSettings:
     decode_prompt_len: int = 64
     repeats: int = 5
     warmup: int = 1
-    mtp: tuple[int, ...] = (1, 2)
+    mtp: tuple[int, ...] = (1, 2)  # draft counts; 0 (plain decoding, always measured) is dropped
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.mtp = tuple(dict.fromkeys(k for k in self.mtp if k != 0))
 
 
 def check_settings(s: BenchSettings, max_positions: int | None = None) -> None:
@@ -71,8 +83,8 @@ def check_settings(s: BenchSettings, max_positions: int | None = None) -> None:
         raise Dsv3Error("--decode-prompt-len must be positive")
     if s.repeats < 1 or s.warmup < 0:
         raise Dsv3Error("--repeats must be >= 1 and --warmup >= 0")
-    if any(k < 1 for k in s.mtp):
-        raise Dsv3Error("--mtp takes draft counts >= 1 (or 0 for none)")
+    if any(k < 0 for k in s.mtp):
+        raise Dsv3Error("--mtp takes draft counts >= 0 (0: plain decoding only, which is always measured)")
     if max_positions is None:
         return
     longest = max(max(s.prompt_lens), s.decode_prompt_len) + s.decode_tokens
@@ -300,25 +312,35 @@ def _figures(runs: list[dict], b: int, length: int, n: int) -> dict:
     }
 
 
-def measure_point(runners: list, prompts: torch.Tensor, s: BenchSettings, log) -> dict:
-    """TTFT, prefill and decode figures of every runner at one (batch, prompt length), runs interleaved."""
+def measure_point(runners: list, prompts: torch.Tensor, s: BenchSettings, log, mtp: tuple[int, ...] = ()) -> dict:
+    """TTFT, prefill and decode figures of every runner at one (batch, prompt length), and of dsv3 drafting
+    each k of ``mtp`` (``point["mtp"]``: one row per k); every setting takes its turn in each repetition."""
     b, length = prompts.shape
     n = s.decode_tokens
-    for runner in runners:
+    plan = [(r, r.name, 0) for r in runners] + [(runners[0], f"mtp{k}", k) for k in mtp]
+    for runner, _, k in plan:
         for _ in range(s.warmup):
-            _run(runner, prompts, n)
-    runs: dict[str, list[dict]] = {r.name: [] for r in runners}
+            _run(runner, prompts, n, k)
+    runs: dict[str, list[dict]] = {label: [] for _, label, _ in plan}
     for _ in range(s.repeats):
-        for runner in runners:  # interleaved, so a change of machine load hits both alike
-            runs[runner.name].append(_run(runner, prompts, n))
+        for runner, label, k in plan:  # interleaved, so a change of machine load hits each alike
+            runs[label].append(_run(runner, prompts, n, k))
     out: dict = {"batch": b, "prompt_len": length, "decode_tokens": n}
-    for name, rs in runs.items():
-        out[name] = _figures(rs, b, length, n)
+    for r in runners:
+        out[r.name] = _figures(runs[r.name], b, length, n)
     if len(runners) > 1:
         first, peer = runners[0].name, runners[1].name
         out["same_tokens"] = runs[first][-1]["ids"] == runs[peer][-1]["ids"]
         out["ratio"] = _ratios(out[first], out[peer])
     log(_point_line(out, [r.name for r in runners]))
+    if mtp:
+        plain = runs[runners[0].name]
+        out["mtp"] = [_mtp_row(k, runs[f"mtp{k}"], plain, b, length, n) for k in mtp]
+        for row in out["mtp"]:
+            log(
+                f"    mtp k={row['k']}: acceptance {row['acceptance_rate']}, {row['tokens_per_forward']:.2f} "
+                f"tokens/forward, decode {row['decode_tokens_per_s']['median']:.1f} tok/s ({row['speedup']:.2f}x plain)"
+            )
     return out
 
 
@@ -327,40 +349,27 @@ def _ratios(a: dict, b: dict) -> dict:
     return {k: round(a[k]["median"] / max(b[k]["median"], 1e-12), 3) for k in a}
 
 
-def measure_mtp(runner: DsRunner, prompts: torch.Tensor, s: BenchSettings, log) -> list[dict]:
-    """Plain decoding and MTP with each K, interleaved run by run, on the same prompts."""
-    b, n = prompts.shape[0], s.decode_tokens
-    settings = [0, *s.mtp]
-    for k in settings:
-        for _ in range(s.warmup):
-            _run(runner, prompts, n, k)
-    runs: dict[int, list[dict]] = {k: [] for k in settings}
-    for _ in range(s.repeats):
-        for k in settings:
-            runs[k].append(_run(runner, prompts, n, k))
-    rates = {k: [b * (n - 1) / max(r["decode"], 1e-9) for r in rs] for k, rs in runs.items()}
-    base = statistics.median(rates[0])
-    out = []
-    for k in s.mtp:
-        stats = runs[k][-1]["mtp"]
-        row = {
-            "k": k,
-            "batch": b,
-            "prompt_len": prompts.shape[1],
-            "decode_tokens": n,
-            "acceptance_rate": stats["acceptance_rate"],
-            "tokens_per_forward": stats["tokens_per_forward"],
-            "decode_tokens_per_s": spread(rates[k], 2),
-            "plain_decode_tokens_per_s": spread(rates[0], 2),
-            "speedup": round(statistics.median(rates[k]) / max(base, 1e-12), 3),
-            "same_tokens_as_plain": runs[k][-1]["ids"] == runs[0][-1]["ids"],
-        }
-        log(
-            f"  mtp k={k}: acceptance {row['acceptance_rate']}, {row['tokens_per_forward']:.2f} tokens/forward, "
-            f"decode {row['decode_tokens_per_s']['median']:.1f} tok/s ({row['speedup']:.2f}x plain)"
-        )
-        out.append(row)
-    return out
+def _decode_rates(runs: list[dict], b: int, n: int) -> list[float]:
+    return [b * (n - 1) / max(r["decode"], 1e-9) for r in runs]
+
+
+def _mtp_row(k: int, runs: list[dict], plain: list[dict], b: int, length: int, n: int) -> dict:
+    """MTP with k drafts against plain decoding timed in the same turns (``plain``: the batch sweep's dsv3 runs)."""
+    rates, base = _decode_rates(runs, b, n), _decode_rates(plain, b, n)
+    stats = runs[-1]["mtp"]  # greedy: every run accepts the same drafts
+    return {
+        "k": k,
+        "batch": b,
+        "prompt_len": length,
+        "decode_tokens": n,
+        "acceptance_rate": stats["acceptance_rate"],
+        "tokens_per_forward": stats["tokens_per_forward"],
+        "decode_tokens_per_s": spread(rates, 2),
+        "plain_decode_tokens_per_s": spread(base, 2),
+        "speedup": round(statistics.median(rates) / max(statistics.median(base), 1e-12), 3),
+        "speedup_per_run": spread([r / max(p, 1e-12) for r, p in zip(rates, base, strict=True)], 3),
+        "same_tokens_as_plain": runs[-1]["ids"] == plain[-1]["ids"],
+    }
 
 
 def _point_line(p: dict, names: list[str]) -> str:
@@ -431,7 +440,7 @@ def run_bench(
         "load_average_before": _loadavg(),
         "checkpoint": _describe(engine, backend),
         "settings": dataclasses.asdict(settings),
-        "timing": "wall-clock seconds; decode rate = B*(N-1)/(t(N tokens) - t(1 token)); dsv3/peer ratios of medians",
+        "timing": TIMING,
     }
     runners: list = [DsRunner(engine)]
     peer_status = None
@@ -455,23 +464,24 @@ def run_bench(
     result["impls"] = [r.name for r in runners]
     vocab = cfg.vocab_size
 
+    points: dict[tuple[int, int], dict] = {}
+
+    def point(b: int, length: int) -> dict:
+        """The point at (batch b, prompt length), measured once even when both sweeps ask for it."""
+        if (b, length) not in points:
+            in_batch_sweep = length == settings.decode_prompt_len and b in settings.batch_sizes
+            mtp = settings.mtp if in_batch_sweep else ()
+            prompts = _prompts(b, length, vocab, settings.seed)
+            points[b, length] = measure_point(runners, prompts, settings, log, mtp)
+        return points[b, length]
+
     log("by prompt length (batch 1) ...")
-    result["prompt_lengths"] = [
-        measure_point(runners, _prompts(1, length, vocab, settings.seed), settings, log)
-        for length in settings.prompt_lens
-    ]
+    result["prompt_lengths"] = [point(1, length) for length in settings.prompt_lens]
     log(f"by batch size (prompt {settings.decode_prompt_len}) ...")
-    result["batch_sizes"] = [
-        measure_point(runners, _prompts(b, settings.decode_prompt_len, vocab, settings.seed), settings, log)
-        for b in settings.batch_sizes
-    ]
-    if settings.mtp:
-        b = settings.batch_sizes[0]
-        log(f"MTP (batch {b}, prompt {settings.decode_prompt_len}) ...")
-        prompts = _prompts(b, settings.decode_prompt_len, vocab, settings.seed)
-        result["mtp"] = {"rows": measure_mtp(runners[0], prompts, settings, log), "note": None}
-    else:
-        result["mtp"] = {"rows": [], "note": mtp_note or "not asked (--mtp 0)"}
+    result["batch_sizes"] = [point(b, settings.decode_prompt_len) for b in settings.batch_sizes]
+    rows = [row for p in result["batch_sizes"] for row in p.pop("mtp", [])]
+    note = None if rows else (mtp_note or "not asked (--mtp 0)")
+    result["mtp"] = {"rows": rows, "note": note}
 
     kv = {f"dsv3_{form}": v for form, v in dsv3_kv_bytes(engine, backend, dtype).items()}
     weights = {"dsv3": runners[0].weights()}
@@ -510,10 +520,61 @@ def _fmt(st: dict, scale: float = 1.0, digits: int = 1) -> str:
     return f"{st['median'] * scale:.{digits}f} [{st['min'] * scale:.{digits}f}-{st['max'] * scale:.{digits}f}]"
 
 
+def busy_note(r: dict) -> str | None:
+    """A warning when the CPUs were loaded beyond their count around the run: figures then low and noisy."""
+    m = r["machine"]
+    loads = [x[0] for x in (r.get("load_average_before"), r.get("load_average_after")) if x]
+    cpus = m.get("cpu_count") or 1
+    if not loads or max(loads) <= cpus:
+        return None
+    note = (
+        f"note: the machine was busy (1-minute load average up to {max(loads)} on {cpus} CPUs): figures are lower "
+        "and noisier than on an idle machine; settings timed in the same turns (a table's row, MTP against plain) "
+        "compare better than separate rows"
+    )
+    if m.get("torch_threads", 1) > 1:
+        note += (
+            f"; {m['torch_threads']} torch threads on busy cores wait for each other and can make a step many times "
+            "slower: --threads 1 is steadier"
+        )
+    return note
+
+
+def _table(r: dict, key: str, label: str) -> list[str]:
+    header = f"{label:>7} {'impl':<13} {'TTFT ms':>22} {'prefill tok/s':>24} {'decode tok/s':>24}"
+    lines = [header]
+    for p in r[key]:
+        at = p["prompt_len"] if label == "prompt" else p["batch"]
+        for name in r["impls"]:
+            f = p[name]
+            lines.append(
+                f"{at:>7} {name:<13} {_fmt(f['ttft_s'], 1e3, 2):>22} {_fmt(f['prefill_tokens_per_s']):>24} "
+                f"{_fmt(f['decode_tokens_per_s']):>24}"
+            )
+        if "ratio" in p:
+            q = p["ratio"]
+            same = "same tokens" if p["same_tokens"] else "tokens differ"
+            lines.append(
+                f"{'':>7} {'dsv3/peer':<13} {q['ttft_s']:>21.2f}x {q['prefill_tokens_per_s']:>23.2f}x "
+                f"{q['decode_tokens_per_s']:>23.2f}x  ({same})"
+            )
+    return lines
+
+
+def _shared_point(r: dict) -> int | None:
+    """The prompt length whose batch-1 row is the batch sweep's batch-1 row (the same runs), if any."""
+    plen = r["settings"]["decode_prompt_len"]
+    for p in r["prompt_lengths"]:
+        for q in r["batch_sizes"]:
+            if (p["prompt_len"], q["batch"], q["prompt_len"]) == (plen, 1, plen) and p["dsv3"] == q["dsv3"]:
+                return plen
+    return None
+
+
 def format_report(r: dict) -> str:
-    """The terminal table: medians with [min-max], then ratios dsv3/peer."""
-    c, m = r["checkpoint"], r["machine"]
-    impls = r["impls"]
+    """The terminal table: medians with [min-max], then ratios dsv3/peer; every section says what it timed."""
+    c, m, st = r["checkpoint"], r["machine"], r["settings"]
+    n, plen = st["decode_tokens"], st["decode_prompt_len"]
     lines = [
         f"dsv3 bench: {c['path']}",
         f"  model: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['n_routed_experts']} experts "
@@ -522,34 +583,25 @@ def format_report(r: dict) -> str:
         f"  run: backend {c['backend']}, dtype {c['dtype']}, attention {c['attn_impl']}, "
         f"{m['torch_threads']} torch thread(s); {m['processor']}, {m['cpu_count']} CPUs; "
         f"load average {r['load_average_before']} -> {r['load_average_after']}",
-        f"  timing: median [min-max] of {r['settings']['repeats']} after {r['settings']['warmup']} warm-up; "
-        f"{r['settings']['decode_tokens']} tokens per decode run; random prompt ids (seed {r['settings']['seed']})",
+        f"  each figure: median [min-max] of {st['repeats']} timed runs after {st['warmup']} warm-up; a run is one "
+        f"greedy generate of {n} new tokens per row (EOS off) after random-id prompts (seed {st['seed']})",
+        "  TTFT ms: call to first token (prefill + first sampled token); prefill tok/s = batch x prompt / TTFT",
+        f"  decode tok/s = batch x {n - 1} / (time of token {n} - time of token 1): tokens 2..{n} of every row, "
+        "TTFT excluded",
     ]
+    note = busy_note(r)
+    if note:
+        lines.append(f"  {note}")
     if r["against"]:
         lines.append(f"  against {r['against']['name']}: {r['against']['status']}")
-        if len(impls) > 1:
+        if len(r["impls"]) > 1:
             lines.append("  dsv3/peer rows: ratios of medians (tokens/s > 1 and TTFT < 1: dsv3 is faster)")
-    header = f"{'':>7} {'impl':<13} {'TTFT ms':>22} {'prefill tok/s':>24} {'decode tok/s':>24}"
-    for title, key, label in (
-        ("By prompt length, batch 1", "prompt_lengths", "prompt"),
-        (f"By batch size, prompt {r['settings']['decode_prompt_len']}", "batch_sizes", "batch"),
-    ):
-        lines += ["", title, header.replace("       ", f"{label:>7}", 1)]
-        for p in r[key]:
-            at = p["prompt_len"] if label == "prompt" else p["batch"]
-            for name in impls:
-                f = p[name]
-                lines.append(
-                    f"{at:>7} {name:<13} {_fmt(f['ttft_s'], 1e3, 2):>22} {_fmt(f['prefill_tokens_per_s']):>24} "
-                    f"{_fmt(f['decode_tokens_per_s']):>24}"
-                )
-            if "ratio" in p:
-                q = p["ratio"]
-                same = "same tokens" if p["same_tokens"] else "tokens differ"
-                lines.append(
-                    f"{'':>7} {'dsv3/peer':<13} {q['ttft_s']:>21.2f}x {q['prefill_tokens_per_s']:>23.2f}x "
-                    f"{q['decode_tokens_per_s']:>23.2f}x  ({same})"
-                )
+    lines += ["", f"By prompt length: batch 1, {n} new tokens", *_table(r, "prompt_lengths", "prompt")]
+    shared = _shared_point(r)
+    if shared is not None:
+        lines.append(f"  (prompt {shared}: the same runs as batch 1 of the next table)")
+    lines += ["", f"By batch size: prompt {plen}, {n} new tokens per row (tok/s: all rows together)"]
+    lines += _table(r, "batch_sizes", "batch")
     lines += ["", "KV cache bytes per token (all layers)"]
     for name, v in r["kv_cache"].items():
         lines.append(f"  {name:<14} {v['bytes_per_token']:>10}  {v['layout']}")
@@ -559,13 +611,18 @@ def format_report(r: dict) -> str:
             f"  {name:<14} {v['bytes'] / 2**20:>10.1f} MiB / {v['params'] / 1e6:.2f}M parameters = "
             f"{v['bytes_per_param']:.3f} bytes per parameter"
         )
-    lines += ["", "MTP speculative decoding"]
+    lines += ["", f"MTP speculative decoding (dsv3, greedy): prompt {plen}, {n} new tokens per row"]
     if r["mtp"]["rows"]:
+        lines.append(
+            f"  decode tok/s over tokens 2..{n} of every row as above; plain = the dsv3 row of the batch table, "
+            "timed in the same turns"
+        )
         for row in r["mtp"]["rows"]:
             lines.append(
-                f"  k={row['k']} (batch {row['batch']}): acceptance per draft position {row['acceptance_rate']}, "
-                f"{row['tokens_per_forward']:.2f} tokens per forward, decode {_fmt(row['decode_tokens_per_s'])} tok/s "
-                f"vs {_fmt(row['plain_decode_tokens_per_s'])} plain = {row['speedup']:.2f}x"
+                f"  batch {row['batch']}, k={row['k']}: acceptance per draft position {row['acceptance_rate']}, "
+                f"{row['tokens_per_forward']:.2f} tokens per main-model forward; decode "
+                f"{_fmt(row['decode_tokens_per_s'])} tok/s vs plain {_fmt(row['plain_decode_tokens_per_s'])} = "
+                f"{row['speedup']:.2f}x"
                 + ("" if row["same_tokens_as_plain"] else " (tokens differ from plain decoding)")
             )
     else:
@@ -595,11 +652,13 @@ def need_matplotlib():
 
 
 def write_plots(result: dict, out_dir: str | Path) -> list[Path]:
-    """PNG plots: decode tokens/s vs batch, prefill and decode tokens/s vs prompt length, bytes per token."""
+    """PNG plots: decode tokens/s vs batch, prefill and decode tokens/s vs prompt length, bytes per token, and
+    (with MTP rows) MTP speed-up and acceptance per draft position vs batch."""
     plt = need_matplotlib()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    impls, c = result["impls"], result["checkpoint"]
+    impls, c, n = result["impls"], result["checkpoint"], result["settings"]["decode_tokens"]
+    plen = result["settings"]["decode_prompt_len"]
     subtitle = (
         f"hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['n_routed_experts']} experts, {c['dtype']}"
     )
@@ -630,8 +689,8 @@ def write_plots(result: dict, out_dir: str | Path) -> list[Path]:
     log_axis(ax, [p["batch"] for p in result["batch_sizes"]])
     ax.set(
         xlabel="batch size",
-        ylabel="decode tokens/s",
-        title=f"Decode, prompt {result['settings']['decode_prompt_len']}\n{subtitle}",
+        ylabel=f"decode tokens/s (tokens 2..{n}, all rows)",
+        title=f"Decode, prompt {plen}, {n} new tokens per row\n{subtitle}",
     )
     ax.legend()
     ax.grid(alpha=0.3)
@@ -641,8 +700,14 @@ def write_plots(result: dict, out_dir: str | Path) -> list[Path]:
     for name in impls:
         curve(axes[0], result["prompt_lengths"], "prompt_len", "prefill_tokens_per_s", name)
         curve(axes[1], result["prompt_lengths"], "prompt_len", "decode_tokens_per_s", name)
-    axes[0].set(xlabel="prompt length", ylabel="prefill tokens/s", title=f"Prefill, batch 1\n{subtitle}")
-    axes[1].set(xlabel="prompt length (context)", ylabel="decode tokens/s", title=f"Decode, batch 1\n{subtitle}")
+    axes[0].set(
+        xlabel="prompt length", ylabel="prefill tokens/s (prompt / TTFT)", title=f"Prefill, batch 1\n{subtitle}"
+    )
+    axes[1].set(
+        xlabel="prompt length (context)",
+        ylabel=f"decode tokens/s (tokens 2..{n})",
+        title=f"Decode, batch 1, {n} new tokens\n{subtitle}",
+    )
     for ax in axes:
         log_axis(ax, [p["prompt_len"] for p in result["prompt_lengths"]])
         ax.legend()
@@ -660,4 +725,38 @@ def write_plots(result: dict, out_dir: str | Path) -> list[Path]:
     axes[1].bar_label(bars, fmt="%.3f")
     axes[1].set(ylabel="bytes per parameter", title="Resident weights")
     save(fig, "memory_per_token.png")
+    if result["mtp"]["rows"]:
+        save(_mtp_figure(plt, result, subtitle, log_axis), "mtp_vs_batch.png")
     return written
+
+
+def _mtp_figure(plt, result: dict, subtitle: str, log_axis):
+    """MTP speed-up over plain decoding (error bars: min-max of the per-run ratios) and acceptance per draft
+    position, both against batch size, one line per draft count k."""
+    rows, n = result["mtp"]["rows"], result["settings"]["decode_tokens"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, k in enumerate(sorted({row["k"] for row in rows})):
+        mine = [row for row in rows if row["k"] == k]
+        xs = [row["batch"] for row in mine]
+        ys = [row["speedup"] for row in mine]
+        lo = [max(y - row["speedup_per_run"]["min"], 0.0) for y, row in zip(ys, mine, strict=True)]
+        hi = [max(row["speedup_per_run"]["max"] - y, 0.0) for y, row in zip(ys, mine, strict=True)]
+        axes[0].errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=f"C{i}", label=f"k={k}")
+        for j, style in zip(range(k), ("-", "--", ":", "-."), strict=False):
+            acc = [row["acceptance_rate"][j] for row in mine]
+            axes[1].plot(xs, acc, marker="o", linestyle=style, color=f"C{i}", label=f"k={k}, draft j={j + 1}")
+    axes[0].axhline(1.0, color="grey", linestyle="--", linewidth=1, label="plain decoding")
+    plen = result["settings"]["decode_prompt_len"]
+    axes[0].set(
+        xlabel="batch size",
+        ylabel=f"decode speed-up over plain (tokens 2..{n})",
+        title=f"MTP speed-up, prompt {plen}, {n} new tokens\n{subtitle}",
+    )
+    axes[1].set(xlabel="batch size", ylabel="share of verify steps accepting draft j", ylim=(0, 1.05))
+    axes[1].set_title("MTP acceptance per draft position (greedy)\nrandom-id prompts")
+    batches = sorted({row["batch"] for row in rows})
+    for ax in axes:
+        log_axis(ax, batches)
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    return fig

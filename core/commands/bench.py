@@ -1,4 +1,4 @@
-"""``dsv3 bench``: prefill/decode speed, time to first token, KV-cache and weight memory, MTP gains.
+"""``dsv3 bench``: prefill/decode speed, time to first token, KV-cache and weight memory, MTP gains per batch size.
 
 Optionally side by side with transformers on the same checkpoint and dtype (``--against transformers``).
 Prints a table; ``--json FILE`` writes every figure; ``--plot-dir DIR`` writes PNG plots (needs matplotlib).
@@ -27,21 +27,20 @@ from ..errors import Dsv3Error
 from .run import add_model_args
 
 
-def _ints(text: str, flag: str, allow_zero: bool = False) -> tuple[int, ...]:
+def _ints(text: str, flag: str) -> tuple[int, ...]:
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
+        return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise Dsv3Error(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if allow_zero and values == (0,):
-        return ()
-    return values
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure speed and memory (optionally against transformers)")
     add_model_args(p)
     p.add_argument("--prompt-lens", default="16,64,256", help="prompt lengths for prefill/TTFT (batch 1)")
-    p.add_argument("--batch-sizes", default="1,8,32", help="batch sizes for decode speed")
+    p.add_argument(
+        "--batch-sizes", default="1,8,32", help="batch sizes for decode speed and MTP (at --decode-prompt-len)"
+    )
     p.add_argument("--decode-tokens", type=int, default=32, help="tokens generated per decode run")
     p.add_argument("--decode-prompt-len", type=int, default=64, help="prompt length of the batch-size and MTP runs")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per figure (min/median/max)")
@@ -49,7 +48,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--mtp",
         default="1,2",
-        help="MTP draft counts to measure, at the first batch size (0: none; skipped without MTP layers)",
+        help="MTP draft counts to measure at every batch size, each against plain decoding timed in the same "
+        "turns (0: plain decoding, always measured; --mtp 0: no MTP; skipped without MTP layers)",
     )
     p.add_argument("--against", choices=PEERS, help="also measure this implementation on the same checkpoint")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -67,7 +67,7 @@ def main(args) -> int:
         decode_prompt_len=args.decode_prompt_len,
         repeats=args.repeats,
         warmup=args.warmup,
-        mtp=_ints(args.mtp, "--mtp", allow_zero=True),
+        mtp=_ints(args.mtp, "--mtp"),
         seed=args.seed,
     )
     # everything that can fail fast does, before minutes of measuring

@@ -13,6 +13,7 @@ import sys
 import pytest
 from safetensors import safe_open
 
+from dsv3.bench import busy_note
 from dsv3.cli import main as dsv3_main
 from tests.helpers import make_checkpoint, quantize_checkpoint
 
@@ -116,11 +117,54 @@ def test_memory_figures_follow_the_checkpoint(against, tiny_ckpt):
 
 def test_mtp_rows(against):
     r, _, _ = against
-    (row,) = r["mtp"]["rows"]
-    assert row["k"] == 1 and row["batch"] == 1 and len(row["acceptance_rate"]) == 1
-    assert 0.0 <= row["acceptance_rate"][0] <= 1.0 and 1.0 <= row["tokens_per_forward"] <= 2.0
-    assert row["speedup"] > 0 and row["decode_tokens_per_s"]["median"] > 0
-    assert row["same_tokens_as_plain"] is True  # greedy MTP is lossless
+    rows = r["mtp"]["rows"]
+    assert [(row["k"], row["batch"]) for row in rows] == [(1, 1), (1, 2)]  # at every batch size
+    for row, point in zip(rows, r["batch_sizes"], strict=True):
+        assert len(row["acceptance_rate"]) == 1 and 0.0 <= row["acceptance_rate"][0] <= 1.0
+        assert 1.0 <= row["tokens_per_forward"] <= 2.0
+        assert row["speedup"] > 0 and row["decode_tokens_per_s"]["median"] > 0
+        assert row["same_tokens_as_plain"] is True  # greedy MTP is lossless
+        # plain decoding is the batch table's dsv3 figure, the same runs: the two can never disagree
+        assert row["plain_decode_tokens_per_s"] == point["dsv3"]["decode_tokens_per_s"]
+        assert len(row["speedup_per_run"]["runs"]) == 1
+
+
+def test_shared_point_measured_once_and_labelled(against):
+    r, _, stdout = against
+    # batch 1 / prompt 4 is in both sweeps: one measurement, shown in both tables and said so
+    assert r["prompt_lengths"][0]["dsv3"] == r["batch_sizes"][0]["dsv3"]
+    assert "(prompt 4: the same runs as batch 1 of the next table)" in stdout
+    assert "tokens 2..3 of every row, TTFT excluded" in stdout and "TTFT ms: call to first token" in stdout
+    assert "By prompt length: batch 1, 3 new tokens" in stdout
+    assert "By batch size: prompt 4, 3 new tokens per row" in stdout
+    assert "plain = the dsv3 row of the batch table, timed in the same turns" in stdout
+    assert "  batch 2, k=1: acceptance per draft position" in stdout
+
+
+def test_mtp_zero_is_plain_decoding(tiny_ckpt, tmp_path):
+    """--mtp 0,1: 0 is plain decoding (always measured), so only k=1 rows; --mtp 0: none, and said."""
+    out = tmp_path / "b.json"
+    args = ["bench", "--ckpt-path", str(tiny_ckpt), *FAST, "--batch-sizes", "2", "--json", str(out)]
+    code, stdout, err = run_cli([*args, "--mtp", "0,1"])
+    assert code == 0, err  # before: "--mtp takes draft counts >= 1"
+    r = json.loads(out.read_text())
+    assert r["settings"]["mtp"] == [1] and [row["k"] for row in r["mtp"]["rows"]] == [1]
+    code, stdout, err = run_cli([*args, "--mtp", "0"])
+    assert code == 0, err
+    r = json.loads(out.read_text())
+    assert r["mtp"] == {"rows": [], "note": "not asked (--mtp 0)"} and "not asked (--mtp 0)" in stdout
+
+
+def test_busy_machine_is_noted():
+    r = {"machine": {"cpu_count": 2, "torch_threads": 2}, "load_average_before": [3.1, 2, 1]}
+    r["load_average_after"] = [1.0, 1, 1]
+    note = busy_note(r)
+    assert note.startswith("note: the machine was busy (1-minute load average up to 3.1 on 2 CPUs)")
+    assert "--threads 1 is steadier" in note
+    r["machine"]["torch_threads"] = 1
+    assert "--threads" not in busy_note(r)
+    r["load_average_before"] = [1.5, 1, 1]
+    assert busy_note(r) is None
 
 
 def test_plots_written(against):
@@ -128,7 +172,7 @@ def test_plots_written(against):
         pytest.skip("matplotlib is not installed (pip install 'dsv3[bench]'): no plots to check")
     _, plots, _ = against
     names = sorted(p.name for p in plots.iterdir())
-    assert names == ["decode_vs_batch.png", "memory_per_token.png", "tokens_vs_prompt_length.png"]
+    assert names == ["decode_vs_batch.png", "memory_per_token.png", "mtp_vs_batch.png", "tokens_vs_prompt_length.png"]
     for name in names:
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
@@ -163,6 +207,7 @@ def test_quantized_checkpoint_peer_is_reported_not_fatal(tiny_ckpt, tmp_path):
         (["--batch-sizes", "0"], "--batch-sizes must be"),
         (["--decode-tokens", "1"], "--decode-tokens must be at least 2"),
         (["--prompt-lens", "4,126"], "max_position_embeddings"),
+        (["--mtp", "1,-1"], "--mtp takes draft counts >= 0"),
     ],
 )
 def test_bad_settings_one_line_and_nothing_written(tiny_ckpt, tmp_path, extra, message):
