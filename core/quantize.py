@@ -18,15 +18,17 @@ import torch.nn.functional as F
 
 from .config import QuantConfig
 from .errors import Dsv3Error
-from .weights import FP8_BLOCK, FP8_BLOCK_SIZE, HP, INT8_W8A8, INT8_WO, Weight
-
-#: Largest finite value of each fp8 storage dtype.
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
-INT8_MAX = 127.0
-#: Floor on a block's (or row's) amax: keeps the scale of an all-zero block finite, as DeepGEMM does.
-AMAX_FLOOR = 1e-4
-#: Scale formats a quantization_config may name ("ue8m0": scales are powers of two).
-SCALE_FMTS = (None, "ue8m0")
+from .weights import (
+    AMAX_FLOOR,
+    FP8_BLOCK,
+    FP8_BLOCK_SIZE,
+    FP8_MAX,
+    HP,
+    INT8_MAX,
+    INT8_W8A8,
+    INT8_WO,
+    Weight,
+)
 
 
 def expand_blocks(scale: torch.Tensor, rows: int, cols: int, block: int = FP8_BLOCK_SIZE) -> torch.Tensor:

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backends.cpu_ref.basic import nucleus
 from .errors import Dsv3Error
 from .generate import GenerationOutput, SamplingParams, check_lengths
 from .model import ModelCache, Transformer, cache_rows
+from .sampling import nucleus
 
 NO_MTP = "checkpoint has no MTP layers (num_nextn_predict_layers=0)"
 

@@ -24,7 +24,15 @@ INT8_WO = "int8_wo"
 FORMATS = (HP, FP8_BLOCK, INT8_W8A8, INT8_WO)
 
 FP8_BLOCK_SIZE = 128
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+#: Largest finite value of each fp8 storage dtype (e4m3fnuz: AMD MI300's variant).
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
+FP8_DTYPES = tuple(FP8_MAX)
+INT8_MAX = 127.0
+#: Floor on a block's (or row's, or activation group's) amax: keeps the scale of an all-zero group finite,
+#: as DeepGEMM does. Every backend uses it, so all-zero inputs quantize alike everywhere.
+AMAX_FLOOR = 1e-4
+#: Scale formats a quantization_config may name ("ue8m0": scales are powers of two).
+SCALE_FMTS = (None, "ue8m0")
 
 ACT_QUANT_MODES = ("none", "dynamic")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv3.sampling import nucleus
+
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """ids (B, T) int64, weight (V, D) -> (B, T, D) weight.dtype."""
@@ -30,26 +32,6 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """gate, up (..., I) -> silu(gate) * up (..., I)."""
     return F.silu(gate) * up
-
-
-def nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits (B, V), temperature (B,), top_p (B,) -> the top-p nucleus of softmax(logits / T), sorted.
-
-    Returns (probabilities (B, V) fp32 in descending order, zero outside the nucleus and not
-    renormalized; their token ids (B, V) int64). The nucleus is the smallest set of most likely
-    tokens whose mass reaches top_p; it always holds the most likely token, so a top_p that no
-    token reaches (0, or smaller than every probability) keeps just that one, as vLLM does.
-    Rows with temperature <= 0 are computed at temperature 1 (the caller takes their argmax).
-    Logits are shifted by their maximum before the division, so a tiny temperature gives the
-    argmax's one-hot instead of inf / inf.
-    """
-    logits = logits.float()
-    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature)).unsqueeze(-1)
-    probs = torch.softmax((logits - logits.amax(-1, keepdim=True)) / t, dim=-1)
-    sorted_p, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_p.cumsum(-1) - sorted_p >= top_p.unsqueeze(-1)  # mass before a token already reaches top_p
-    outside[:, 0] = False
-    return sorted_p.masked_fill(outside, 0.0), order
 
 
 def sample(

@@ -6,8 +6,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.weights import FP8_DTYPES
+
 from .jit_utils import round_to
-from .runtime import FP8_DTYPES, HP_DTYPES, QBLOCK, cdiv, check_device, check_tensor, interpreting, next_pow2, require
+from .runtime import HP_DTYPES, QBLOCK, cdiv, check_device, check_tensor, interpreting, next_pow2, require
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 

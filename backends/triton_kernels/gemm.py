@@ -26,9 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.weights import FP8_DTYPES
+
 from .jit_utils import round_to
 from .runtime import (
-    FP8_DTYPES,
     HP_DTYPES,
     QBLOCK,
     cdiv,

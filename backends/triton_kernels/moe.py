@@ -16,9 +16,11 @@ import dataclasses
 
 import torch
 
+from dsv3.weights import FP8_DTYPES
+
 from .gemm import A_FP8, A_HP, A_INT8, B_FP8, B_HP, B_INT8, ROWS_GATHER, ROWS_SCATTER, launch_gemm, pick_config
 from .quant import act_quant_fp8, act_quant_int8
-from .runtime import FP8_DTYPES, HP_DTYPES, QBLOCK, cdiv, check_device, check_tensor, require
+from .runtime import HP_DTYPES, QBLOCK, cdiv, check_device, check_tensor, require
 
 
 def align_by_expert(

@@ -11,12 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv3.weights import AMAX_FLOOR, FP8_DTYPES, FP8_MAX
+
 from .jit_utils import round_half_even, round_to_fp8_grid, round_up_pow2, row_max
 from .runtime import (
-    AMAX_FLOOR,
-    FP8_DTYPES,
     FP8_EMIN,
-    FP8_MAX,
     HP_DTYPES,
     QBLOCK,
     cdiv,

@@ -7,16 +7,15 @@ import os
 
 import torch
 
+from dsv3.weights import FP8_BLOCK_SIZE
+
 INTERPRET_ENV = "TRITON_INTERPRET"
 _TRUE = ("1", "true", "on", "yes")
 
-#: Largest finite value and smallest normal exponent of each FP8 format.
-FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e4m3fnuz: 240.0}
+#: Smallest normal exponent of each FP8 format.
 FP8_EMIN = {torch.float8_e4m3fn: -6, torch.float8_e4m3fnuz: -7}
-FP8_DTYPES = tuple(FP8_MAX)
 HP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-QBLOCK = 128  # the block of the fp8_block format (weights 128 x 128, activations 1 x 128)
-AMAX_FLOOR = 1e-4  # as cpu_ref: keeps all-zero groups finite
+QBLOCK = FP8_BLOCK_SIZE  # the block of the fp8_block format (weights 128 x 128, activations 1 x 128)
 
 
 def interpreting() -> bool:

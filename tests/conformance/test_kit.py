@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import registry
-from dsv3.backends.cpu_ref import basic, moe, quant
+from dsv3.backends.cpu_ref import basic, moe
 from dsv3.cli import main as cli_main
 from dsv3.conformance import run_conformance
 from dsv3.hookspecs import BackendInfo, OpRequest, hookimpl
-from dsv3.weights import FORMATS, FP8_BLOCK, HP, INT8_W8A8, Weight
+from dsv3.weights import AMAX_FLOOR, FORMATS, FP8_BLOCK, FP8_MAX, HP, INT8_W8A8, Weight
 
 
 def planted(name: str, op: str, impl_for) -> registry.Backend:
@@ -103,14 +103,14 @@ def _dequant(w: Weight, dtype: torch.dtype) -> torch.Tensor:
 def _fp8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
     """Kernel-style: per 128-channel block, e4m3 x e4m3 products, scaled partial sums added in float32."""
     fp8 = w.data.dtype
-    fmax = quant.FP8_MAX[fp8]
+    fmax = FP8_MAX[fp8]
     shape, k, b = x.shape, x.shape[-1], w.block_size
     x2 = x.reshape(-1, k).float()
     acc = torch.zeros(x2.shape[0], w.out_features)
     w_scale = _blocks(w.scale.float(), w.out_features, w.scale.shape[-1] * b, b)[:, ::b]  # (out, K/b)
     for j, start in enumerate(range(0, k, b)):
         xb = x2[:, start : start + b]
-        s = xb.abs().amax(-1, keepdim=True).clamp(min=quant.AMAX_FLOOR) / fmax
+        s = xb.abs().amax(-1, keepdim=True).clamp(min=AMAX_FLOOR) / fmax
         if w.scale_fmt == "ue8m0":
             s = torch.exp2(torch.ceil(torch.log2(s)))
         q = (xb * (1.0 / s)).clamp(-fmax, fmax).to(fp8)  # a reciprocal multiply, not cpu_ref's division
@@ -122,7 +122,7 @@ def _fp8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
 def _int8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
-    s = x2.abs().amax(-1, keepdim=True).clamp(min=quant.AMAX_FLOOR) / 127.0
+    s = x2.abs().amax(-1, keepdim=True).clamp(min=AMAX_FLOOR) / 127.0
     q = torch.round(x2 * (1.0 / s)).clamp(-127, 127).long()
     acc = q @ w.data.long().t()  # exact integers
     return (acc.float() * s * w.scale.float()[None, :]).to(x.dtype).reshape(*shape[:-1], w.out_features)
