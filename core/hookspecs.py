@@ -5,9 +5,20 @@ A backend is a pluggy plugin (a module or object) registered under the entry-poi
 
 Each ``dsv3_op_*`` hook is asked once, when a model is built, with an :class:`OpRequest`
 (the weight format, the activation-quantization mode, the compute dtype). It returns the
-implementation, a plain callable with the signature given in the hook's docstring, or ``None``
-to decline (for example a weight format its hardware cannot serve). What the chosen backend
-declines is taken from ``cpu_ref`` and reported. Pluggy is never called per token.
+implementation, a plain callable with the signature of the hook's return type (one
+``typing.Protocol`` per operator below, shapes in its docstring and the hook's), or ``None``
+to decline (for example a weight format its hardware cannot serve). Pluggy is never called per
+token.
+
+How backends compose: each is asked alone. The registry gives every discovered backend a
+PluginManager of its own, holding just that plugin, made once at discovery; a model build asks
+the chosen backend for each operator and takes what it declines from ``cpu_ref``, which never
+declines (reported: ``OpTable.sources`` and ``OpTable.fallbacks``, and a line on stderr). Backends
+never see each other, so pluggy's ordering markers (``tryfirst``/``trylast``) mean nothing here.
+
+Versions: :data:`CONTRACT_VERSION` numbers this contract. A backend declares the version it was
+written for in ``BackendInfo.contract_version``; the registry refuses any other version (and a
+backend that declares none) with one line naming the plugin and both versions.
 
 Shapes use: B batch, T new tokens, S cache positions, N = B*T flattened tokens, H heads,
 V vocabulary, E routed experts, k experts per token, C kv_lora_rank, R qk_rope_head_dim.
@@ -16,15 +27,25 @@ V vocabulary, E routed experts, k experts per token, C kv_lora_rank, R qk_rope_h
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pluggy
 import torch
+from torch import Tensor
+
+from .weights import Weight
+
+if TYPE_CHECKING:
+    from .config import Routing
 
 PROJECT = "dsv3"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+#: This contract's version. 1: the unversioned contract of dsv3 0.1 (untyped, ``extra["whole_model"]``).
+#: 2: an operator Protocol per hook, ``BackendInfo.contract_version`` and ``BackendInfo.whole_model``.
+CONTRACT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -42,35 +63,155 @@ class OpRequest:
     dtype: torch.dtype = torch.bfloat16
 
 
+# ---------------------------------------------------------------------- operator signatures
+# What each dsv3_op_* hook returns. Parameters are positional (an implementation may name them as
+# it likes); shapes and semantics are in the hook of the same name below.
+class EmbeddingOp(Protocol):
+    def __call__(self, ids: Tensor, weight: Tensor, /) -> Tensor:
+        """ids (B, T) int64, weight (V, D) -> (B, T, D) weight.dtype."""
+
+
+class RmsNormOp(Protocol):
+    def __call__(self, x: Tensor, weight: Tensor, eps: float, /) -> Tensor:
+        """x (..., D), weight (D,) -> (..., D) x.dtype."""
+
+
+class RotaryOp(Protocol):
+    def __call__(self, x: Tensor, cos: Tensor, sin: Tensor, /) -> Tensor:
+        """x (B, T, H, R), cos/sin (B, T, R/2) fp32 -> (B, T, H, R) x.dtype."""
+
+
+class AttentionOp(Protocol):
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, scale: float, /) -> Tensor:
+        """q (B, T, H, Dqk), k (B, S, H, Dqk), v (B, S, H, Dv), q_pos (B, T) int64 -> (B, T, H, Dv)."""
+
+
+class MlaLatentAttentionOp(Protocol):
+    def __call__(
+        self, q_latent: Tensor, q_pe: Tensor, kv: Tensor, pe: Tensor, q_pos: Tensor, scale: float, /
+    ) -> Tensor:
+        """q_latent (B, T, H, C), q_pe (B, T, H, R), kv (B, S, C), pe (B, S, R), q_pos (B, T) -> (B, T, H, C)."""
+
+
+class LinearOp(Protocol):
+    def __call__(self, x: Tensor, w: Weight, /) -> Tensor:
+        """x (..., in), w (out, in) in the requested format -> (..., out) x.dtype."""
+
+
+class DequantizeOp(Protocol):
+    def __call__(self, w: Weight, dtype: torch.dtype, /) -> Tensor:
+        """w (..., out, in) in the requested format -> (..., out, in) dtype."""
+
+
+class MoeGateOp(Protocol):
+    def __call__(
+        self, x: Tensor, gate_weight: Tensor, bias: Tensor | None, routing: Routing, /
+    ) -> tuple[Tensor, Tensor]:
+        """x (N, D), gate_weight (E, D) fp32, bias (E,) fp32 or None -> weights (N, k) fp32, ids (N, k) int64."""
+
+
+class MoeExpertsOp(Protocol):
+    def __call__(
+        self, x: Tensor, weights: Tensor, ids: Tensor, w1: Weight, w3: Weight, w2: Weight, expert_offset: int = 0, /
+    ) -> Tensor:
+        """x (N, D), weights/ids (N, k), w1/w3 (E, I, D), w2 (E, D, I) -> (N, D) x.dtype."""
+
+
+class SiluAndMulOp(Protocol):
+    def __call__(self, gate: Tensor, up: Tensor, /) -> Tensor:
+        """gate, up (..., I) -> (..., I)."""
+
+
+class SampleOp(Protocol):
+    def __call__(
+        self, logits: Tensor, temperature: Tensor, top_p: Tensor, generator: torch.Generator | None, /
+    ) -> Tensor:
+        """logits (B, V) fp32, temperature (B,), top_p (B,) -> (B,) int64."""
+
+
+# ---------------------------------------------------------------------- load-time hooks of BackendInfo
+class PrepareWeight(Protocol):
+    def __call__(self, w: Weight, /) -> Weight | None:
+        """A loaded weight (on the backend's device) -> the weight the hardware needs, or None to keep it."""
+
+
+class ConvertWeight(Protocol):
+    def __call__(self, w: Weight, fmt: str, /) -> Weight:
+        """w (out, in) on the CPU in the checkpoint's format -> the same matrix in ``fmt``."""
+
+
+class WholeModel(Protocol):
+    """What a whole-graph backend's factory returns: the parts of a model that generation and scoring use."""
+
+    cfg: Any  # dsv3.config.ModelConfig of the exported model
+
+    def __call__(
+        self, tokens: Tensor, positions: Tensor | None = None, cache: Any = None, rows: Tensor | None = None
+    ) -> Tensor:
+        """tokens (B, T) int64 -> hidden states (B, T, D) after the final norm (as ``Transformer.forward``)."""
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden (..., D) -> (..., V) float32."""
+
+    def new_cache(self, max_batch: int, max_len: int) -> Any:
+        """A cache for ``max_batch`` rows of ``max_len`` positions."""
+
+
+class WholeModelFactory(Protocol):
+    def __call__(
+        self,
+        path: Any,
+        *,
+        dtype: Any,
+        attn_impl: str,
+        act_quant: str,
+        config: Any,
+        weight_format: str | None,
+        parallel: Any,
+        progress: bool | None,
+    ) -> WholeModel:
+        """Load the checkpoint directory ``path`` as one whole graph (``dsv3.load``'s arguments)."""
+
+
 @dataclass
 class BackendInfo:
     """What a backend says about itself.
 
     name: the name users pass to ``--backend``.
+    description: one line for ``dsv3 backends``.
+    contract_version: the :data:`CONTRACT_VERSION` this backend was written for (0: none declared,
+        refused like any other mismatch).
     device: the torch device its tensors live on (``"cpu"``, ``"cuda"``, ``"npu"``...).
     dist_backend: the torch.distributed backend for many devices (gloo, nccl, hccl).
     formats: the weight formats it implements itself; others fall back to cpu_ref.
     unusable_reason: ``None`` when usable on this machine, else one line saying why not.
-    prepare_weight: optional hook to convert a loaded weight into what the hardware needs
-        (e.g. e4m3fn -> e4m3fnuz on MI300), called once per weight at load.
+    prepare_weight: convert a loaded weight into what the hardware needs (e.g. e4m3fn ->
+        e4m3fnuz on MI300), called once per quantized weight at load; None: weights stay as loaded.
     convert_formats: checkpoint weight formats this backend cannot hold, each mapped to the
         formats it converts them to at load, default first (e.g. ascend:
         ``{"fp8_block": ("hp", "int8_w8a8")}``). The model is built in the target format and the
         loader converts each weight as it is read; nothing converted is written to disk.
-    convert_weight: ``convert_weight(w: Weight (out, in) on the CPU, fmt: str) -> Weight in fmt``,
-        called once per matrix (per expert for stacked experts) of each converted linear.
-        An ``hp`` result may be float32: the loader casts it to the compute dtype.
+    convert_weight: called once per matrix (per expert for stacked experts) of each converted
+        linear; required with ``convert_formats``. An ``hp`` result may be float32: the loader
+        casts it to the compute dtype.
+    whole_model: set by a backend that runs whole exported graphs instead of an operator table
+        (onnxruntime): ``dsv3.load`` calls it in place of building the model, and commands that
+        need layers (``dsv3 parity``) or operators (``dsv3 conformance``) say they cannot use it.
+        Such a backend implements no ``dsv3_op_*`` hook.
+    extra: free-form facts for people (shown by nothing in dsv3's logic; e.g. the fp8 dtype).
     """
 
     name: str
     description: str
+    contract_version: int = 0
     device: str = "cpu"
     dist_backend: str = "gloo"
     formats: tuple[str, ...] = ("hp",)
     unusable_reason: str | None = None
-    prepare_weight: Callable | None = None
+    prepare_weight: PrepareWeight | None = None
     convert_formats: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    convert_weight: Callable | None = None
+    convert_weight: ConvertWeight | None = None
+    whole_model: WholeModelFactory | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -83,14 +224,14 @@ class BackendSpec:
 
     # ------------------------------------------------------------------ norms / embedding
     @hookspec(firstresult=True)
-    def dsv3_op_embedding(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_embedding(self, request: OpRequest) -> EmbeddingOp | None:
         """``embedding(ids (B, T) int64, weight (V, D) compute dtype) -> (B, T, D) compute dtype``.
 
         Row lookup. Never declines in cpu_ref.
         """
 
     @hookspec(firstresult=True)
-    def dsv3_op_rms_norm(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_rms_norm(self, request: OpRequest) -> RmsNormOp | None:
         """``rms_norm(x (..., D) any float, weight (D,), eps: float) -> (..., D) x.dtype``.
 
         ``x / sqrt(mean(x**2) + eps) * weight``, computed in float32 and cast back to x.dtype.
@@ -98,7 +239,7 @@ class BackendSpec:
 
     # ------------------------------------------------------------------ rotary
     @hookspec(firstresult=True)
-    def dsv3_op_rotary(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_rotary(self, request: OpRequest) -> RotaryOp | None:
         """``rotary(x (B, T, H, R), cos (B, T, R/2) fp32, sin (B, T, R/2) fp32) -> (B, T, H, R) x.dtype``.
 
         Interleaved RoPE: adjacent pairs ``(x[2i], x[2i+1])`` rotate by the angle of
@@ -107,7 +248,7 @@ class BackendSpec:
 
     # ------------------------------------------------------------------ MLA attention
     @hookspec(firstresult=True)
-    def dsv3_op_attention(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_attention(self, request: OpRequest) -> AttentionOp | None:
         """Naive MLA attention over per-head keys and values.
 
         ``attention(q (B, T, H, Dqk), k (B, S, H, Dqk), v (B, S, H, Dv), q_pos (B, T) int64,
@@ -119,7 +260,7 @@ class BackendSpec:
         """
 
     @hookspec(firstresult=True)
-    def dsv3_op_mla_latent_attention(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_mla_latent_attention(self, request: OpRequest) -> MlaLatentAttentionOp | None:
         """Weight-absorbed MLA attention over the latent cache (prefill and decode).
 
         ``mla_latent_attention(q_latent (B, T, H, C), q_pe (B, T, H, R), kv (B, S, C),
@@ -131,7 +272,7 @@ class BackendSpec:
 
     # ------------------------------------------------------------------ GEMM and quantization
     @hookspec(firstresult=True)
-    def dsv3_op_linear(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_linear(self, request: OpRequest) -> LinearOp | None:
         """``linear(x (..., in) compute dtype, w: Weight (out, in) in request.fmt) -> (..., out) x.dtype``.
 
         ``y = x @ dequant(w).T``. With ``act_quant == "none"`` the weight is dequantized and the
@@ -142,7 +283,7 @@ class BackendSpec:
         """
 
     @hookspec(firstresult=True)
-    def dsv3_op_dequantize(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_dequantize(self, request: OpRequest) -> DequantizeOp | None:
         """``dequantize(w: Weight (..., out, in) in request.fmt, dtype) -> (..., out, in) dtype``.
 
         The weight in high precision (block scales or channel scales applied). For ``hp``, a cast.
@@ -150,7 +291,7 @@ class BackendSpec:
 
     # ------------------------------------------------------------------ MoE
     @hookspec(firstresult=True)
-    def dsv3_op_moe_gate(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_moe_gate(self, request: OpRequest) -> MoeGateOp | None:
         """``moe_gate(x (N, D), gate_weight (E, D) fp32, bias (E,) fp32 or None, routing: Routing)
         -> (weights (N, k) fp32, ids (N, k) int64)``.
 
@@ -163,7 +304,7 @@ class BackendSpec:
         """
 
     @hookspec(firstresult=True)
-    def dsv3_op_moe_experts(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_moe_experts(self, request: OpRequest) -> MoeExpertsOp | None:
         """``moe_experts(x (N, D), weights (N, k) fp32, ids (N, k) int64, w1: Weight (E, I, D),
         w3: Weight (E, I, D), w2: Weight (E, D, I), expert_offset: int) -> (N, D) x.dtype``.
 
@@ -173,12 +314,12 @@ class BackendSpec:
         """
 
     @hookspec(firstresult=True)
-    def dsv3_op_silu_and_mul(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_silu_and_mul(self, request: OpRequest) -> SiluAndMulOp | None:
         """``silu_and_mul(gate (..., I), up (..., I)) -> (..., I)``: ``silu(gate) * up``."""
 
     # ------------------------------------------------------------------ sampling
     @hookspec(firstresult=True)
-    def dsv3_op_sample(self, request: OpRequest) -> Callable | None:
+    def dsv3_op_sample(self, request: OpRequest) -> SampleOp | None:
         """``sample(logits (B, V) fp32, temperature (B,) fp32, top_p (B,) fp32,
         generator: torch.Generator | None) -> (B,) int64``.
 
@@ -193,3 +334,17 @@ class BackendSpec:
 OP_NAMES: tuple[str, ...] = tuple(name[len("dsv3_op_") :] for name in vars(BackendSpec) if name.startswith("dsv3_op_"))
 #: Operators that take a weight format (resolved once per format present in the model).
 WEIGHT_OPS: tuple[str, ...] = ("linear", "dequantize", "moe_experts")
+#: The Protocol each operator hook returns, by operator name (the OpTable's field types).
+OP_PROTOCOLS: dict[str, type] = {
+    "embedding": EmbeddingOp,
+    "rms_norm": RmsNormOp,
+    "rotary": RotaryOp,
+    "attention": AttentionOp,
+    "mla_latent_attention": MlaLatentAttentionOp,
+    "linear": LinearOp,
+    "dequantize": DequantizeOp,
+    "moe_gate": MoeGateOp,
+    "moe_experts": MoeExpertsOp,
+    "silu_and_mul": SiluAndMulOp,
+    "sample": SampleOp,
+}

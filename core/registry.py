@@ -3,12 +3,15 @@
 Backends are discovered through the entry-point group ``dsv3.backends``, the same path for
 in-tree and out-of-tree plugins. ``DSV3_DISABLE_PLUGIN_AUTOLOAD=1`` loads only the backends
 shipped with dsv3 itself (useful when a broken vendor plugin is installed).
+
+Each discovered backend gets one PluginManager, made once (``make_backend``), holding just its
+plugin; every question to that backend (its info, each operator) goes through it.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from types import MappingProxyType
@@ -17,7 +20,24 @@ import pluggy
 
 from . import hookspecs
 from .errors import Dsv3Error
-from .hookspecs import OP_NAMES, WEIGHT_OPS, BackendInfo, OpRequest
+from .hookspecs import (
+    CONTRACT_VERSION,
+    OP_NAMES,
+    WEIGHT_OPS,
+    AttentionOp,
+    BackendInfo,
+    DequantizeOp,
+    EmbeddingOp,
+    LinearOp,
+    MlaLatentAttentionOp,
+    MoeExpertsOp,
+    MoeGateOp,
+    OpRequest,
+    RmsNormOp,
+    RotaryOp,
+    SampleOp,
+    SiluAndMulOp,
+)
 
 ENTRY_POINT_GROUP = "dsv3.backends"
 REFERENCE = "cpu_ref"
@@ -26,13 +46,14 @@ AUTOLOAD_ENV = "DSV3_DISABLE_PLUGIN_AUTOLOAD"
 
 @dataclass
 class Backend:
-    """A discovered backend: its plugin object and what it says about itself."""
+    """A discovered backend: its plugin object, its own PluginManager and what it says about itself."""
 
     name: str
     plugin: object
     info: BackendInfo | None
     load_error: str | None = None
     distribution: str | None = None
+    manager: pluggy.PluginManager | None = field(default=None, repr=False)
 
     @property
     def unusable_reason(self) -> str | None:
@@ -75,14 +96,25 @@ def discover() -> dict[str, Backend]:
 
 
 def make_backend(plugin: object, name: str | None = None, dist: str | None = None) -> Backend:
-    """Wrap a plugin object (module or instance) as a Backend, asking it for its info."""
+    """Wrap a plugin object (module or instance) as a Backend with a PluginManager of its own, asking
+    it for its info once; a plugin written for another contract version is listed as unusable."""
     pm = _new_manager()
     pm.register(plugin)
     try:
         info = pm.hook.dsv3_backend_info()
     except Exception as exc:
-        return Backend(name or repr(plugin), plugin, None, f"dsv3_backend_info raised {exc!r}", dist)
-    return Backend(name or info.name, plugin, info, None, dist)
+        return Backend(name or repr(plugin), plugin, None, f"dsv3_backend_info raised {exc!r}", dist, pm)
+    backend = Backend(name or info.name, plugin, info, None, dist, pm)
+    if info is not None and info.contract_version != CONTRACT_VERSION:
+        backend.load_error = contract_mismatch(backend.name, dist, info.contract_version)
+    return backend
+
+
+def contract_mismatch(name: str, dist: str | None, declared: int) -> str:
+    """One line: plugin ``name`` declares another contract version than this dsv3 implements."""
+    who = f"plugin {name!r}" + (f" (distribution {dist})" if dist else "")
+    said = f"declares contract version {declared}" if declared else "declares no contract version"
+    return f"{who} {said}; this dsv3 implements contract version {CONTRACT_VERSION} (see dsv3.hookspecs)"
 
 
 def get_backend(name: str, backends: dict[str, Backend] | None = None) -> Backend:
@@ -100,36 +132,36 @@ def get_backend(name: str, backends: dict[str, Backend] | None = None) -> Backen
 class OpTable:
     """Operators resolved once for one model: plain attribute lookups on the hot path.
 
-    Weight operators (``linear``, ``dequantize``, ``moe_experts``) are mappings from weight
-    format to implementation. ``sources`` says which backend supplied each (op, format);
-    ``fallbacks`` lists those the chosen backend declined.
+    Each field has the type its hook returns (``dsv3.hookspecs``). Weight operators (``linear``,
+    ``dequantize``, ``moe_experts``) are mappings from weight format to implementation. ``sources``
+    says which backend supplied each (op, format); ``fallbacks`` lists those the chosen backend declined.
     """
 
     backend: str
     act_quant: str
-    embedding: Callable
-    rms_norm: Callable
-    rotary: Callable
-    attention: Callable
-    mla_latent_attention: Callable
-    linear: MappingProxyType
-    dequantize: MappingProxyType
-    moe_gate: Callable
-    moe_experts: MappingProxyType
-    silu_and_mul: Callable
-    sample: Callable
-    sources: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    embedding: EmbeddingOp
+    rms_norm: RmsNormOp
+    rotary: RotaryOp
+    attention: AttentionOp
+    mla_latent_attention: MlaLatentAttentionOp
+    linear: Mapping[str, LinearOp]
+    dequantize: Mapping[str, DequantizeOp]
+    moe_gate: MoeGateOp
+    moe_experts: Mapping[str, MoeExpertsOp]
+    silu_and_mul: SiluAndMulOp
+    sample: SampleOp
+    sources: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def fallbacks(self) -> list[str]:
         return [key for key, src in self.sources.items() if src != self.backend]
 
 
-def _ask(backend: Backend, op: str, request: OpRequest) -> Callable | None:
-    pm = _new_manager()
-    pm.register(backend.plugin)
-    caller = getattr(pm.hook, f"dsv3_op_{op}")
-    return caller(request=request)
+def _ask(backend: Backend, op: str, request: OpRequest):
+    """The backend's answer to one operator hook (an implementation or None), through its own manager."""
+    if backend.manager is None:
+        return None
+    return getattr(backend.manager.hook, f"dsv3_op_{op}")(request=request)
 
 
 def resolve_ops(

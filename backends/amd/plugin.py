@@ -15,7 +15,7 @@ import functools
 import torch
 
 from dsv3.backends.triton_kernels import ops
-from dsv3.hookspecs import BackendInfo, OpRequest, hookimpl
+from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
 from dsv3.weights import FORMATS, FP8_BLOCK, Weight
 
 
@@ -44,6 +44,7 @@ def prepare_weight(w: Weight) -> Weight | None:
 def dsv3_backend_info() -> BackendInfo:
     return BackendInfo(
         name="amd",
+        contract_version=CONTRACT_VERSION,
         description="AMD GPUs (ROCm): Triton kernels (fp8 block-scaled in e4m3fnuz on MI300 / int8 GEMM, "
         "grouped MoE, flash prefill attention, MLA decode, RMSNorm) with hipBLASLt for bf16",
         device=ops.device(),

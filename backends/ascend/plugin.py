@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.hookspecs import BackendInfo, OpRequest, hookimpl
+from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
 from dsv3.weights import HP, INT8_W8A8
 
 from . import attention, convert, gemm, moe, norm_rope, npu
@@ -41,6 +41,7 @@ def dsv3_backend_info() -> BackendInfo:
     tn, reason = npu.probe()
     return BackendInfo(
         name="ascend",
+        contract_version=CONTRACT_VERSION,
         description=f"Huawei Ascend NPU: torch_npu fused operators (torch_npu {npu.version(tn)})",
         device=npu.device_type(tn),
         dist_backend="hccl",

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dsv3.hookspecs import BackendInfo, OpRequest, hookimpl
+from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
 from dsv3.weights import FORMATS
 
 from . import attention as _attention
 from . import basic, moe, quant
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_backend_info() -> BackendInfo:
     return BackendInfo(
         name="cpu_ref",
+        contract_version=CONTRACT_VERSION,
         description="pure PyTorch reference (runs on any device's tensors; the fallback everywhere)",
         device="cpu",
         dist_backend="gloo",
@@ -20,56 +21,56 @@ def dsv3_backend_info() -> BackendInfo:
     )
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_embedding(request: OpRequest):
     return basic.embedding
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_rms_norm(request: OpRequest):
     return basic.rms_norm
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_rotary(request: OpRequest):
     return basic.rotary
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_attention(request: OpRequest):
     return _attention.attention
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_mla_latent_attention(request: OpRequest):
     return _attention.mla_latent_attention
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_linear(request: OpRequest):
     return quant.linear_for(request.fmt, request.act_quant)
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_dequantize(request: OpRequest):
     return quant.dequantize
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_moe_gate(request: OpRequest):
     return moe.moe_gate
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_moe_experts(request: OpRequest):
     return moe.moe_experts_with(quant.linear_for(request.fmt, request.act_quant))
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_silu_and_mul(request: OpRequest):
     return basic.silu_and_mul
 
 
-@hookimpl(trylast=True)
+@hookimpl
 def dsv3_op_sample(request: OpRequest):
     return basic.sample

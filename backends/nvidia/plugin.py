@@ -8,7 +8,7 @@ neither triton nor the kernels.
 from __future__ import annotations
 
 from dsv3.backends.triton_kernels import ops
-from dsv3.hookspecs import BackendInfo, OpRequest, hookimpl
+from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
 from dsv3.weights import FORMATS
 
 
@@ -16,6 +16,7 @@ from dsv3.weights import FORMATS
 def dsv3_backend_info() -> BackendInfo:
     return BackendInfo(
         name="nvidia",
+        contract_version=CONTRACT_VERSION,
         description="NVIDIA GPUs: Triton kernels (fp8 block-scaled / int8 GEMM, grouped MoE, flash prefill "
         "attention, MLA decode, RMSNorm) with cuBLAS for bf16 and checked cuBLASLt fp8/int8 fast paths",
         device=ops.device(),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from dsv3.hookspecs import BackendInfo, hookimpl
+from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, hookimpl
 from dsv3.weights import HP
 
 
@@ -32,6 +32,7 @@ def _whole_model(*args, **kwargs):
 def dsv3_backend_info() -> BackendInfo:
     return BackendInfo(
         name="onnxruntime",
+        contract_version=CONTRACT_VERSION,
         description="ONNX Runtime (CPU execution provider) running the whole exported graph "
         "(`dsv3 export onnx`; exported on first use into a cache directory)",
         device="cpu",

@@ -24,7 +24,7 @@ from dsv3 import registry
 from dsv3.backends.cpu_ref import basic, moe
 from dsv3.cli import main as cli_main
 from dsv3.conformance import run_conformance
-from dsv3.hookspecs import BackendInfo, OpRequest, hookimpl
+from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
 from dsv3.weights import AMAX_FLOOR, FORMATS, FP8_BLOCK, FP8_MAX, HP, INT8_W8A8, Weight
 
 
@@ -34,7 +34,12 @@ def planted(name: str, op: str, impl_for) -> registry.Backend:
     class Plugin:
         @hookimpl
         def dsv3_backend_info(self) -> BackendInfo:
-            return BackendInfo(name=name, description=f"planted error in {op}", formats=FORMATS)
+            return BackendInfo(
+                name=name,
+                description=f"planted error in {op}",
+                contract_version=CONTRACT_VERSION,
+                formats=FORMATS,
+            )
 
     def hook(self, request: OpRequest):
         return impl_for(request)
@@ -216,7 +221,12 @@ class Independent:
 
     @hookimpl
     def dsv3_backend_info(self):
-        return BackendInfo(name="independent", description="second implementation of every op", formats=FORMATS)
+        return BackendInfo(
+            name="independent",
+            description="second implementation of every op",
+            contract_version=CONTRACT_VERSION,
+            formats=FORMATS,
+        )
 
     @hookimpl
     def dsv3_op_embedding(self, request):
@@ -370,7 +380,12 @@ def test_a_wrong_prepare_weight_is_caught():
     class Plugin:
         @hookimpl
         def dsv3_backend_info(self):
-            return BackendInfo(name="mi300ish", description="prepare only", prepare_weight=to_fnuz_forgetting_the_scale)
+            return BackendInfo(
+                name="mi300ish",
+                description="prepare only",
+                contract_version=CONTRACT_VERSION,
+                prepare_weight=to_fnuz_forgetting_the_scale,
+            )
 
     report = run_conformance(registry.make_backend(Plugin(), "mi300ish"), quick=True)
     assert report.failed_ops() == {"prepare_weight"}

@@ -11,7 +11,7 @@ import torch
 
 from dsv3 import registry
 from dsv3.conformance import CASE_GENERATORS, TOLERANCES, Spec, cases_for, run_conformance, tolerance_for, uncovered_ops
-from dsv3.hookspecs import OP_NAMES, WEIGHT_OPS, BackendInfo, hookimpl
+from dsv3.hookspecs import CONTRACT_VERSION, OP_NAMES, WEIGHT_OPS, BackendInfo, hookimpl
 from dsv3.weights import ACT_QUANT_MODES, FORMATS, Weight
 
 
@@ -33,7 +33,7 @@ def test_a_new_hookspec_without_cases_is_reported():
     class NewOp:  # a backend implementing an operator the kit has no cases for
         @hookimpl
         def dsv3_backend_info(self):
-            return BackendInfo(name="new", description="new op")
+            return BackendInfo(name="new", description="new op", contract_version=CONTRACT_VERSION)
 
     report = run_conformance(registry.make_backend(NewOp(), "new"), ops=None, quick=True)
     assert report.ok  # nothing of its own: nothing to fail

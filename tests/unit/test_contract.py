@@ -22,7 +22,8 @@ from dsv3 import hookspecs, registry
 from dsv3.backends.cpu_ref import basic
 from dsv3.backends.cpu_ref import plugin as cpu_ref_plugin
 from dsv3.cli import main as dsv3_main
-from dsv3.hookspecs import OP_NAMES, WEIGHT_OPS, BackendInfo, OpRequest, hookimpl
+from dsv3.errors import Dsv3Error
+from dsv3.hookspecs import CONTRACT_VERSION, OP_NAMES, WEIGHT_OPS, BackendInfo, OpRequest, hookimpl
 from dsv3.weights import ACT_QUANT_MODES, FORMATS
 
 IN_TREE = ("cpu_ref", "nvidia", "amd", "ascend")
@@ -79,7 +80,13 @@ class FakeVendor:
 
     @hookimpl
     def dsv3_backend_info(self) -> BackendInfo:
-        return BackendInfo(name="fakevendor", description="test double", device="cpu", formats=("hp",))
+        return BackendInfo(
+            name="fakevendor",
+            description="test double",
+            contract_version=CONTRACT_VERSION,
+            device="cpu",
+            formats=("hp",),
+        )
 
     @hookimpl
     def dsv3_op_rms_norm(self, request: OpRequest):
@@ -175,7 +182,7 @@ def outside_plugins(tmp_path, monkeypatch):
     """Two plugins of another distribution on sys.path: a working one and one that fails to import."""
     (tmp_path / "vendor_ok.py").write_text(
         "from dsv3.hookspecs import BackendInfo, hookimpl\n\n\n"
-        "@hookimpl\ndef dsv3_backend_info():\n    return BackendInfo(name='vendor_ok', description='outside plugin')\n"
+        "@hookimpl\ndef dsv3_backend_info():\n    return BackendInfo(name='vendor_ok', description='outside plugin', contract_version=2)\n"
     )
     (tmp_path / "vendor_broken.py").write_text("raise ImportError('vendor SDK missing')\n")
     dist = tmp_path / "dsv3_vendor_test-0.1.dist-info"
@@ -203,3 +210,32 @@ def test_disable_plugin_autoload_keeps_only_dsv3s_own(outside_plugins):
     assert set(IN_TREE) <= set(found) and not {"vendor_ok", "vendor_broken"} & set(found)
     assert all(b.distribution == "dsv3" for b in found.values())  # only dsv3's own
     assert "vendor_ok" not in _backends_output("--brief")
+
+
+@pytest.mark.parametrize("declared", [0, 1, CONTRACT_VERSION + 1])
+def test_a_plugin_of_another_contract_version_is_refused_in_one_line(declared, monkeypatch):
+    class OldVendor(FakeVendor):
+        @hookimpl
+        def dsv3_backend_info(self) -> BackendInfo:
+            return BackendInfo(name="oldvendor", description="written for another contract", contract_version=declared)
+
+    backend = registry.make_backend(OldVendor(), dist="dsv3-oldvendor")
+    reason = backend.unusable_reason
+    assert reason is not None and "\n" not in reason
+    assert "'oldvendor'" in reason and "dsv3-oldvendor" in reason and f"contract version {CONTRACT_VERSION}" in reason
+    assert (f"declares contract version {declared}" if declared else "declares no contract version") in reason
+    real_discover = registry.discover
+    monkeypatch.setattr(registry, "discover", lambda: {**real_discover(), "oldvendor": backend})
+    with pytest.raises(Dsv3Error, match="not usable on this machine: plugin 'oldvendor'"):
+        dsv3.load(backend="oldvendor", progress=False)
+
+
+def test_each_backend_has_one_plugin_manager_made_at_discovery(monkeypatch):
+    made = []
+    real_new = registry._new_manager
+    monkeypatch.setattr(registry, "_new_manager", lambda: made.append(1) or real_new())
+    backends = registry.discover()
+    assert len(made) == sum(b.manager is not None for b in backends.values())
+    registry.resolve_ops(backends["cpu_ref"], FORMATS, "dynamic", torch.float32)
+    registry.coverage(backends["cpu_ref"], FORMATS)
+    assert len(made) == sum(b.manager is not None for b in backends.values())  # questions make no new ones

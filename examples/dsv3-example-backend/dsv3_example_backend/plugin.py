@@ -6,7 +6,7 @@ returns an implementation or ``None`` to decline (the op then comes from cpu_ref
 
 from __future__ import annotations
 
-from dsv3.hookspecs import BackendInfo, OpRequest, hookimpl
+from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
 
 from . import ops
 
@@ -15,6 +15,7 @@ from . import ops
 def dsv3_backend_info() -> BackendInfo:
     return BackendInfo(
         name="example",
+        contract_version=CONTRACT_VERSION,
         description="example out-of-tree backend (rms_norm, silu_and_mul, hp linear in plain PyTorch)",
         device="cpu",
         dist_backend="gloo",
