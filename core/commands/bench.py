@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .. import registry
 from ..api import load
 from ..bench import (
     PEERS,
@@ -24,6 +25,7 @@ from ..bench import (
     write_plots,
 )
 from ..errors import Dsv3Error
+from .conformance import refuse_non_file
 from .run import add_model_args
 
 
@@ -59,6 +61,17 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def _check_not_whole_graph(name: str) -> None:
+    """A whole-graph backend (``info.extra["whole_model"]``, e.g. onnxruntime) has no dsv3 model to take apart."""
+    found = registry.discover().get(name)
+    if found is not None and found.info is not None and "whole_model" in found.info.extra:
+        raise Dsv3Error(
+            f"--backend {name}: this backend runs a whole exported graph, which dsv3 bench cannot measure (it "
+            "reads dsv3's own model: its KV cache, weight bytes, MTP modules); time it with dsv3 run --backend "
+            f"{name}, or for onnxruntime with python -m dsv3.backends.onnxruntime.bench"
+        )
+
+
 def main(args) -> int:
     settings = BenchSettings(
         prompt_lens=_ints(args.prompt_lens, "--prompt-lens"),
@@ -76,6 +89,9 @@ def main(args) -> int:
         need_matplotlib()
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise Dsv3Error(f"--json {args.json}: directory {Path(args.json).resolve().parent} does not exist")
+    if args.json:
+        refuse_non_file(Path(args.json))
+    _check_not_whole_graph(args.backend)
     if args.threads is not None:
         if args.threads < 1:
             raise Dsv3Error("--threads must be >= 1")

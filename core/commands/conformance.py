@@ -41,10 +41,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def refuse_non_file(path: Path) -> None:
+    """A Dsv3Error when ``path`` exists and is no regular file: the atomic write would replace a FIFO, a
+    device (``/dev/stdout``, a link to one) or a directory by the report, destroying it."""
+    if path.exists() and not path.is_file():
+        raise Dsv3Error(f"{path}: not a regular file; give the path of a file to write the report to")
+
+
 def _write_atomically(path: Path, text: str) -> None:
     """Write the whole file or nothing: a failure never leaves a half-written report."""
     if path.parent and not path.parent.exists():
         raise Dsv3Error(f"{path}: directory {path.parent} does not exist")
+    refuse_non_file(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:

@@ -71,6 +71,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def _read_text(path: str) -> str:
+    if Path(path).exists() and not Path(path).is_file():  # reading a FIFO blocks for ever, a device never ends
+        raise Dsv3Error(f"--text-file {path}: not a regular file")
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -147,7 +149,7 @@ def context_and_source(args, cfg: ModelConfig, config_file: str) -> tuple[int, s
 def main(args) -> int:
     from ..api import load
     from ..eval import evaluate
-    from .conformance import _write_atomically
+    from .conformance import _write_atomically, refuse_non_file
 
     has_ref = args.against is not None or args.against_ckpt_path is not None
     if not has_ref and (args.against_dtype is not None or args.against_act_quant is not None):
@@ -156,6 +158,8 @@ def main(args) -> int:
         raise Dsv3Error(f"--max-tokens {args.max_tokens}: must be at least 2")
     if args.json and not Path(args.json).parent.exists():
         raise Dsv3Error(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
+    if args.json:
+        refuse_non_file(Path(args.json))
     texts = [_read_text(f) for f in args.text_file]  # before the (slow) loads
 
     engine = load(

@@ -28,8 +28,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import stat
 import subprocess
 import sys
+import threading
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
@@ -354,6 +356,47 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(ckpt, text_file, tmp_path,
 def test_cli_missing_text_file(ckpt, tmp_path, capsys):
     assert _cli(ckpt, tmp_path / "absent.txt") == 2
     assert "absent.txt: no such file" in capsys.readouterr().err
+
+
+def _release_readers(fifo: Path, done: threading.Event) -> threading.Thread:
+    """A thread that opens ``fifo`` for writing whenever a reader waits on it and closes it at once (EOF):
+    the code before the fix opened the FIFO and blocked until a writer came; this keeps the test bounded."""
+
+    def poll() -> None:
+        while not done.is_set():
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: nobody reads it
+                pass
+            done.wait(0.05)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_cli_text_file_that_is_a_fifo_is_refused_unopened(ckpt, tmp_path, capsys):
+    """Before the fix, read_text() blocked on the FIFO for ever (and with a writer read whatever came)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    done = threading.Event()
+    thread = _release_readers(fifo, done)
+    try:
+        assert _cli(ckpt, fifo) == 2
+    finally:
+        done.set()
+        thread.join()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dsv3: error: --text-file {fifo}: not a regular file"]
+
+
+def test_cli_json_that_is_a_fifo_is_not_replaced(ckpt, text_file, tmp_path, capsys):
+    """Before the fix the report was written next to it and renamed over it: the FIFO became a file."""
+    fifo = tmp_path / "report"
+    os.mkfifo(fifo)
+    assert _cli(ckpt, text_file, "--dtype", "float32", "--max-tokens", "40", "--json", str(fifo)) == 2
+    assert f"{fifo}: not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and sorted(tmp_path.iterdir()) == [fifo]
 
 
 # ---------------------------------------------------------------- the MTP module (--mtp)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import stat
 import sys
 
 import pytest
@@ -215,6 +217,26 @@ def test_bad_settings_one_line_and_nothing_written(tiny_ckpt, tmp_path, extra, m
     code, _, err = run_cli(["bench", "--ckpt-path", str(tiny_ckpt), *FAST, *extra, "--json", str(out)])
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_json_path_that_is_a_fifo_is_refused_before_measuring(tiny_ckpt, tmp_path):
+    """Before the fix the report was renamed over it: the FIFO became a regular file."""
+    fifo = tmp_path / "b.json"
+    os.mkfifo(fifo)
+    code, out, err = run_cli(["bench", "--ckpt-path", str(tiny_ckpt), *FAST, "--json", str(fifo)])
+    assert (
+        code == 2
+        and err.strip() == f"dsv3: error: {fifo}: not a regular file; give the path of a file to write the report to"
+    )
+    assert out == "" and stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_whole_graph_backend_is_refused_in_one_line(tiny_ckpt):
+    """onnxruntime runs a whole exported graph: before the fix, bench measured it and then failed with
+    AttributeError on model.ops.act_quant (and on the cache's layout after that)."""
+    code, out, err = run_cli(["bench", "--ckpt-path", str(tiny_ckpt), *FAST, "--backend", "onnxruntime"])
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert "--backend onnxruntime: this backend runs a whole exported graph" in err
 
 
 def test_plot_dir_without_matplotlib_fails_before_measuring(tiny_ckpt, tmp_path, monkeypatch):
