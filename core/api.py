@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +15,15 @@ from . import registry
 from .checkpoint import (
     CheckpointFiles,
     apply_scale_fmt_and_prepare,
+    check_layers_present,
     format_of_checkpoint,
+    inside_checkpoint,
     load_weights,
     share_mtp_duplicates,
 )
-from .config import ModelConfig, load_config
+from .config import ModelConfig, load_config, read_file_bytes
 from .errors import Dsv3Error
-from .generate import SamplingParams, generate
+from .generate import SamplingParams, check_text, generate
 from .model import ATTN_IMPLS, BuildOptions, Transformer
 from .parallel import ParallelContext, agree_on_seed, check_layout
 from .speculative import check_mtp, generate_speculative
@@ -109,6 +113,7 @@ class Engine:
     def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
         """Token ids of a prompt; through the chat template by default (see ``default_chat``) or when chat=True."""
         tok = self._need_tokenizer()
+        check_text(prompt, "prompt")
         use_chat = self.default_chat() if chat is None else chat
         if use_chat:
             if not getattr(tok, "chat_template", None):
@@ -234,8 +239,9 @@ def load(
         kw = dict(dtype=dtype, attn_impl=attn_impl, act_quant=act_quant, config=config, weight_format=weight_format)
         return Engine(whole_model(path, **kw, parallel=parallel, progress=progress), _load_tokenizer(path), path)
     files = CheckpointFiles(path)
-    cfg = load_config(config if config is not None else path / "config.json")
+    cfg = load_config(config if config is not None else inside_checkpoint(path, "config.json"))
     cfg = drop_absent_mtp(cfg, files)
+    check_layers_present(files, cfg)  # before building: the config alone does not decide the model's size
     fmt_of, quant_suffix = format_of_checkpoint(files, cfg)
     if parallel is not None:  # before any weight is read; fp8 splits are checked as stored
         check_layout(cfg, parallel.world_size, fmt_of)
@@ -315,12 +321,70 @@ def fmt_of_quantized(cfg: ModelConfig) -> str:
     return checkpoint_format(cfg.quantization, cfg.source)
 
 
+#: The files a Hugging Face tokenizer reads from a checkpoint directory. Only these, checked (regular
+#: files inside the directory) and copied into a fresh directory, are shown to transformers: it never
+#: sees the checkpoint's Python files, FIFOs or links out of the directory.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "config.json",
+)
+#: Largest tokenizer file read (DeepSeek-V3's tokenizer.json is 7.8 MB; the largest known ones ~35 MB).
+MAX_TOKENIZER_FILE_BYTES = 512 * 2**20
+
+
 def _load_tokenizer(path: Path):
+    """The checkpoint's tokenizer (None when it has none), loaded without ever running checkpoint code.
+
+    A tokenizer_config.json whose ``auto_map`` names a class (a ``tokenization_*.py`` of the checkpoint)
+    is refused in one line: dsv3 does not run it, and transformers is never asked (on a terminal it
+    would offer to run it). transformers also gets ``trust_remote_code=False`` and only the files of
+    ``TOKENIZER_FILES``. Chat templates then render within limits (``dsv3.chat_template``).
+    """
     if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         return None
     from transformers import AutoTokenizer
 
+    from .chat_template import guard
+
+    with tempfile.TemporaryDirectory(prefix="dsv3-tokenizer-") as tmp:
+        for name in TOKENIZER_FILES:
+            if (path / name).exists() or (path / name).is_symlink():
+                data = read_file_bytes(inside_checkpoint(path, name), MAX_TOKENIZER_FILE_BYTES)
+                if name == "tokenizer_config.json":
+                    data = _safe_tokenizer_config(path / name, data)
+                Path(tmp, name).write_bytes(data)
+        try:
+            tok = AutoTokenizer.from_pretrained(tmp, trust_remote_code=False, local_files_only=True)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise Dsv3Error(f"{path}: cannot load the tokenizer ({first})") from None
+    tok.name_or_path = str(path)
+    guard(tok, path)
+    return tok
+
+
+def _safe_tokenizer_config(file: Path, data: bytes) -> bytes:
+    """tokenizer_config.json, refused if it needs custom code, less the keys that name other files or code."""
     try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except Exception as exc:
-        raise Dsv3Error(f"{path}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise Dsv3Error(f"{file}: not UTF-8 JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise Dsv3Error(f"{file}: expected a JSON object")
+    auto_map = raw.pop("auto_map", None)
+    entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+    if entry and (not isinstance(entry, (list, tuple)) or any(entry)):
+        raise Dsv3Error(
+            f"{file}: this checkpoint's tokenizer needs custom code (auto_map {entry!r}), which dsv3 does not run"
+        )
+    raw.pop("fast_tokenizer_files", None)  # names files by version: resolved against a directory we did not check
+    return json.dumps(raw).encode()

@@ -6,7 +6,6 @@ experts, stored one tensor per expert, are stacked into ``(E, out, in)`` at load
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -15,13 +14,14 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .config import ModelConfig
+from .config import ModelConfig, check_regular_file, read_json_file
 from .errors import Dsv3Error
 from .parallel import ParallelContext, local_range, shard_dim
 from .quantize import checkpoint_format
 from .weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight, fp8_scale_shape
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX = "model.safetensors.index.json"
 
 _ATTN = {
     "wq_a": "q_a_proj",
@@ -110,8 +110,35 @@ def _is_moe(rest: str, base: str, cfg: ModelConfig) -> bool:
     return cfg.is_moe_layer(layer)
 
 
+def inside_checkpoint(root: Path, name: str, what: str = "") -> Path:
+    """``root / name`` once it is known to be a regular file inside the checkpoint directory ``root``.
+
+    The name comes from the checkpoint (an index entry, a directory listing), so it is never trusted:
+    an absolute path, ``..`` or a symlink leading out of the directory is a Dsv3Error naming ``what``
+    (e.g. the index entry), as is a FIFO or a device (reading one would hang or never end). One way
+    out is allowed: a Hugging Face cache snapshot (``.../snapshots/<rev>/``), whose files link into
+    the same repository's ``blobs/``.
+    """
+    path, lead = root / name, f"{what} " if what else ""
+    if Path(name).is_absolute():
+        raise Dsv3Error(f"{root}: {lead}names an absolute path ({name}); a checkpoint names only its own files")
+    try:
+        target, home = path.resolve(), root.resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise Dsv3Error(f"{path}: {lead}cannot be resolved ({exc})") from None
+    homes = [home] + ([home.parent.parent / "blobs"] if home.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(h) for h in homes):
+        raise Dsv3Error(f"{path}: {lead}leads outside the checkpoint directory (to {target})")
+    check_regular_file(path, what)
+    return path
+
+
 class CheckpointFiles:
-    """The safetensors files of a checkpoint directory and which tensor lives where."""
+    """The safetensors files of a checkpoint directory and which tensor lives where.
+
+    Every tensor must be stored once: in the file the index names, or (without an index) in one of
+    the ``*.safetensors`` files; a second copy anywhere is a Dsv3Error, not a silent "last file wins".
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -119,32 +146,65 @@ class CheckpointFiles:
             raise Dsv3Error(f"{self.path}: checkpoint directory not found")
         if not self.path.is_dir():
             raise Dsv3Error(f"{self.path}: not a directory (pass the checkpoint directory)")
-        index = self.path / "model.safetensors.index.json"
         self.where: dict[str, Path] = {}
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except Exception as exc:
-                raise Dsv3Error(f"{index}: cannot read weight_map: {exc}") from None
-            for tensor, fname in weight_map.items():
-                file = self.path / fname
-                if not file.exists():
-                    raise Dsv3Error(f"{file}: listed in {index.name} for tensor {tensor} but missing")
-                self.where[tensor] = file
-        else:
-            files = sorted(self.path.glob("*.safetensors"))
-            if not files:
-                pickled = [p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
-                if pickled:
-                    raise Dsv3Error(
-                        f"{self.path / pickled[0]}: pickled weights are refused (they can run code); "
-                        "convert the checkpoint to safetensors"
-                    )
-                raise Dsv3Error(f"{self.path}: no model.safetensors or model.safetensors.index.json found")
-            for file in files:
-                for tensor in self._open(file).keys():
-                    self.where[tensor] = file
         self._handles: dict[Path, object] = {}
+        index = self.path / INDEX
+        if index.exists() or index.is_symlink():
+            self._read_index(index)
+        else:
+            self._glob_files()
+
+    def _read_index(self, index: Path) -> None:
+        raw = read_json_file(inside_checkpoint(self.path, INDEX, "the index"), unique_keys=True)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict):
+            got = (
+                "no weight_map" if not isinstance(raw, dict) or "weight_map" not in raw else "a weight_map that is not"
+            )
+            raise Dsv3Error(f"{index}: {got} a mapping of tensor names to file names")
+        files: dict[str, Path] = {}
+        for tensor, fname in weight_map.items():
+            what = f"{INDEX} entry for tensor {tensor}"
+            if not isinstance(fname, str) or not fname:
+                raise Dsv3Error(f"{index}: {what} must be a file name, got {fname!r}")
+            if fname not in files:
+                files[fname] = inside_checkpoint(self.path, fname, what)
+            self.where[tensor] = files[fname]
+        for file in files.values():  # each shard holds exactly the tensors the index gives it
+            for tensor in self._header(file):
+                listed = self.where.get(tensor)
+                if listed is not None and listed != file:
+                    raise Dsv3Error(
+                        f"{file}: tensor {tensor} is also stored in {listed.name}; a tensor must be stored once"
+                    )
+        for tensor, file in self.where.items():
+            if tensor not in self._header(file):
+                raise Dsv3Error(f"{file}: listed in {INDEX} for tensor {tensor} but does not hold it")
+
+    def _glob_files(self) -> None:
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            pickled = [p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES]
+            if pickled:
+                raise Dsv3Error(
+                    f"{self.path / pickled[0]}: pickled weights are refused (they can run code); "
+                    "convert the checkpoint to safetensors"
+                )
+            raise Dsv3Error(f"{self.path}: no model.safetensors or model.safetensors.index.json found")
+        for file in files:
+            file = inside_checkpoint(self.path, file.name, "safetensors file")
+            for tensor in self._header(file):
+                if tensor in self.where:
+                    raise Dsv3Error(
+                        f"{file}: tensor {tensor} is also stored in {self.where[tensor].name}; a tensor must be stored once"
+                    )
+                self.where[tensor] = file
+
+    def _header(self, file: Path):
+        """The names of the tensors in ``file`` (its header only: nothing is read)."""
+        if file not in self._handles:
+            self._handles[file] = self._open(file)
+        return self._handles[file].keys()
 
     @staticmethod
     def _open(file: Path):
@@ -316,7 +376,19 @@ def load_weights(
 def _read_part(
     files: CheckpointFiles, cfg: ModelConfig, name: str, hf: str, par: ParallelContext, split: bool
 ) -> torch.Tensor:
-    """This rank's part of checkpoint tensor ``hf`` (model tensor ``name``): all of it in one process."""
+    """This rank's part of checkpoint tensor ``hf`` (model tensor ``name``): all of it in one process.
+
+    A part holding a NaN or an infinity is a Dsv3Error naming the tensor (see ``has_nonfinite``).
+    """
+    part = _read_part_unchecked(files, cfg, name, hf, par, split)
+    if has_nonfinite(part):
+        raise Dsv3Error(f"{files.where[hf]}: tensor {hf} contains NaN or infinite values")
+    return part
+
+
+def _read_part_unchecked(
+    files: CheckpointFiles, cfg: ModelConfig, name: str, hf: str, par: ParallelContext, split: bool
+) -> torch.Tensor:
     if par.world_size == 1:
         return files.get(hf)
     dim = shard_dim(name) if split else None
@@ -328,6 +400,42 @@ def _read_part(
         weight_size = files.shape(hf_name(name[: -len("scale")] + "weight", cfg))[dim]
     rng = local_range(name, hf, full, par, weight_size)
     return files.get(hf).clone() if rng is None else files.get_slice(hf, *rng)
+
+
+def has_nonfinite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds a NaN or an infinity, in one reduction pass without a temporary of its size.
+
+    Floats: a NaN or an infinity makes the sum non-finite, and a sum of finite values overflows only
+    past the dtype's range, so the exact (slower) elementwise test runs only then. Measured here on a
+    16M-element bf16 tensor: the sum takes 0.2 ns per element, ``isfinite().all()`` 12 ns, a copy 2 ns.
+    fp8 e4m3fn has no infinities and two NaN bytes, 0x7F and 0xFF: the largest byte seen as uint8 is
+    0xFF, or seen as int8 is 0x7F, exactly when one is present. Integer weights are always finite.
+    """
+    if t.numel() == 0 or not t.is_floating_point():
+        return False
+    if t.dtype == torch.float8_e4m3fn:
+        return int(t.view(torch.uint8).max()) == 0xFF or int(t.view(torch.int8).max()) == 0x7F
+    if t.element_size() == 1:  # another fp8 kind (e5m2 has infinities): exact, through float32
+        return not bool(torch.isfinite(t.float()).all())
+    return not bool(t.sum().isfinite()) and not bool(torch.isfinite(t).all())
+
+
+def check_layers_present(files: CheckpointFiles, cfg: ModelConfig) -> None:
+    """A Dsv3Error unless the checkpoint holds tensors of every layer the config declares.
+
+    Checked before the model is built: a config is not trusted to say how big the model is (the layer
+    count decides how many modules are built, and 10**6 layers took hours before the first missing
+    tensor was noticed). The tensors' shapes are checked one by one as they are read.
+    """
+    found = {int(m.group(1)) for key in files.keys() if (m := re.match(r"model\.layers\.(\d+)\.", key))}
+    needed = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    missing = next((i for i in range(needed) if i not in found), None)
+    if missing is not None:
+        mtp = f" + {cfg.num_nextn_predict_layers} MTP" if cfg.num_nextn_predict_layers else ""
+        raise Dsv3Error(
+            f"{cfg.source}: {cfg.num_hidden_layers}{mtp} layers declared but {files.path} holds no tensor of layer "
+            f"{missing} (model.layers.{missing}.*)"
+        )
 
 
 def _load_converted(

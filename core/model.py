@@ -13,12 +13,15 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .errors import Dsv3Error
 from .parallel import ParallelContext, vocab_parallel_embedding
 from .registry import OpTable
 from .rope import cos_sin_table
 from .weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
 
 ATTN_IMPLS = ("absorb", "naive")
+#: Rows of the rotary tables a model starts with (1 MB for DeepSeek-V3); they grow when a run goes further.
+ROPE_POSITIONS = 4096
 
 #: Storage dtype of each quantized format's data (scales are float32).
 _QUANT_DTYPES = {FP8_BLOCK: torch.float8_e4m3fn, INT8_W8A8: torch.int8, INT8_WO: torch.int8}
@@ -388,7 +391,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
         self.head = Linear(d, v, ops, HP, opts)
         self.mtp = nn.ModuleList(MTPLayer(j, cfg, ops, opts) for j in range(cfg.num_nextn_predict_layers))
-        cos, sin = cos_sin_table(cfg, cfg.max_position_embeddings)
+        # built for what a run needs, not for the config's maximum: see extend_rope
+        cos, sin = cos_sin_table(cfg, min(cfg.max_position_embeddings, ROPE_POSITIONS))
         table_device = "cpu" if str(opts.device) == "meta" else opts.device  # the loader moves it later
         self.register_buffer("rope_cos", cos.to(table_device), persistent=False)  # (P, R/2)
         self.register_buffer("rope_sin", sin.to(table_device), persistent=False)
@@ -415,9 +419,30 @@ class Transformer(nn.Module):
             [alloc(layer.attn) for layer in self.layers], [alloc(m.block.attn) for m in self.mtp], max_batch, max_len
         )
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> cos, sin (B, T, R/2)."""
+    def rope(self, positions: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, T, R/2).
+
+        length: the largest position + 1 when the caller knows it (else it is read from positions).
+        """
+        if positions.numel():
+            self.extend_rope(int(positions.max()) + 1 if length is None else length)
         return self.rope_cos[positions], self.rope_sin[positions]
+
+    def extend_rope(self, length: int) -> None:
+        """Make the rotary tables cover positions ``0..length-1``, growing in powers of two.
+
+        The tables start at ``ROPE_POSITIONS`` rows at most: built for max_position_embeddings up front,
+        a config saying 10**9 positions would take 32 GB before a token is seen. Each position's row is
+        the same whatever the table's length (the angles are position x frequency).
+        """
+        have, limit = self.rope_cos.shape[0], self.cfg.max_position_embeddings
+        if length <= have:
+            return
+        if length > limit:
+            raise Dsv3Error(f"position {length - 1} is past the model's {limit} positions (max_position_embeddings)")
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors, usable in training too
+            cos, sin = cos_sin_table(self.cfg, min(limit, 1 << (length - 1).bit_length()))
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     # ------------------------------------------------------------ forward
     def forward(
@@ -433,11 +458,14 @@ class Transformer(nn.Module):
         rows (B,) int64: the cache rows (slots) batch rows use; None: cache rows 0..B-1.
         """
         b, t = tokens.shape
+        length = t  # the max position + 1, read once per forward, not once per layer (a device sync)
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
-        if cache is not None:  # read the max position once per forward, not once per layer (a device sync)
-            cache = cache.view(rows, int(positions.max()) + 1)
-        cos, sin = self.rope(positions)
+        elif positions.numel():
+            length = int(positions.max()) + 1
+        if cache is not None:
+            cache = cache.view(rows, length)
+        cos, sin = self.rope(positions, length)
         x = vocab_parallel_embedding(self._embedding, tokens, self.embed, self.par)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, cos, sin, None if cache is None else cache.main[i])
@@ -460,6 +488,7 @@ class Transformer(nn.Module):
 
         rows (B,) int64: the cache rows (slots) batch rows use; None: cache rows 0..B-1.
         """
-        cos, sin = self.rope(positions)
-        layer_cache = None if cache is None else cache.mtp[depth].view(rows, int(positions.max()) + 1)
+        length = int(positions.max()) + 1 if positions.numel() else 0
+        cos, sin = self.rope(positions, length)
+        layer_cache = None if cache is None else cache.mtp[depth].view(rows, length)
         return self.mtp[depth](hidden, next_tokens, positions, cos, sin, layer_cache)

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import registry
 from .errors import Dsv3Error
-from .hookspecs import BackendInfo, OpRequest, hookimpl
+from .hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
 from .weights import HP, Weight
 
 GRAPH_FILE = "step.onnx"
@@ -80,7 +80,12 @@ class ExportBackend:
 
     @hookimpl
     def dsv3_backend_info(self) -> BackendInfo:
-        return BackendInfo(name="export", description="ONNX export: trace-friendly operators", formats=(HP,))
+        return BackendInfo(
+            name="export",
+            description="ONNX export: trace-friendly operators",
+            contract_version=CONTRACT_VERSION,
+            formats=(HP,),
+        )
 
     @hookimpl
     def dsv3_op_moe_experts(self, request: OpRequest):
@@ -223,6 +228,7 @@ def export_onnx(
     max_len = limit if max_len is None else max_len
     if not 0 < max_len <= limit:
         raise Dsv3Error(f"--max-len must be in [1, {limit}] (max_position_embeddings); got {max_len}")
+    model.extend_rope(max_len)  # the tables start short and grow on demand; the graph holds them whole
     model.rope_cos, model.rope_sin = model.rope_cos[:max_len].clone(), model.rope_sin[:max_len].clone()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
