@@ -23,7 +23,15 @@ LEGEND = (
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("backends", help="list backends, their usability and operator coverage")
+    p = sub.add_parser(
+        "backends",
+        help="list backends, their usability and operator coverage",
+        description="List every installed backend plugin (the ones shipped with dsv3 and any pip-installed "
+        "package registered in the dsv3.backends entry-point group), whether it can run on this machine and, if "
+        "not, why; its device, weight formats and the operators it implements itself, per weight format and "
+        "activation mode (every other operator runs cpu_ref's). A legend after the table explains the cells. "
+        "Set DSV3_DISABLE_PLUGIN_AUTOLOAD=1 to load only the backends shipped with dsv3.",
+    )
     p.add_argument("--brief", action="store_true", help="one line per backend, no coverage table")
     return p
 

@@ -37,7 +37,18 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("bench", help="measure speed and memory (optionally against transformers)")
+    p = sub.add_parser(
+        "bench",
+        help="measure speed and memory (optionally against transformers)",
+        description="Time the model on random prompt tokens: time to first token and prefill speed at batch 1 "
+        "for each --prompt-lens, decode speed for each --batch-sizes (prompts of --decode-prompt-len tokens, "
+        "--decode-tokens new tokens per row, the first token's time excluded), MTP speculative decoding against "
+        "plain decoding at each batch size, KV-cache bytes per token and weight bytes. Each figure is the median "
+        "[min-max] of --repeats timed runs after --warmup untimed ones and is printed with what it measured. "
+        "--json FILE keeps every figure; --plot-dir DIR draws PNG plots (needs the bench extra: pip install "
+        "'dsv3[bench]'); --against transformers runs the same measurements on transformers' implementation. "
+        "Whole-graph backends (onnxruntime) are refused (see docs/benchmarks.md).",
+    )
     add_model_args(p)
     p.add_argument("--prompt-lens", default="16,64,256", help="prompt lengths for prefill/TTFT (batch 1)")
     p.add_argument(

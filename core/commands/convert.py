@@ -27,7 +27,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="bf16/fp16/fp32: dequantized; fp8: 128x128 block e4m3; int8: W8A8 per channel; int8-wo: weight-only",
     )
     p.add_argument("--scale-fmt", choices=("ue8m0",), help="fp8 only: power-of-two scales (DeepSeek-V3.1)")
-    p.add_argument("--max-shard-size", default=f"{DEFAULT_MAX_SHARD_SIZE // 10**9}GB", help="e.g. 5GB, 500MB, 2GiB")
+    p.add_argument(
+        "--max-shard-size",
+        default=f"{DEFAULT_MAX_SHARD_SIZE // 10**9}GB",
+        help="largest output shard, e.g. 5GB, 500MB, 2GiB",
+    )
     p.add_argument(
         "--force",
         action="store_true",

@@ -22,7 +22,14 @@ CONTEXT_CAP = 4096
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", help="model-level numerics: perplexity, KL divergence against a reference")
+    p = sub.add_parser(
+        "eval",
+        help="model-level numerics: perplexity, KL divergence against a reference",
+        description="Judge a model's numerics on real text rather than operator by operator. One evaluation so "
+        "far: `dsv3 eval perplexity --text-file FILE` scores a text file, and with --against or "
+        "--against-ckpt-path compares every next-token distribution with a reference run (as a quantized "
+        "checkpoint or a new backend is judged; see docs/model-numerics.md).",
+    )
     evals = p.add_subparsers(dest="eval_command", required=True)
     ppl = evals.add_parser(
         "perplexity",
@@ -58,7 +65,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     ppl.add_argument("--stride", type=int, help="step between windows (default context / 2)")
     ppl.add_argument("--max-tokens", type=int, help="score only the first N tokens of the file (BOS included)")
-    ppl.add_argument("--batch", type=int, default=4, help="windows per forward pass (default 4)")
+    ppl.add_argument("--batch", type=int, default=4, help="windows per forward pass")
     ppl.add_argument(
         "--mtp",
         action="store_true",

@@ -10,7 +10,13 @@ from ..onnx_export import EXPORTERS
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", help="export the model graph (onnx)", description="Export the model graph.")
+    p = sub.add_parser(
+        "export",
+        help="export the model graph (onnx)",
+        description="Export the model graph with its weights for runtimes that have no dsv3 backend plugin. One "
+        "format so far: `dsv3 export onnx --out DIR` (needs the onnx extra: pip install 'dsv3[onnx]'; see "
+        "docs/onnx.md). The export holds the main model only, not the MTP module.",
+    )
     formats = p.add_subparsers(dest="format", required=True)
     o = formats.add_parser(
         "onnx",
@@ -24,14 +30,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
     o.add_argument("--ckpt-path", help="high-precision checkpoint directory (default: the embedded model)")
     o.add_argument("--config", help="JSON or YAML config to use instead of the directory's config.json")
     o.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    o.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    o.add_argument("--opset", type=int, default=18, help="ONNX opset")
     o.add_argument("--dtype", choices=("float32", "float16"), default="float32", help="weights and activations")
     o.add_argument("--max-len", type=int, default=None, help="largest position + 1 (default max_position_embeddings)")
     o.add_argument(
         "--exporter",
         choices=EXPORTERS,
         default="torchscript",
-        help="torch.onnx tracing exporter (default, seconds) or the torch.export-based one (needs onnxscript; slower)",
+        help="torchscript: torch.onnx's tracing exporter (seconds); dynamo: the torch.export-based one "
+        "(needs onnxscript; slower)",
     )
     return p
 

@@ -21,12 +21,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "block output, the final norm and the logits, naming the first place beyond tolerance.",
     )
     p.add_argument("--backend", required=True, help="backend to check (see `dsv3 backends`)")
-    p.add_argument("--against", default=registry.REFERENCE, help="backend to compare with (default cpu_ref)")
+    p.add_argument("--against", default=registry.REFERENCE, help="backend to compare with")
     p.add_argument("--ckpt-path", help="Hugging Face-format checkpoint directory (default: the embedded model)")
     p.add_argument("--config", help="JSON or YAML config to use instead of the directory's config.json")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype (default float32)")
-    p.add_argument("--attn-impl", choices=ATTN_IMPLS, default="absorb", help="MLA form")
-    p.add_argument("--act-quant", choices=ACT_QUANT_MODES, default="none", help="quantize activations")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")
+    p.add_argument("--attn-impl", choices=ATTN_IMPLS, default="absorb", help="MLA form: latent cache or per-head K/V")
+    p.add_argument(
+        "--act-quant", choices=ACT_QUANT_MODES, default="none", help="quantize activations for quantized weights"
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="text to tokenize with the checkpoint's tokenizer")
     src.add_argument("--tokens", help="token ids, comma- or space-separated (default: 12 fixed ids)")

@@ -38,26 +38,52 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("run", help="generate text from prompts")
+    p = sub.add_parser(
+        "run",
+        help="generate text from prompts",
+        description="Complete prompts with a DeepSeek-V3-class model (without --ckpt-path, the small model "
+        "shipped inside dsv3) on any installed backend: one or more --prompt, an --input-file with one prompt per "
+        "line, or --interactive for a chat on the terminal. Completions go to stdout (--output-format jsonl: one "
+        "JSON object per prompt with prompt, completion, token_ids, finish_reason and, with --mtp, the "
+        "speculative-decoding counters); the token count and speed go to stderr. Started under torchrun, the "
+        "model is split over the processes (docs/parallel.md).",
+    )
     add_model_args(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     src.add_argument("--input-file", help="file with one prompt per line (batch completion)")
     src.add_argument("--interactive", action="store_true", help="chat on the terminal (/exit, /clear)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.2, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens generated per prompt")
+    p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature; 0 is greedy")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: draw only from the most likely tokens whose probabilities add up to this (1: all)",
+    )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    p.add_argument("--output-format", choices=("text", "jsonl"), default="text")
+    p.add_argument(
+        "--output-format",
+        choices=("text", "jsonl"),
+        default="text",
+        help="text: the completions as plain text; jsonl: one JSON object per prompt",
+    )
     p.add_argument(
         "--mtp",
         type=int,
         default=0,
         metavar="K",
-        help="speculative decoding: K draft tokens per step from the MTP module",
+        help="speculative decoding: K draft tokens per step from the MTP module (0: off)",
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--chat", dest="chat", action="store_true", default=None, help="force the chat template")
+    mode.add_argument(
+        "--chat",
+        dest="chat",
+        action="store_true",
+        default=None,
+        help="force the chat template (default: used when the tokenizer has one, unless config.json sets "
+        "dsv3_default_prompt to raw, as the embedded model's does)",
+    )
     mode.add_argument("--raw", dest="chat", action="store_false", help="force raw completion (no chat template)")
     return p
 

@@ -17,9 +17,21 @@ DEFAULT_MAX_MODEL_LEN = 4096
 
 
 def add_parser(sub):
-    p = sub.add_parser("serve", help="serve the model behind an OpenAI-compatible HTTP API (continuous batching)")
+    p = sub.add_parser(
+        "serve",
+        help="serve the model behind an OpenAI-compatible HTTP API (continuous batching)",
+        description="Load the model once and answer OpenAI-style requests over HTTP: POST /v1/completions and "
+        '/v1/chat/completions (streamed with "stream": true), GET /v1/models and /health. Requests share the '
+        "model by continuous batching: up to --max-batch sequences are decoded together, a new request joins at "
+        "the next step, and long prompts are prefilled in chunks between decode steps. Bad requests get a 4xx "
+        "answer in OpenAI's error shape. Needs the serve extra: pip install 'dsv3[serve]' (see docs/serving.md).",
+    )
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface)",
+    )
     p.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
     p.add_argument(
         "--api-key",
@@ -41,7 +53,7 @@ def add_parser(sub):
         default=None,
         help="largest max_tokens a request may ask (default: max-model-len - 1)",
     )
-    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body (default 1 MiB)")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body in bytes (1 MiB)")
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued for a slot before 503s")
     p.add_argument(
         "--mtp",
@@ -56,7 +68,7 @@ def add_parser(sub):
         default=512,
         metavar="N",
         help="prompt tokens prefilled between two decode steps, so a long prompt does not stall running "
-        "requests (0: whole prompts; default 512)",
+        "requests (0: whole prompts)",
     )
     p.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="uvicorn logging"
