@@ -38,11 +38,12 @@ NO_MTP = "checkpoint has no MTP layers (num_nextn_predict_layers=0)"
 
 
 def check_mtp(model: Transformer, k: int) -> None:
-    """A clear error when ``k`` drafts cannot be made with this model."""
+    """A clear error when ``k`` drafts cannot be made with this model (a model without MTP modules may
+    say why in ``no_mtp_reason``, e.g. an exported graph that left them out)."""
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
         raise Dsv3Error(f"mtp must be a non-negative integer (draft tokens per step); got {k!r}")
     if k and not len(model.mtp):
-        raise Dsv3Error(f"{NO_MTP}; run without --mtp")
+        raise Dsv3Error(f"{getattr(model, 'no_mtp_reason', NO_MTP)}; run without --mtp")
 
 
 def processed_probs(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,7 @@ class OnnxModel:
         self.opts = BuildOptions(EXPORT_DTYPES[self.dtype], "cpu", "absorb")
         self.embed = torch.empty(0, dtype=self.opts.dtype)  # where generation reads the device from
         self.mtp: list = []  # the MTP module is not exported: no speculative decoding
+        self.no_mtp_reason = "the ONNX export drops the MTP module: no speculative decoding on onnxruntime"
         self.ops = SimpleNamespace(backend="onnxruntime", sample=basic.sample, fallbacks=[])
         options = ort.SessionOptions()
         if threads:

@@ -180,7 +180,8 @@ def main(args) -> int:
         weight_format=args.weight_format,
     )
     if args.mtp and not len(engine.model.mtp):
-        raise Dsv3Error(f"--mtp: {engine.path} has no MTP layers (num_nextn_predict_layers=0)")
+        why = getattr(engine.model, "no_mtp_reason", f"{engine.path} has no MTP layers (num_nextn_predict_layers=0)")
+        raise Dsv3Error(f"--mtp: {why}")
     context, context_source = context_and_source(
         args, engine.cfg, args.config or str(Path(engine.path) / "config.json")
     )

@@ -198,6 +198,18 @@ def test_onnxruntime_backend_refuses_what_the_graph_cannot_do(embedded):
     assert np.isfinite(engine.logits([[0, 1, 2]]).numpy()).all()
 
 
+def test_mtp_on_onnxruntime_says_the_export_drops_the_mtp_module(embedded, capsys):
+    """The embedded model has an MTP module; its export does not. Before: \"checkpoint has no MTP layers\"."""
+    out, ref = embedded
+    assert len(ref.model.mtp) == 1
+    common = ["--backend", "onnxruntime", "--ckpt-path", str(out), "--dtype", "float32", "--mtp"]
+    for argv in (["run", *common, "1", "--prompt", "x"], ["eval", "perplexity", *common, "--text-file", __file__]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "the ONNX export drops the MTP module" in err and "no MTP layers" not in err, err
+        assert len(err.splitlines()) == 1, err
+
+
 def test_float16_export_tracks_float32_logits(tiny, tmp_path):
     """float16 weights and activations (11-bit mantissa, ~5e-4 relative per rounding, compounded over
     three layers; measured ~1.5e-3 relative): each token's logits within 2e-2 x the logit scale of cpu_ref
