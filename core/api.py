@@ -23,10 +23,11 @@ from .checkpoint import (
 )
 from .config import ModelConfig, load_config, read_file_bytes
 from .errors import Dsv3Error
-from .generate import SamplingParams, check_text, generate
+from .generate import SamplingParams, generate
 from .model import ATTN_IMPLS, BuildOptions, Transformer
 from .parallel import ParallelContext, agree_on_seed, check_layout
 from .speculative import check_mtp, generate_speculative
+from .text import check_text
 from .weights import ACT_QUANT_MODES, HP
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}

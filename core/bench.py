@@ -43,6 +43,7 @@ from .api import Engine, build_model
 from .errors import Dsv3Error
 from .generate import SamplingParams, generate
 from .model import ATTN_IMPLS, Transformer
+from .output_files import write_atomically
 from .speculative import generate_speculative
 
 SCHEMA = 2  # 2: MTP rows at every batch size, timed in the batch sweep's turns; speedup_per_run
@@ -632,11 +633,7 @@ def format_report(r: dict) -> str:
 
 def write_json(result: dict, path: str | Path) -> Path:
     """Write atomically: a partial file never replaces an existing one."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, json.dumps(result, indent=2) + "\n")
 
 
 def need_matplotlib():

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from .errors import Dsv3Error
+from .text import check_text
 
 #: Longest a render may take. A real template renders a long conversation in milliseconds.
 TIME_LIMIT_S = 5.0
@@ -180,6 +181,8 @@ def apply_chat_template(
     texts = render(
         template, conversations, source, add_generation_prompt, continue_final_message, tools, documents, variables
     )
+    for i, text in enumerate(texts):  # a template can emit a lone surrogate no tokenizer accepts
+        check_text(text, f"{source}: the chat template's output" + (f" for conversation {i}" if batched else ""))
     rendered = texts if batched else texts[0]
     if not tokenize:
         return rendered

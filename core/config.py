@@ -432,13 +432,14 @@ def load_config(path: str | Path) -> ModelConfig:
         path = builtin_config(str(path))  # e.g. --config deepseek-v3-671b
     if not path.exists():
         raise Dsv3Error(f"{path}: config file not found")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    return config_from_dict(load_raw_config(path), source=str(path))
 
-        raw = _parse(path, read_text_file(path), yaml.safe_load)
-    else:
-        raw = read_json_file(path)
-    return config_from_dict(raw, source=str(path))
+
+def load_raw_config(path: Path) -> object:
+    """The data of a JSON or YAML config file (not yet checked: see ``config_from_dict``)."""
+    if path.suffix in (".yaml", ".yml"):
+        return _parse(path, read_text_file(path), _yaml_without_aliases)
+    return read_json_file(path)
 
 
 def read_file_bytes(path: Path, limit: int) -> bytes:
@@ -503,6 +504,22 @@ def read_json_file(path: Path, limit: int = MAX_JSON_BYTES, unique_keys: bool = 
 
     hook = pairs if unique_keys else None
     return _parse(path, read_text_file(path, limit), lambda text: json.loads(text, object_pairs_hook=hook))
+
+
+def _yaml_without_aliases(text: str):
+    """yaml.safe_load that refuses anchors and aliases: nested aliases expand exponentially
+    (a few hundred bytes that take minutes and gigabytes), and no model config needs them."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.YAMLError(
+                    f"YAML aliases (*name) are not allowed in a config (line {self.peek_event().start_mark.line + 1})"
+                )
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader)
 
 
 def _parse(path: Path, text: str, parse):

@@ -42,7 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .checkpoint import PICKLE_SUFFIXES, CheckpointFiles
+from .checkpoint import PICKLE_SUFFIXES, CheckpointFiles, inside_checkpoint
 from .config import load_config
 from .errors import Dsv3Error
 from .quantize import dequantize, quantization_config, quantize_weight
@@ -450,13 +450,13 @@ def _side_files(src: Path) -> list[Path]:
     """Top-level files to copy unchanged: tokenizer, generation config, chat template, model code."""
     keep = []
     for p in sorted(src.iterdir()):
-        if not p.is_file() or p.name.startswith("."):
+        if p.name.startswith(".") or (p.is_dir() and not p.is_symlink()):
             continue
         if p.name == "config.json" or p.name.endswith((".safetensors", ".safetensors.index.json")):
             continue
         if p.suffix in PICKLE_SUFFIXES:
             continue
-        keep.append(p)
+        keep.append(inside_checkpoint(src, p.name))  # a link out or a device is refused, not copied or skipped
     return keep
 
 
@@ -519,6 +519,7 @@ def convert_checkpoint(
     max_bytes = parse_size(max_shard_size)
     files = CheckpointFiles(src)
     _check_paths(src, out, force)
+    side = _side_files(src)
     cfg = load_config(src / "config.json")
     raw = json.loads((src / "config.json").read_text())
     src_scale_fmt = cfg.quantization.scale_fmt if cfg.quantization is not None else None
@@ -543,7 +544,7 @@ def convert_checkpoint(
                 weight_map = _write_shards(tmp, files, shards, names, hp_dtype, scale_fmt, total, to, progress)
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 index = index if len(shards) > 1 else None
-                _write_the_rest(tmp, src, _new_config(raw, dst_fmt, hp_dtype, scale_fmt), index, to)
+                _write_the_rest(tmp, side, _new_config(raw, dst_fmt, hp_dtype, scale_fmt), index, to)
                 _install(tmp, out)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -588,13 +589,13 @@ def _write_shards(
     return weight_map
 
 
-def _write_the_rest(tmp: Path, src: Path, config: dict, index: dict | None, to: str) -> None:
+def _write_the_rest(tmp: Path, side: list[Path], config: dict, index: dict | None, to: str) -> None:
     """After the shards: the index (None: a single shard), config.json, the side files, and the marker last."""
     if index is not None:
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for side in _side_files(src):
-        shutil.copy2(side, tmp / side.name)
+    for file in side:
+        shutil.copy2(file, tmp / file.name)
     written = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
     _write_marker(tmp, "complete", to=to, files=written)
     os.chmod(tmp, 0o755 & ~_umask())

@@ -16,6 +16,7 @@ import torch
 from .errors import Dsv3Error
 from .model import ModelCache, Transformer
 from .parallel import agree_on_seed
+from .sampling import finite_logits
 
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes; a negative seed s draws as s + 2**64
 
@@ -67,24 +68,6 @@ class SamplingParams:
         if self.seed is not None and (not _is_int(self.seed) or not lo <= self.seed < hi):
             raise SamplingError("seed", f"must be an integer in [-2**63, 2**64) (got {self.seed!r})")
         return self
-
-
-def check_text(text: object, what: str) -> str:
-    """``text`` if it is a str that UTF-8 can encode, else a Dsv3Error naming ``what``.
-
-    Python holds invalid UTF-8 from a command line (and an unpaired ``\\ud800``-``\\udfff`` JSON
-    escape) as lone surrogates, which no tokenizer accepts.
-    """
-    if not isinstance(text, str):
-        raise Dsv3Error(f"{what} must be text, not {type(text).__name__}")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise Dsv3Error(
-            f"{what} is not valid Unicode: a lone surrogate {text[exc.start]!r} at character {exc.start} "
-            "(invalid UTF-8, or an unpaired \\ud800-\\udfff escape)"
-        ) from None
-    return text
 
 
 @dataclass
@@ -154,7 +137,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     done = torch.zeros(b, dtype=torch.bool, device=device)
     first = None
     for step in range(params.max_new_tokens):
-        next_tokens = sample(model.logits(hidden), temperature, top_p, generator)  # (B,)
+        next_tokens = sample(finite_logits(model.logits(hidden)), temperature, top_p, generator)  # (B,)
         tokens = next_tokens.tolist()  # one copy to the host per step, not one per row
         for i in (~done).nonzero().flatten().tolist():
             out[i].append(tokens[i])

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import registry
+from .config import load_raw_config
 from .errors import Dsv3Error
 from .hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
 from .weights import HP, Weight
@@ -273,9 +274,7 @@ def _copy_config_as_json(src: Path, dst: Path) -> None:
     if src.is_dir():
         src = src / "config.json"
     if src.suffix in (".yaml", ".yml"):
-        import yaml
-
-        dst.write_text(json.dumps(yaml.safe_load(src.read_text()), indent=2) + "\n")
+        dst.write_text(json.dumps(load_raw_config(src), indent=2) + "\n")
     else:
         shutil.copyfile(src, dst)
 

@@ -4,6 +4,23 @@ from __future__ import annotations
 
 import torch
 
+from .errors import Dsv3Error
+
+
+def finite_logits(logits: torch.Tensor, what: str = "logits") -> torch.Tensor:
+    """``logits`` to sample from, or a Dsv3Error when any is inf or NaN (no distribution to draw from).
+
+    A weight that overflows the compute dtype (a finite 3e38 in fp32 makes inf downstream) passes
+    the load-time check and would otherwise surface as torch.multinomial's error. One reduction per
+    step; the step copies its tokens to the host anyway. (dsv3 eval counts non-finite logits instead.)
+    """
+    if not bool(torch.isfinite(logits).all()):
+        raise Dsv3Error(
+            f"the model's {what} hold inf or NaN: a weight of this checkpoint overflows {logits.dtype} "
+            "(look at its largest values), or a backend op is wrong (dsv3 parity compares each layer with cpu_ref)"
+        )
+    return logits
+
 
 def nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """logits (B, V), temperature (B,), top_p (B,) -> the top-p nucleus of softmax(logits / T), sorted.

@@ -32,7 +32,7 @@ import torch
 from .errors import Dsv3Error
 from .generate import GenerationOutput, SamplingParams, check_lengths
 from .model import ModelCache, Transformer, cache_rows
-from .sampling import nucleus
+from .sampling import finite_logits, nucleus
 
 NO_MTP = "checkpoint has no MTP layers (num_nextn_predict_layers=0)"
 
@@ -230,7 +230,7 @@ class SpecDecoder:
         self._prefill_mtp(sl, rows, hidden, lens, start, stop)
         if stop < width:
             return None
-        return self.model.logits(hidden[batch.squeeze(1), lens - 1 - start])
+        return finite_logits(self.model.logits(hidden[batch.squeeze(1), lens - 1 - start]))
 
     def _prefill_mtp(
         self,
@@ -278,7 +278,7 @@ class SpecDecoder:
         h = self.model(ver_tok, ver_pos, self.cache, rows=rows)  # (B, K+1, D)
         self.hidden[sl.unsqueeze(1), ver_pos % self.ring] = h
         drafts = ver_tok[:, 1:]  # (B, K)
-        n_acc, bonus = sampler.accept(self.model.logits(h), qs, drafts)
+        n_acc, bonus = sampler.accept(finite_logits(self.model.logits(h)), qs, drafts)
         self.tokens[sl, pos + n_acc + 1] = bonus
         return n_acc, bonus, drafts
 
@@ -296,7 +296,7 @@ class SpecDecoder:
         for layer in range(n_layers):
             tok = self.tokens[col, window + layer + 1]  # (B, W): token t + l + 1 (verified, or this step's drafts)
             c = model.mtp_forward(layer, c, tok, window.clamp(max=cap), cache, rows)  # (B, W, D)
-            draft, q = sampler.pick(model.mtp[layer].logits(c[:, -1]))
+            draft, q = sampler.pick(finite_logits(model.mtp[layer].logits(c[:, -1]), "MTP module's logits"))
             self.tokens[sl, pos + layer + 1] = draft
             qs.append(q)
         g = c[:, -1:]  # (B, 1, D)
@@ -304,7 +304,7 @@ class SpecDecoder:
         for j in range(n_layers, k):  # recurrent reuse of the last module, one position further each time
             tok = self.tokens[sl, pos + j].unsqueeze(1)  # (B, 1)
             g = model.mtp_forward(last, g, tok, (pos + j - 1 - last).clamp(max=cap).unsqueeze(1), cache, rows)
-            draft, q = sampler.pick(model.mtp[last].logits(g[:, 0]))
+            draft, q = sampler.pick(finite_logits(model.mtp[last].logits(g[:, 0]), "MTP module's logits"))
             self.tokens[sl, pos + j + 1] = draft
             qs.append(q)
         return qs

@@ -25,7 +25,7 @@ from ..bench import (
     write_plots,
 )
 from ..errors import Dsv3Error
-from .conformance import refuse_non_file
+from ..output_files import refuse_non_file
 from .run import add_model_args
 
 

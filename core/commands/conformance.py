@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from ..api import DTYPES
 from ..errors import Dsv3Error
 from ..hookspecs import OP_NAMES
+from ..output_files import write_atomically
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -41,28 +40,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def refuse_non_file(path: Path) -> None:
-    """A Dsv3Error when ``path`` exists and is no regular file: the atomic write would replace a FIFO, a
-    device (``/dev/stdout``, a link to one) or a directory by the report, destroying it."""
-    if path.exists() and not path.is_file():
-        raise Dsv3Error(f"{path}: not a regular file; give the path of a file to write the report to")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write the whole file or nothing: a failure never leaves a half-written report."""
-    if path.parent and not path.parent.exists():
-        raise Dsv3Error(f"{path}: directory {path.parent} does not exist")
-    refuse_non_file(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(args) -> int:
     from ..conformance import TOLERANCES, run_conformance
 
@@ -80,7 +57,7 @@ def main(args) -> int:
     )
     print(report.format_table(), flush=True)
     if args.json:
-        _write_atomically(Path(args.json), report.to_json() + "\n")
+        write_atomically(Path(args.json), report.to_json() + "\n")
     if report.checked_nothing and not args.allow_empty:
         print(f"dsv3: {_nothing_checked(args.backend)} (pass --allow-empty to accept that)", file=sys.stderr)
         return 1

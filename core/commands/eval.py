@@ -156,7 +156,7 @@ def context_and_source(args, cfg: ModelConfig, config_file: str) -> tuple[int, s
 def main(args) -> int:
     from ..api import load
     from ..eval import evaluate
-    from .conformance import _write_atomically, refuse_non_file
+    from ..output_files import refuse_non_file, write_atomically
 
     has_ref = args.against is not None or args.against_ckpt_path is not None
     if not has_ref and (args.against_dtype is not None or args.against_act_quant is not None):
@@ -236,5 +236,5 @@ def main(args) -> int:
     if args.json:
         import json
 
-        _write_atomically(Path(args.json), json.dumps(report.to_dict(), indent=2) + "\n")
+        write_atomically(Path(args.json), json.dumps(report.to_dict(), indent=2) + "\n")
     return 0

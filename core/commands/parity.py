@@ -51,8 +51,8 @@ def parse_tokens(text: str) -> list[int]:
 
 
 def main(args) -> int:
+    from ..output_files import write_atomically
     from ..parity import run_parity
-    from .conformance import _write_atomically
 
     if args.rtol is not None and not args.rtol > 0:
         raise Dsv3Error("--rtol must be positive")
@@ -71,5 +71,5 @@ def main(args) -> int:
     )
     print(report.format_table(), flush=True)
     if args.json:
-        _write_atomically(Path(args.json), report.to_json() + "\n")
+        write_atomically(Path(args.json), report.to_json() + "\n")
     return 0 if report.ok else 1

@@ -14,7 +14,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
 from ..errors import Dsv3Error
-from ..generate import SamplingError, SamplingParams, check_text
+from ..generate import SamplingError, SamplingParams
+from ..text import check_text
 
 MAX_STOP_STRINGS = 16
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest a few levels; deeper ones would exhaust the recursion limit downstream
@@ -99,7 +100,7 @@ def parse_json(body: bytes) -> Any:
         raise too_deep from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc})") from None
-    stack = [(data, 1)]
+    stack = [(data, 1)] if isinstance(data, (dict, list)) else []
     while stack:
         value, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:

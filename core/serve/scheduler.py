@@ -39,6 +39,7 @@ import torch
 
 from ..errors import Dsv3Error
 from ..model import Transformer, cache_rows
+from ..sampling import finite_logits
 from ..speculative import RowSampler, SpecDecoder
 
 
@@ -350,7 +351,7 @@ class Scheduler:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Active]) -> list[int]:
         """logits (B, V) fp32 -> one token per row; seeded rows draw alone with their own generator."""
-        device = logits.device
+        logits, device = finite_logits(logits), logits.device
         temperature = torch.tensor([a.req.temperature for a in rows], dtype=torch.float32, device=device)
         top_p = torch.tensor([a.req.top_p for a in rows], dtype=torch.float32, device=device)
         sample = self.model.ops.sample

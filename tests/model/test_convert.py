@@ -225,6 +225,24 @@ def test_refuses_to_write_over_or_around_its_input(src):
     assert _fingerprint(s) == src[1]
 
 
+@pytest.mark.parametrize("target", ["outside", "/dev/urandom"])
+def test_a_side_file_linking_out_is_refused_before_anything_is_written(src, tmp_path, target):
+    """Found by tests/fuzz: generation_config.json linking out of the checkpoint was copied into the
+    output (its content read from outside), and one linking to a device was silently left out."""
+    ckpt = Path(shutil.copytree(src[0], tmp_path / "ckpt"))
+    if target == "outside":
+        target = tmp_path / "elsewhere.json"
+        Path(target).write_text("{}")
+    (ckpt / "generation_config.json").unlink(missing_ok=True)
+    (ckpt / "generation_config.json").symlink_to(target)
+    out = tmp_path / "out"
+    with pytest.raises(Dsv3Error, match="generation_config.json: (leads outside the checkpoint|not a regular file)"):
+        conv.convert_checkpoint(ckpt, out, "int8", progress=False)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["ckpt", "elsewhere.json"][: 1 + (target != "/dev/urandom")]
+    )
+
+
 def _home(d: Path) -> None:
     d.mkdir()
     (d / ".bashrc").write_text("export PATH\n")

@@ -45,6 +45,8 @@ CASES = {  # name -> (path, raw body)
         "/v1/completions",
         f'{{"model": "{NAME}", "prompt": "the cat sat", "max_tokens": 6, "temperature": 1, "top_p": 1e-300}}',
     ),
+    "body-null": ("/v1/chat/completions", "null"),  # the fuzz suite's finding: a 500 before
+    "body-number": ("/v1/completions", "123"),
     "greedy": ("/v1/completions", f'{{"model": "{NAME}", "prompt": "the cat sat", "max_tokens": 6, "temperature": 0}}'),
 }
 # name -> (status, param) of the OpenAI-shaped error
@@ -56,6 +58,8 @@ ERRORS = {
     "surrogate-prompt-list": (400, "prompt.1"),
     "surrogate-message": (400, "messages.0.content"),
     "surrogate-model": (404, "model"),
+    "body-null": (400, None),
+    "body-number": (400, None),
 }
 
 

@@ -325,6 +325,12 @@ def test_a_misbehaving_template_ends_in_one_line(chat_engine, template, must):
     assert "chat template" in message and must in message and took < 30
 
 
+def test_a_template_that_outputs_a_lone_surrogate_is_one_line(chat_engine):
+    """Found by tests/fuzz: the tokenizer raised TypeError on the rendered text before."""
+    message, _ = _chat_error(chat_engine, "\ud800{{ messages[0]['content'] }}")
+    assert "chat template's output" in message and "lone surrogate" in message
+
+
 def test_output_past_the_size_limit_is_refused(chat_engine, monkeypatch):
     monkeypatch.setattr(chat_template, "MAX_OUTPUT_CHARS", 10_000)
     message, _ = _chat_error(chat_engine, "{% for i in range(1000) %}{{ 'ab' * 50 }}{% endfor %}")
@@ -466,6 +472,20 @@ def test_layers_the_checkpoint_lacks_are_refused_before_building(tiny_ckpt, tmp_
     assert "4000 layers declared" in message and "layer 4" in message and time.monotonic() - start < 10
 
 
+# ------------------------------------------------------------------------------------ YAML configs
+def test_a_yaml_config_with_aliases_is_refused_at_once(tmp_path):
+    """Found by tests/fuzz: nine nested aliases expand to 9**9 strings (a hang, then out of memory)."""
+    bomb = "a: &a ['x','x','x','x','x','x','x','x','x']\n" + "".join(
+        f"{c}: &{c} [*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p},*{p}]\n"
+        for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    (tmp_path / "config.yaml").write_text(bomb)
+    start = time.monotonic()
+    with pytest.raises(Dsv3Error, match=r"config.yaml: cannot parse: YAML aliases .* not allowed"):
+        load_config(tmp_path / "config.yaml")
+    assert time.monotonic() - start < 5
+
+
 # ------------------------------------------------------------------------------------ non-finite weights
 @pytest.mark.parametrize(
     "name", ["model.layers.0.self_attn.kv_a_layernorm.weight", "model.layers.2.mlp.experts.5.up_proj.weight"]
@@ -479,6 +499,20 @@ def test_a_weight_holding_nan_or_inf_is_named(tiny_ckpt, tmp_path, name, bad):
     save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
     message = _load_error(ckpt)
     assert name in message and "NaN or infinite" in message
+
+
+def test_a_finite_weight_that_overflows_is_one_line_not_a_sampling_error(tiny_ckpt, tmp_path):
+    """Found by tests/fuzz: a finite 3e38 passes the load check, makes inf logits, and sampling raised
+    "probability tensor contains either inf, nan" before."""
+    ckpt = _copy(tiny_ckpt, tmp_path / "ckpt")
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    tensors["lm_head.weight"].view(-1)[:64] = 3e38
+    save_file(tensors, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    engine = dsv3.load(ckpt, dtype="float32", progress=False)
+    for mtp in (0, 1):  # plain decoding and the speculative decoder
+        with pytest.raises(Dsv3Error) as info:
+            engine.generate([[3, 4, 5]], max_new_tokens=2, temperature=1.0, seed=0, mtp=mtp)
+        assert "logits hold inf or NaN" in str(info.value) and "\n" not in str(info.value)
 
 
 def test_nonfinite_detection_per_dtype():
