@@ -37,7 +37,7 @@ from torch import Tensor
 from .weights import Weight
 
 if TYPE_CHECKING:
-    from .config import Routing
+    from .model.config import Routing
 
 PROJECT = "dsv3"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -143,7 +143,7 @@ class ConvertWeight(Protocol):
 class WholeModel(Protocol):
     """What a whole-graph backend's factory returns: the parts of a model that generation and scoring use."""
 
-    cfg: Any  # dsv3.config.ModelConfig of the exported model
+    cfg: Any  # dsv3.model.config.ModelConfig of the exported model
 
     def __call__(
         self, tokens: Tensor, positions: Tensor | None = None, cache: Any = None, rows: Tensor | None = None

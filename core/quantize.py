@@ -16,8 +16,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import QuantConfig
-from .errors import Dsv3Error
 from .weights import (
     AMAX_FLOOR,
     FP8_BLOCK,
@@ -108,33 +106,6 @@ def quantize_weight(w: torch.Tensor, fmt: str, scale_fmt: str | None = None) -> 
     if fmt in (INT8_W8A8, INT8_WO):
         return quantize_weight_int8(w, fmt)
     raise ValueError(f"unknown weight format {fmt!r}")
-
-
-def checkpoint_format(q: QuantConfig | None, source: str = "config.json") -> str:
-    """The weight format of a checkpoint's quantized linears, from its ``quantization_config``.
-
-    fp8 + activation_scheme dynamic -> fp8_block; int8 + dynamic -> int8_w8a8;
-    int8 + weight_only -> int8_wo. Anything else is a Dsv3Error naming the field.
-    """
-    if q is None:
-        return HP
-    if q.quant_method == "fp8":
-        if q.activation_scheme != "dynamic":
-            raise Dsv3Error(
-                f"{source}: quantization_config.activation_scheme {q.activation_scheme!r} is not supported "
-                "for fp8 (dynamic)"
-            )
-        return FP8_BLOCK
-    if q.quant_method == "int8":
-        if q.activation_scheme == "dynamic":
-            return INT8_W8A8
-        if q.activation_scheme == "weight_only":
-            return INT8_WO
-        raise Dsv3Error(
-            f"{source}: quantization_config.activation_scheme {q.activation_scheme!r} is not supported "
-            "for int8 (dynamic, weight_only)"
-        )
-    raise Dsv3Error(f"{source}: quantization_config.quant_method {q.quant_method!r} is not supported (fp8, int8)")
 
 
 def quantization_config(fmt: str, scale_fmt: str | None = None) -> dict | None:

@@ -466,9 +466,9 @@ PROJECTIONS = ("wq_a", "wq_b", "wq", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3")
 def build_random(ck: Check, cfg, backend: str, fmt: str, act_quant: str, seed: int = 0):
     """A model with random weights (std 0.02) on the device; projections in ``fmt`` (fp8 quantized by cpu_ref)."""
     torch = ck.torch
-    from dsv3.api import build_model
-    from dsv3.model import Linear, MoE, RMSNorm
+    from dsv3.model.graph import Linear, MoE, RMSNorm
     from dsv3.quantize import quantize_weight
+    from dsv3.runtime.loading import build_model
 
     def fmt_of(path: str) -> str:
         return fmt if path.split(".")[-1] in PROJECTIONS else "hp"
@@ -521,7 +521,7 @@ def decode_rate(ck: Check, model, batch: int, prompt: int, steps: int) -> tuple[
 
 
 def decode(ck: Check) -> None:
-    from dsv3.config import config_from_dict
+    from dsv3.model.config import config_from_dict
 
     cfg = config_from_dict(SMOKE_DECODE if ck.smoke else DECODE_CONFIG, source="gpu_check decode config")
     prompt, steps = (4, 2) if ck.smoke else (64, 24)
@@ -571,7 +571,7 @@ def prefill(ck: Check) -> None:
 
     naive: expand the latents through wkv_b (one bf16 GEMM) + the Triton flash attention.
     absorbed: absorb the queries, the Triton latent attention, un-absorb the outputs.
-    The model picks naive for every fresh prefill (dsv3.model.naive_is_cheaper); this shows whether
+    The model picks naive for every fresh prefill (dsv3.model.graph.naive_is_cheaper); this shows whether
     the GPU agrees. torch's SDPA (causal, v zero-padded to Dqk) is the peer for the naive kernel.
     """
     torch = ck.torch

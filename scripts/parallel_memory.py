@@ -75,8 +75,8 @@ def tensor_bytes(model: torch.nn.Module, skip_mtp_copies: bool = False) -> int:
 
 def released_fmt_of(cfg):
     """fmt_of of the released FP8 layout (what ``dsv3 convert --to fp8`` writes)."""
-    from dsv3.checkpoint import hf_name
-    from dsv3.convert import is_quantized_projection
+    from dsv3.model.names import hf_name
+    from dsv3.tools.convert import is_quantized_projection
     from dsv3.weights import FP8_BLOCK, HP
 
     return lambda path: FP8_BLOCK if is_quantized_projection(hf_name(path + ".weight", cfg)) else HP
@@ -84,10 +84,10 @@ def released_fmt_of(cfg):
 
 def per_rank(cfg, world: int, fp8: bool) -> dict:
     """Rank 0's bytes at ``world`` ranks (all ranks hold the same amounts), or the reason it cannot split."""
-    from dsv3.api import build_model
     from dsv3.errors import Dsv3Error
-    from dsv3.model import MLA
-    from dsv3.parallel import ParallelContext
+    from dsv3.model.graph import MLA
+    from dsv3.model.parallel import ParallelContext
+    from dsv3.runtime.loading import build_model
     from dsv3.weights import FP8_BLOCK, HP
 
     fmt_of = released_fmt_of(cfg) if fp8 else None
@@ -133,7 +133,7 @@ def kib(n: int) -> str:
 
 
 def computed_table(config_paths: list[Path], worlds: list[int]) -> str:
-    from dsv3.config import load_config
+    from dsv3.model.config import load_config
 
     lines = [
         "| config | ranks | BF16 weights / rank | FP8 weights / rank | + fp8 wkv_b for absorb | "
@@ -175,7 +175,7 @@ def status() -> dict[str, int]:
 def worker(ckpt: str, out_dir: str) -> None:
     """One rank: memory after start-up, after loading its shard, after generating 8 tokens."""
     import dsv3
-    from dsv3.parallel import init_from_env
+    from dsv3.runtime.distributed import init_from_env
 
     par = init_from_env("gloo")
     try:
@@ -198,7 +198,7 @@ def worker(ckpt: str, out_dir: str) -> None:
 
 
 def measure(ckpt: Path, worlds: list[int]) -> str:
-    from dsv3.checkpoint import CheckpointFiles
+    from dsv3.runtime.checkpoint import CheckpointFiles
 
     mib = lambda n: f"{n / 2**20:,.0f}"  # noqa: E731
     size = CheckpointFiles(ckpt).nbytes()
@@ -232,10 +232,10 @@ def make_small(path: Path) -> list[Path]:
     """Write a synthetic BF16 checkpoint (random weights, HF names) at ``path`` and its FP8 copy."""
     from safetensors.torch import save_file
 
-    from dsv3.api import build_model
-    from dsv3.checkpoint import hf_name
-    from dsv3.config import config_from_dict
-    from dsv3.convert import convert_checkpoint
+    from dsv3.model.config import config_from_dict
+    from dsv3.model.names import hf_name
+    from dsv3.runtime.loading import build_model
+    from dsv3.tools.convert import convert_checkpoint
 
     cfg = config_from_dict(SMALL)
     model = build_model(cfg, device="meta")

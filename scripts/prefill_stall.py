@@ -18,8 +18,8 @@ import time
 import torch
 
 import dsv3
-from dsv3.generate import SamplingParams, generate
-from dsv3.serve.scheduler import Request, Scheduler
+from dsv3.runtime.generate import SamplingParams, generate
+from dsv3.runtime.serve.scheduler import Request, Scheduler
 
 
 def run(engine, chunk: int, prompt_len: int, decode_tokens: int) -> dict:

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 import dsv3
 from dsv3.backends.cpu_ref.quant import linear_for
-from dsv3.convert import convert_checkpoint
-from dsv3.model import Linear, MoE
+from dsv3.model.graph import Linear, MoE
+from dsv3.tools.convert import convert_checkpoint
 from dsv3.weights import HP, Weight
 
 SHAPES = dict(

@@ -70,7 +70,7 @@ def measure(path: str, dtype: str) -> dict:
     import gc
 
     import dsv3
-    from dsv3.model import MLA, Linear
+    from dsv3.model.graph import MLA, Linear
     from dsv3.weights import HP
 
     gc.collect()
@@ -128,7 +128,7 @@ def main() -> None:
         print(json.dumps(measure(args.measure, args.dtype)))
         return
 
-    from dsv3.convert import convert_checkpoint
+    from dsv3.tools.convert import convert_checkpoint
 
     root = Path(args.dir)
     bf16 = root / "bf16"

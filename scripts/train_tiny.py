@@ -43,10 +43,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dsv3.api import build_model
-from dsv3.checkpoint import hf_name
-from dsv3.config import ModelConfig
-from dsv3.training import (
+from dsv3.model.config import ModelConfig
+from dsv3.model.names import hf_name
+from dsv3.runtime.loading import build_model
+from dsv3.tools.training import (
     init_weights,
     lm_and_mtp_loss,
     moe_modules,
@@ -548,7 +548,7 @@ def export_hf(model, cfg: ModelConfig, tok_dir: Path, out_dir: Path, train_conte
 
 def export_fp8(bf16_dir: Path, out_dir: Path) -> None:
     """The released block-FP8 copy of a BF16 export, through ``dsv3 convert --to fp8``."""
-    from dsv3.convert import convert_checkpoint
+    from dsv3.tools.convert import convert_checkpoint
 
     convert_checkpoint(bf16_dir, out_dir, "fp8", force=True, progress=False)
 

@@ -164,7 +164,7 @@ QUANT_SHAPES = dict(
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, fmt: str = "fp8", **kwargs) -> Path:
     """Write ``src`` converted with ``dsv3 convert`` (fmt: fp8, int8, int8-wo, bf16, fp32...) to ``dst``."""
-    from dsv3.convert import convert_checkpoint
+    from dsv3.tools.convert import convert_checkpoint
 
     return convert_checkpoint(src, dst, fmt, progress=False, **kwargs).out
 
@@ -197,7 +197,7 @@ def train_on_patterns(model, steps: int = 60, seed: int = 0, mtp_weight: float =
     not perfectly, so speculative decoding sees both accepted and rejected drafts. Returns a copy
     of the trained state_dict (load it into another attention form of the same checkpoint).
     """
-    from dsv3.training import lm_and_mtp_loss
+    from dsv3.tools.training import lm_and_mtp_loss
 
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

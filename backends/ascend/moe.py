@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 
 from dsv3.backends.cpu_ref import moe as ref
-from dsv3.config import Routing
+from dsv3.model.config import Routing
 from dsv3.weights import Weight
 
 from .fallback import warn_fallback

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsv3.sampling import nucleus
+from dsv3.runtime.sampling import nucleus
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

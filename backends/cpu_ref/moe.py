@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dsv3.config import Routing
+from dsv3.model.config import Routing
 from dsv3.weights import Weight
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import dsv3
-from dsv3.onnx_export import GRAPH_FILE, export_onnx
+from dsv3.tools.onnx_export import GRAPH_FILE, export_onnx
 
 from .runner import OnnxModel
 

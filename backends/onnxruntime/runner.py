@@ -1,6 +1,6 @@
-"""Generation on an exported ``step.onnx`` with ONNX Runtime, behind the model interface of ``dsv3.generate``.
+"""Generation on an exported ``step.onnx`` with ONNX Runtime, behind the model interface of ``dsv3.runtime.generate``.
 
-:class:`OnnxModel` looks like a :class:`~dsv3.model.Transformer` to the generation loop: ``new_cache``,
+:class:`OnnxModel` looks like a :class:`~dsv3.model.graph.Transformer` to the generation loop: ``new_cache``,
 ``model(tokens, positions, cache)`` and ``logits``. Its forward already returns the logits (the graph
 ends with the head), so ``logits`` is the identity; the generation code picks rows and positions from
 whatever forward returns and never looks inside.
@@ -21,10 +21,10 @@ import torch
 
 from dsv3 import __version__ as dsv3_version
 from dsv3.backends.cpu_ref import basic
-from dsv3.config import load_config
 from dsv3.errors import Dsv3Error
-from dsv3.model import BuildOptions
-from dsv3.onnx_export import EXPORT_DTYPES, FORMAT_VERSION, GRAPH_FILE, MANIFEST, export_onnx
+from dsv3.model.config import load_config
+from dsv3.model.graph import BuildOptions
+from dsv3.tools.onnx_export import EXPORT_DTYPES, FORMAT_VERSION, GRAPH_FILE, MANIFEST, export_onnx
 
 CACHE_ENV = "DSV3_ONNX_CACHE"
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}

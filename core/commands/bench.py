@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from .. import registry
-from ..api import load
-from ..bench import (
+from ..errors import Dsv3Error
+from ..runtime.loading import load
+from ..tools.bench import (
     PEERS,
     BenchSettings,
     check_settings,
@@ -24,8 +25,7 @@ from ..bench import (
     write_json,
     write_plots,
 )
-from ..errors import Dsv3Error
-from ..output_files import refuse_non_file
+from ..tools.output_files import refuse_non_file
 from .run import add_model_args
 
 

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..api import DTYPES
 from ..errors import Dsv3Error
 from ..hookspecs import OP_NAMES
-from ..output_files import write_atomically
+from ..runtime.loading import DTYPES
+from ..tools.output_files import write_atomically
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

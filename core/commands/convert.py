@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..convert import DEFAULT_MAX_SHARD_SIZE, TARGETS, convert_checkpoint
+from ..tools.convert import DEFAULT_MAX_SHARD_SIZE, TARGETS, convert_checkpoint
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -1,5 +1,5 @@
 """``dsv3 eval perplexity``: strided perplexity of a text file, and KL divergence / top-1 agreement against
-a reference run (cpu_ref float32 by default), as quantizations are judged (see ``dsv3.eval``)."""
+a reference run (cpu_ref float32 by default), as quantizations are judged (see ``dsv3.tools.eval``)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 from pathlib import Path
 
 from .. import registry
-from ..api import DTYPES
-from ..config import ModelConfig
 from ..errors import Dsv3Error
+from ..model.config import ModelConfig
+from ..runtime.loading import DTYPES
 from ..weights import ACT_QUANT_MODES
 from .run import add_model_args
 
@@ -108,7 +108,7 @@ def _encode(engine, text: str) -> list[int]:
 
 def describe(engine, backend: str, dtype: str, act_quant: str) -> str:
     """One line naming what ran: backend, compute dtype, weight formats, activation quantization, checkpoint."""
-    from ..model import Linear
+    from ..model.graph import Linear
 
     if not hasattr(engine.model, "modules"):  # a whole-graph backend (onnxruntime): no Linear modules to list
         return f"{backend} {dtype}, whole exported graph  ({engine.path})"
@@ -154,9 +154,9 @@ def context_and_source(args, cfg: ModelConfig, config_file: str) -> tuple[int, s
 
 
 def main(args) -> int:
-    from ..api import load
-    from ..eval import evaluate
-    from ..output_files import refuse_non_file, write_atomically
+    from ..runtime.loading import load
+    from ..tools.eval import evaluate
+    from ..tools.output_files import refuse_non_file, write_atomically
 
     has_ref = args.against is not None or args.against_ckpt_path is not None
     if not has_ref and (args.against_dtype is not None or args.against_act_quant is not None):

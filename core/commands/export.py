@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import Dsv3Error
-from ..onnx_export import EXPORTERS
+from ..tools.onnx_export import EXPORTERS
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -50,7 +50,7 @@ def main(args) -> int:
         raise Dsv3Error(f"cannot export to ONNX: {unusable_reason()}")
     if args.opset < 18:
         raise Dsv3Error(f"--opset {args.opset}: the exporter writes opset 18 or newer")
-    from ..onnx_export import export_onnx
+    from ..tools.onnx_export import export_onnx
 
     r = export_onnx(args.ckpt_path, args.out, args.opset, args.dtype, args.max_len, args.config, args.exporter)
     print(f"dsv3: wrote {r.out} (step.onnx + data {r.nbytes / 1e6:.1f} MB) in {r.seconds:.1f} s", file=sys.stderr)

@@ -6,9 +6,9 @@ import argparse
 from pathlib import Path
 
 from .. import registry
-from ..api import DTYPES
 from ..errors import Dsv3Error
-from ..model import ATTN_IMPLS
+from ..model.graph import ATTN_IMPLS
+from ..runtime.loading import DTYPES
 from ..weights import ACT_QUANT_MODES
 
 
@@ -51,8 +51,8 @@ def parse_tokens(text: str) -> list[int]:
 
 
 def main(args) -> int:
-    from ..output_files import write_atomically
-    from ..parity import run_parity
+    from ..tools.output_files import write_atomically
+    from ..tools.parity import run_parity
 
     if args.rtol is not None and not args.rtol > 0:
         raise Dsv3Error("--rtol must be positive")

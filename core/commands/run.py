@@ -9,13 +9,14 @@ import time
 from pathlib import Path
 
 from .. import registry
-from ..api import DTYPES, load
 from ..errors import Dsv3Error
-from ..generate import SamplingError, SamplingParams
-from ..model import ATTN_IMPLS
-from ..parallel import ParallelContext, init_for_backend, quiet_unless_rank0
-from ..speculative import check_mtp, summarize, summary_line
-from ..text import check_text
+from ..model.graph import ATTN_IMPLS
+from ..model.parallel import ParallelContext
+from ..runtime.distributed import init_for_backend, quiet_unless_rank0
+from ..runtime.generate import SamplingError, SamplingParams
+from ..runtime.loading import DTYPES, load
+from ..runtime.speculative import check_mtp, summarize, summary_line
+from ..runtime.text import check_text
 from ..weights import ACT_QUANT_MODES, FORMATS
 
 

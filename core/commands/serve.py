@@ -96,12 +96,12 @@ def main(args) -> int:
     try:
         import uvicorn
 
-        from ..serve.app import ServeSettings, create_app, http_protocol
+        from ..runtime.serve.app import ServeSettings, create_app, http_protocol
     except ImportError as exc:
         raise Dsv3Error(
             f"dsv3 serve needs FastAPI and uvicorn ({exc.name} is missing): pip install 'dsv3[serve]'"
         ) from None
-    from ..parallel import init_for_backend
+    from ..runtime.distributed import init_for_backend
 
     parallel = init_for_backend(args.backend)  # several processes under torchrun: tensor-parallel serving
     try:
@@ -119,8 +119,8 @@ def _follow(args, parallel) -> int:
     then releases this rank; a rank that left on its own would break the step in progress. Errors
     only this rank meets are printed with its rank (the CLI prints rank 0's).
     """
-    from ..parallel import quiet_unless_rank0
-    from ..serve.mirror import follow
+    from ..runtime.distributed import quiet_unless_rank0
+    from ..runtime.serve.mirror import follow
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
@@ -137,10 +137,10 @@ def _follow(args, parallel) -> int:
 
 
 def _serve(args, parallel, uvicorn, ServeSettings, create_app, http_protocol) -> int:
-    from ..serve import LOOPBACK, bind_socket
-    from ..serve.mirror import MirroredModel
-    from ..serve.scheduler import Scheduler
-    from ..speculative import check_mtp
+    from ..runtime.serve import LOOPBACK, bind_socket
+    from ..runtime.serve.mirror import MirroredModel
+    from ..runtime.serve.scheduler import Scheduler
+    from ..runtime.speculative import check_mtp
 
     try:
         sock = bind_socket(args.host, args.port)  # before the (slow) load, so a busy port fails fast

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import ModelConfig, Routing, YarnConfig
+from ..model.config import ModelConfig, Routing, YarnConfig
 from ..weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
 
 #: DeepSeek-V3 (671B) as released: YaRN factor 40 over 4096 positions, mscale_all_dim 1.

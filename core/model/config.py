@@ -15,7 +15,8 @@ import stat
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from .errors import Dsv3Error
+from ..errors import Dsv3Error
+from ..weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO
 
 #: Largest JSON/YAML file (config.json, an index, tokenizer_config.json) read into memory. Released configs
 #: are ~2 KB and DeepSeek-V3's model.safetensors.index.json about 9 MB; anything past this is not a config.
@@ -564,3 +565,30 @@ def builtin_config(name: str) -> Path:
         if candidate.is_file():
             return Path(str(candidate))
     raise Dsv3Error(f"{name}: config file not found (and no built-in config of that name)")
+
+
+def checkpoint_format(q: QuantConfig | None, source: str = "config.json") -> str:
+    """The weight format of a checkpoint's quantized linears, from its ``quantization_config``.
+
+    fp8 + activation_scheme dynamic -> fp8_block; int8 + dynamic -> int8_w8a8;
+    int8 + weight_only -> int8_wo. Anything else is a Dsv3Error naming the field.
+    """
+    if q is None:
+        return HP
+    if q.quant_method == "fp8":
+        if q.activation_scheme != "dynamic":
+            raise Dsv3Error(
+                f"{source}: quantization_config.activation_scheme {q.activation_scheme!r} is not supported "
+                "for fp8 (dynamic)"
+            )
+        return FP8_BLOCK
+    if q.quant_method == "int8":
+        if q.activation_scheme == "dynamic":
+            return INT8_W8A8
+        if q.activation_scheme == "weight_only":
+            return INT8_WO
+        raise Dsv3Error(
+            f"{source}: quantization_config.activation_scheme {q.activation_scheme!r} is not supported "
+            "for int8 (dynamic, weight_only)"
+        )
+    raise Dsv3Error(f"{source}: quantization_config.quant_method {q.quant_method!r} is not supported (fp8, int8)")

@@ -12,12 +12,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..errors import Dsv3Error
+from ..registry import OpTable
+from ..weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
+from .cache import LayerCache, ModelCache
 from .config import ModelConfig
-from .errors import Dsv3Error
 from .parallel import ParallelContext, vocab_parallel_embedding
-from .registry import OpTable
 from .rope import cos_sin_table
-from .weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
 
 ATTN_IMPLS = ("absorb", "naive")
 #: Rows of the rotary tables a model starts with (1 MB for DeepSeek-V3); they grow when a run goes further.
@@ -33,7 +34,7 @@ class BuildOptions:
 
     fmt_of: maps a module path (e.g. ``layers.3.attn.wq_b``) to the weight format its
         checkpoint tensor has; ``None`` means every linear is high precision.
-    parallel: this process's rank and world (``dsv3.parallel``); ``None`` is one process holding
+    parallel: this process's rank and world (``dsv3.model.parallel``); ``None`` is one process holding
         everything. Modules build only this rank's part of each split weight.
     naive_prefill: absorbed form only: a forward of several tokens (a prefill) expands the latents
         through wkv_b and attends in the naive form when that takes fewer multiply-adds (see
@@ -86,38 +87,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x, self.weight, self.eps)
-
-
-class LayerCache:
-    """One attention layer's cache, indexed by token position.
-
-    naive: ``k (B, S, H, Dqk)``, ``v (B, S, H, Dv)``. absorb: ``kv (B, S, C)``, ``pe (B, S, R)``.
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor | None = None, length: int | None = None):
-        self.tensors = tensors
-        self.rows = rows  # (B,) int64 cache rows (slots) that batch rows 0..B-1 use; None: rows 0..B-1
-        self.length = length  # entries to read back (max position + 1); None: computed per write
-
-    def view(self, rows: torch.Tensor | None = None, length: int | None = None) -> LayerCache:
-        """The same storage seen through cache rows ``rows (B,)`` (distinct; default this view's) and a read length."""
-        return LayerCache(self.tensors, self.rows if rows is None else rows, length)
-
-    def write_and_read(self, new: dict[str, torch.Tensor], positions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Store ``new[name] (B, T, ...)`` at ``positions (B, T)``; return every entry up to the max position."""
-        b, rows = positions.shape[0], self.rows
-        index = torch.arange(b, device=positions.device) if rows is None else rows
-        index = index.unsqueeze(1).expand_as(positions)  # (B, T)
-        s = self.length if self.length is not None else int(positions.max()) + 1
-        out = {}
-        for name, value in new.items():
-            buf = self.tensors[name]
-            buf.index_put_((index, positions), value.to(buf.dtype))
-            out[name] = buf[:b, :s] if rows is None else buf[rows, :s]  # (B, s, ...)
-        return out
-
-    def nbytes_per_token(self) -> int:
-        return sum(t[0, 0].numel() * t.element_size() for t in self.tensors.values())
 
 
 def naive_is_cheaper(cfg: ModelConfig, t: int, s: int) -> bool:
@@ -351,30 +320,6 @@ class MTPLayer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> (..., V) float32 (gathered from every rank's vocabulary part)."""
         return self.par.all_gather_last(self.head(self.norm(hidden)).float())
-
-
-def cache_rows(slots: list[int], device) -> torch.Tensor | None:
-    """The ``rows`` argument of ``Transformer.forward`` for batch rows living in cache rows ``slots``:
-    None when they are exactly 0..B-1 (a plain slice of the cache), else the slots as int64 (B,)."""
-    if slots == list(range(len(slots))):
-        return None
-    return torch.tensor(slots, dtype=torch.long, device=device)
-
-
-class ModelCache:
-    """KV caches for every main layer and MTP layer: ``main[i]``, ``mtp[j]`` (LayerCache)."""
-
-    def __init__(self, main: list[LayerCache], mtp: list[LayerCache], max_batch: int, max_len: int):
-        self.main, self.mtp, self.max_batch, self.max_len = main, mtp, max_batch, max_len
-
-    def view(self, rows: torch.Tensor | None = None, length: int | None = None) -> ModelCache:
-        """Every layer's cache seen through ``LayerCache.view(rows, length)``; same storage."""
-        main = [c.view(rows, length) for c in self.main]
-        return ModelCache(main, [c.view(rows, length) for c in self.mtp], self.max_batch, self.max_len)
-
-    def nbytes_per_token(self) -> int:
-        """Bytes cached per token across the main layers (what MLA saves is visible here)."""
-        return sum(c.nbytes_per_token() for c in self.main)
 
 
 class Transformer(nn.Module):

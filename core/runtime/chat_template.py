@@ -3,7 +3,7 @@
 A checkpoint's chat template is a program (Jinja). transformers renders it in jinja2's sandbox, which
 refuses unsafe attributes but bounds neither time nor memory: ``{% for i in range(10**5) %}{% for j in
 range(10**5) %}...`` runs for hours and ``{{ 'x' * 10**9 }}`` takes a gigabyte, inside the process that
-holds the model. Here the template runs in a small separate process (``dsv3.chat_worker``: the same
+holds the model. Here the template runs in a small separate process (``dsv3.runtime.chat_worker``: the same
 transformers function, so the same text) whose address space is limited; a render that takes longer than
 ``TIME_LIMIT_S`` is stopped by killing that process, and one whose text is longer than
 ``MAX_OUTPUT_CHARS`` is refused. Every failure is one Dsv3Error line. The process starts on the first
@@ -25,7 +25,7 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import Dsv3Error
+from ..errors import Dsv3Error
 from .text import check_text
 
 #: Longest a render may take. A real template renders a long conversation in milliseconds.

@@ -1,4 +1,4 @@
-"""The chat template renderer's own process (see ``dsv3.chat_template``), run as a script.
+"""The chat template renderer's own process (see ``dsv3.runtime.chat_template``), run as a script.
 
 Reads one JSON request per line on stdin and answers one JSON line on stdout: ``{"texts": [...]}`` or
 ``{"error": "..."}``. Renders with transformers' ``render_jinja_template``, the function

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import Dsv3Error
-from .model import ModelCache, Transformer
-from .parallel import agree_on_seed
+from ..errors import Dsv3Error
+from ..model.cache import ModelCache
+from ..model.graph import Transformer
+from .distributed import agree_on_seed
 from .sampling import finite_logits
 
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes; a negative seed s draws as s + 2**64

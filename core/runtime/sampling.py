@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import Dsv3Error
+from ..errors import Dsv3Error
 
 
 def finite_logits(logits: torch.Tensor, what: str = "logits") -> torch.Tensor:

@@ -3,7 +3,7 @@
 One step, for every row of the batch at once (rows keep their own positions):
 
 1. Draft ``K`` tokens with the MTP modules. Module ``l`` (``l < D``, the number of MTP layers) is
-   chained as in training (``dsv3.training.mtp_depth_losses``): its entry for chain start ``t``,
+   chained as in training (``dsv3.tools.training.mtp_depth_losses``): its entry for chain start ``t``,
    at position ``t`` of its own cache, combines ``c_l[t]`` (the main model's final-normed hidden
    for ``l = 0``, else module ``l - 1``'s output at ``t``) with token ``t + l + 1`` and predicts
    token ``t + l + 2``. Drafts beyond ``D`` reuse the last module recurrently on its own output
@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import Dsv3Error
+from ..errors import Dsv3Error
+from ..model.cache import ModelCache, cache_rows
+from ..model.graph import Transformer
 from .generate import GenerationOutput, SamplingParams, check_lengths
-from .model import ModelCache, Transformer, cache_rows
 from .sampling import finite_logits, nucleus
 
 NO_MTP = "checkpoint has no MTP layers (num_nextn_predict_layers=0)"
@@ -314,7 +315,7 @@ class SpecDecoder:
 def generate_speculative(
     model: Transformer, prompts: list[list[int]], params: SamplingParams, k: int
 ) -> GenerationOutput:
-    """Generate like :func:`dsv3.generate.generate`, drafting ``k`` tokens per main-model forward with MTP.
+    """Generate like :func:`dsv3.runtime.generate.generate`, drafting ``k`` tokens per main-model forward with MTP.
 
     Greedy output is token-for-token that of plain generation; sampled output has the same
     distribution. ``stats["mtp"]`` holds the batch summary and ``stats["mtp_rows"]`` one dict per row;
@@ -330,7 +331,7 @@ def generate_speculative(
     spec = SpecDecoder(model, model.new_cache(b, total + k + 1), k)
     seed, par = params.seed, getattr(model.opts, "parallel", None)
     if par is not None:  # tensor parallel: every rank must draw the same tokens
-        from .parallel import agree_on_seed
+        from .distributed import agree_on_seed
 
         seed = agree_on_seed(par, seed, params.temperature)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)

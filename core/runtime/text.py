@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .errors import Dsv3Error
+from ..errors import Dsv3Error
 
 
 def check_text(text: object, what: str) -> str:

@@ -38,13 +38,14 @@ from pathlib import Path
 
 import torch
 
-from . import registry
-from .api import Engine, build_model
-from .errors import Dsv3Error
-from .generate import SamplingParams, generate
-from .model import ATTN_IMPLS, Transformer
+from .. import registry
+from ..errors import Dsv3Error
+from ..model.graph import ATTN_IMPLS, Transformer
+from ..runtime.engine import Engine
+from ..runtime.generate import SamplingParams, generate
+from ..runtime.loading import build_model
+from ..runtime.speculative import generate_speculative
 from .output_files import write_atomically
-from .speculative import generate_speculative
 
 SCHEMA = 2  # 2: MTP rows at every batch size, timed in the batch sweep's turns; speedup_per_run
 #: What every figure measures (B rows, prompts of L tokens, N new tokens per row), for the JSON and the report.

@@ -42,11 +42,11 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .checkpoint import PICKLE_SUFFIXES, CheckpointFiles, inside_checkpoint
-from .config import load_config
-from .errors import Dsv3Error
-from .quantize import dequantize, quantization_config, quantize_weight
-from .weights import FP8_BLOCK, FP8_BLOCK_SIZE, HP, INT8_W8A8, INT8_WO, Weight, fp8_scale_shape
+from ..errors import Dsv3Error
+from ..model.config import load_config
+from ..quantize import dequantize, quantization_config, quantize_weight
+from ..runtime.checkpoint import PICKLE_SUFFIXES, CheckpointFiles, inside_checkpoint
+from ..weights import FP8_BLOCK, FP8_BLOCK_SIZE, HP, INT8_W8A8, INT8_WO, Weight, fp8_scale_shape
 
 #: ``--to`` choices: (format of the quantized projections, dtype of high-precision outputs).
 TARGETS: dict[str, tuple[str, torch.dtype]] = {

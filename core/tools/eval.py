@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from .errors import Dsv3Error
+from ..errors import Dsv3Error
 
 #: ``tokens (B, T) int64 -> logits (B, T, V) float32``, e.g. ``Engine.logits``; with MTP scoring,
 #: ``-> (logits (B, T, V), MTP logits (B, T-1, V))``, e.g. ``Engine.logits_with_mtp``.

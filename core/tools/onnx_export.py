@@ -1,6 +1,6 @@
 """Export the model graph to ONNX: one ``step.onnx`` for prefill and decode, weights as external data.
 
-The graph is the unchanged :class:`~dsv3.model.Transformer`, built with an operator table from a small
+The graph is the unchanged :class:`~dsv3.model.graph.Transformer`, built with an operator table from a small
 in-process ``export`` backend whose operators trace to standard ONNX operators (no data-dependent
 control flow), and driven through a cache object that updates the latent cache functionally.
 
@@ -33,11 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import registry
-from .config import load_raw_config
-from .errors import Dsv3Error
-from .hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
-from .weights import HP, Weight
+from .. import registry
+from ..errors import Dsv3Error
+from ..hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
+from ..model.config import load_raw_config
+from ..weights import HP, Weight
 
 GRAPH_FILE = "step.onnx"
 DATA_FILE = "step.onnx.data"
@@ -152,7 +152,7 @@ def cache_names(n_layers: int) -> list[str]:
 
 def load_for_export(ckpt_path: str | Path | None, dtype: str, config: str | Path | None = None):
     """Load a high-precision checkpoint with the export operator table -> (Engine, checkpoint dir)."""
-    from .api import embedded_model_path, load
+    from ..runtime.loading import embedded_model_path, load
 
     if dtype not in EXPORT_DTYPES:
         raise Dsv3Error(f"unknown export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
@@ -171,7 +171,7 @@ def load_for_export(ckpt_path: str | Path | None, dtype: str, config: str | Path
 
 def with_export_ops(model):
     """The same model (shared weight tensors) rebuilt with the export backend's operator table."""
-    from .model import BuildOptions, Transformer
+    from ..model.graph import BuildOptions, Transformer
 
     reference = registry.discover()[registry.REFERENCE]
     ops = registry.resolve_ops(

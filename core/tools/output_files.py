@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .errors import Dsv3Error
+from ..errors import Dsv3Error
 
 
 def refuse_non_file(path: Path) -> None:

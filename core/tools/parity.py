@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .conformance.compare import compare_tensors
-from .conformance.tolerances import Tolerance
-from .errors import Dsv3Error
-from .model import Transformer
-from .registry import REFERENCE, discover
+from ..conformance.compare import compare_tensors
+from ..conformance.tolerances import Tolerance
+from ..errors import Dsv3Error
+from ..model.graph import Transformer
+from ..registry import REFERENCE, discover
 
 #: Per-place tolerance by compute dtype. Errors compound along the residual stream, so these are
 #: ~10x the per-operator tolerances of the conformance kit (float32 1e-5, bfloat16 2^-6).
@@ -233,7 +233,7 @@ def run_parity(
 
     perturb: called on the ``backend`` model after loading (tests plant a single-layer error with it).
     """
-    from .api import load
+    from ..runtime.loading import load
 
     for flag, name in (("--backend", backend), ("--against", against)):
         _check_has_layers(flag, name, f"--backend {backend} --against {against}", ckpt_path)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import Dsv3Error
-from .model import Transformer
+from ..errors import Dsv3Error
+from ..model.graph import Transformer
 
 
 def mtp_depth_losses(model: Transformer, tokens: torch.Tensor, main_hidden: torch.Tensor) -> list[torch.Tensor]:
@@ -89,7 +89,7 @@ def init_weights(model: Transformer, seed: int, std: float = 0.02) -> None:
     """
     import math
 
-    from .model import MoE, RMSNorm
+    from ..model.graph import MoE, RMSNorm
 
     gen = torch.Generator().manual_seed(seed)
     n_layers = model.cfg.num_hidden_layers + model.cfg.num_nextn_predict_layers
@@ -117,7 +117,7 @@ def tie_mtp_shared(model: Transformer) -> None:
 
 def moe_modules(model: torch.nn.Module) -> list:
     """``(name, MoE)`` for every MoE layer of the model (main layers and MTP blocks), in name order."""
-    from .model import MoE
+    from ..model.graph import MoE
 
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
 

@@ -4,7 +4,7 @@ from fragments, each rendered with odd messages through the tokenizer's apply_ch
 run --chat and the server call: dsv3's bounded renderer).
 
 All renders of a batch share one forked child, so the renderer process starts once, not per case. The
-child lowers dsv3.chat_template.TIME_LIMIT_S to 1 s: what is checked (a runaway render stops at the limit
+child lowers dsv3.runtime.chat_template.TIME_LIMIT_S to 1 s: what is checked (a runaway render stops at the limit
 with one line) is the same, and a CI run does not spend 5 s on every loop.
 """
 
@@ -36,8 +36,8 @@ def _messages(rng: random.Random) -> list:
 def _render(item: dict) -> dict:
     """In the batch child: render one case; its kind (error / run / traceback / code_executed / touched_outside)."""
     import dsv3
-    from dsv3 import chat_template
     from dsv3.errors import Dsv3Error
+    from dsv3.runtime import chat_template
 
     dirs: CaseDirs = item["dirs"]
     if "engine" not in _child:

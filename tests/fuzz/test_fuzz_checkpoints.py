@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dsv3.api import TOKENIZER_FILES
+from dsv3.runtime.tokenizer import TOKENIZER_FILES
 from tests.fuzz import templates
 from tests.fuzz.cases import AreaTimer, command_on, copy_base, mutate_config, new_case, run_cli_case, weird
 from tests.fuzz.conftest import INDEX, set_chat_template

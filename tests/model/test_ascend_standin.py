@@ -30,10 +30,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsv3
-from dsv3.api import Engine, build_model
 from dsv3.backends.cpu_ref.quant import quantize_weight_fp8
-from dsv3.checkpoint import iter_linear_modules
 from dsv3.errors import Dsv3Error
+from dsv3.runtime.checkpoint import iter_linear_modules
+from dsv3.runtime.engine import Engine
+from dsv3.runtime.loading import build_model
 from tests.ascend_standin import standin
 
 PROMPTS = [[0, 5, 9, 13, 2], [0, 7, 3]]

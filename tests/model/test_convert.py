@@ -32,9 +32,9 @@ from safetensors.torch import load_file
 
 import dsv3
 from dsv3 import cli
-from dsv3 import convert as conv
 from dsv3.errors import Dsv3Error
 from dsv3.quantize import expand_blocks
+from dsv3.tools import convert as conv
 from tests.helpers import QUANT_SHAPES, make_checkpoint, quantize_checkpoint
 
 TOKENS = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))

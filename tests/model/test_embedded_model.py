@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from dsv3.api import embedded_model_path
+from dsv3.runtime.loading import embedded_model_path
 
 
 def test_embedded_model_is_installed():

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dsv3.api import embedded_model_path
 from dsv3.cli import main as dsv3_main
 from dsv3.commands.eval import CONTEXT_CAP, TRAIN_CONTEXT_KEY, default_context
-from dsv3.config import config_from_dict, load_config
+from dsv3.model.config import config_from_dict, load_config
+from dsv3.runtime.loading import embedded_model_path
 from tests.helpers import TINY, TINY_WORDS, add_tiny_tokenizer, make_checkpoint
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_tiny.py"

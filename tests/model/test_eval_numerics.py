@@ -45,9 +45,9 @@ from dsv3.backends.cpu_ref import moe as cpu_ref_moe
 from dsv3.backends.cpu_ref import plugin as cpu_ref_plugin
 from dsv3.backends.cpu_ref import quant as cpu_ref_quant
 from dsv3.cli import main as dsv3_main
-from dsv3.eval import evaluate
 from dsv3.hookspecs import hookimpl
-from dsv3.training import lm_and_mtp_loss
+from dsv3.tools.eval import evaluate
+from dsv3.tools.training import lm_and_mtp_loss
 from tests.helpers import (
     TINY_WORDS,
     add_tiny_tokenizer,

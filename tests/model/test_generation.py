@@ -17,8 +17,8 @@ import torch
 
 import dsv3
 from dsv3.errors import Dsv3Error
-from dsv3.generate import SamplingParams, generate
-from dsv3.model import naive_is_cheaper
+from dsv3.model.graph import naive_is_cheaper
+from dsv3.runtime.generate import SamplingParams, generate
 
 REL_TOL = 1e-5
 

@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 
 import dsv3
 from dsv3.backends.cpu_ref.quant import quantize_weight_fp8
-from dsv3.checkpoint import apply_scale_fmt_and_prepare
 from dsv3.cli import main as dsv3_main
+from dsv3.runtime.checkpoint import apply_scale_fmt_and_prepare
 from tests.helpers import add_tiny_tokenizer, make_checkpoint
 
 pytest.importorskip("triton", reason="the GPU backends need triton (pip install triton)")

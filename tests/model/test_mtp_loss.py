@@ -1,4 +1,4 @@
-"""The MTP training objective (dsv3.training): indexing, weighting, gradients, errors."""
+"""The MTP training objective (dsv3.tools.training): indexing, weighting, gradients, errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import dsv3
 from dsv3.errors import Dsv3Error
-from dsv3.training import lm_and_mtp_loss, mtp_loss
+from dsv3.tools.training import lm_and_mtp_loss, mtp_loss
 
 
 @pytest.mark.parametrize("attn_impl", ["absorb", "naive"])

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.generate import SamplingParams, generate
-from dsv3.speculative import generate_speculative
+from dsv3.runtime.generate import SamplingParams, generate
+from dsv3.runtime.speculative import generate_speculative
 from tests.helpers import make_checkpoint, train_on_patterns
 
 VOCAB = 16

@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 import dsv3
 from dsv3.cli import main as cli_main
 from dsv3.errors import Dsv3Error
-from dsv3.generate import SamplingParams, generate
-from dsv3.speculative import RowSampler, SpecDecoder, generate_speculative
+from dsv3.runtime.generate import SamplingParams, generate
+from dsv3.runtime.speculative import RowSampler, SpecDecoder, generate_speculative
 from tests.helpers import make_checkpoint, pattern_tokens, train_on_patterns
 
 VOCAB = 16

@@ -26,9 +26,9 @@ from dsv3.backends.cpu_ref.moe import moe_experts_with, moe_gate  # noqa: E402
 from dsv3.backends.onnxruntime import plugin as ort_plugin  # noqa: E402
 from dsv3.backends.onnxruntime.runner import CACHE_ENV, OnnxModel  # noqa: E402
 from dsv3.cli import main as cli_main  # noqa: E402
-from dsv3.config import Routing  # noqa: E402
 from dsv3.errors import Dsv3Error  # noqa: E402
-from dsv3.onnx_export import DATA_FILE, GRAPH_FILE, dense_moe_experts, export_onnx  # noqa: E402
+from dsv3.model.config import Routing  # noqa: E402
+from dsv3.tools.onnx_export import DATA_FILE, GRAPH_FILE, dense_moe_experts, export_onnx  # noqa: E402
 from dsv3.weights import HP, Weight  # noqa: E402
 from tests.helpers import make_checkpoint  # noqa: E402
 
@@ -229,7 +229,7 @@ def test_float16_export_tracks_float32_logits(tiny, tmp_path):
 
 
 def test_quantized_checkpoint_is_refused_with_a_pointer_to_convert(tiny, tmp_path):
-    from dsv3.convert import convert_checkpoint
+    from dsv3.tools.convert import convert_checkpoint
 
     fp8 = convert_checkpoint(tiny[0], tmp_path / "fp8", "fp8", progress=False).out
     with pytest.raises(Dsv3Error, match=r"quantized.*dsv3 convert"):

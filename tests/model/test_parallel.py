@@ -8,7 +8,7 @@ runs is the order of the partial sums (all-reduce of row-parallel linears and of
 greedy tokens must match exactly, logits to 1e-4 (fp32 sums of ~100 terms of size ~1).
 
 Checkpoints: a BF16 one (the TINY shapes: 4 heads, 8 experts, vocab 96) and an FP8 one (released
-format, made by ``dsv3.convert``) whose shapes put every per-rank split on a 128 block boundary at
+format, made by ``dsv3.tools.convert``) whose shapes put every per-rank split on a 128 block boundary at
 world sizes 2 and 4; both with an MTP layer, decoded with and without ``mtp`` speculative drafts.
 """
 
@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.parallel import ParallelContext, init_from_env
+from dsv3.model.parallel import ParallelContext
+from dsv3.runtime.distributed import init_from_env
 
 TIMEOUT_S = 300  # a hang (a rank stuck in a collective) fails the test instead of blocking CI
 PROMPTS = [[0, 5, 9, 12, 40, 41, 7], [0, 33, 2, 17]]
@@ -117,7 +118,7 @@ def torchrun(n: int, args: list[str], no_python: bool = False, stdin: str | None
 
 
 def _bf16_checkpoint(root: Path) -> Path:
-    from dsv3.convert import convert_checkpoint
+    from dsv3.tools.convert import convert_checkpoint
     from tests.helpers import add_tiny_tokenizer, make_checkpoint
 
     src = make_checkpoint(root / "tiny-f32", seed=1, mtp=True)
@@ -127,7 +128,7 @@ def _bf16_checkpoint(root: Path) -> Path:
 
 
 def _fp8_checkpoint(root: Path) -> Path:
-    from dsv3.convert import convert_checkpoint
+    from dsv3.tools.convert import convert_checkpoint
     from tests.helpers import make_checkpoint
 
     src = make_checkpoint(root / "wide-f32", seed=2, mtp=True, **WIDE_FP8)
@@ -194,7 +195,7 @@ def test_cli_under_torchrun_prints_once_and_matches_one_process(ckpts, monkeypat
 def test_rank_reads_and_holds_only_its_part(ckpts, monkeypatch):
     """Loading needs no process group: rank r of a (fake) world holds exactly its slice of every tensor
     and reads less than the whole checkpoint (no other rank's experts, no whole split tensor)."""
-    from dsv3.checkpoint import CheckpointFiles
+    from dsv3.runtime.checkpoint import CheckpointFiles
 
     read: list[tuple[str, int]] = []
     get, get_slice = CheckpointFiles.get, CheckpointFiles.get_slice
@@ -241,8 +242,8 @@ def test_rank_reads_and_holds_only_its_part(ckpts, monkeypatch):
 
 
 def test_impossible_layout_fails_before_reading_weights(ckpts, monkeypatch):
-    from dsv3.checkpoint import CheckpointFiles
     from dsv3.errors import Dsv3Error
+    from dsv3.runtime.checkpoint import CheckpointFiles
 
     def refuse(*_a, **_k):
         raise AssertionError("a weight was read before the layout was checked")

@@ -1,4 +1,4 @@
-"""``dsv3 parity`` and ``dsv3.parity``: per-place differences and the first divergence, on a tiny checkpoint.
+"""``dsv3 parity`` and ``dsv3.tools.parity``: per-place differences and the first divergence, on a tiny checkpoint.
 
 A single-layer error is planted by perturbing one layer's weight in the model under test after
 loading (operators are shared by all layers, so a wrong op would show up in layer 0 already).
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dsv3.cli import main as cli_main
-from dsv3.parity import PARITY_RTOL, capture, run_parity
+from dsv3.tools.parity import PARITY_RTOL, capture, run_parity
 from tests.helpers import add_tiny_tokenizer, make_checkpoint
 
 

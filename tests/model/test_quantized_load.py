@@ -24,7 +24,7 @@ import dsv3
 from dsv3 import cli
 from dsv3.backends.cpu_ref import quant as ref
 from dsv3.errors import Dsv3Error
-from dsv3.model import Linear
+from dsv3.model.graph import Linear
 from dsv3.weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
 from tests.helpers import QUANT_SHAPES, make_checkpoint, quantize_checkpoint
 

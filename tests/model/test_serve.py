@@ -27,9 +27,9 @@ openai = pytest.importorskip("openai", reason="the serving tests use the openai 
 uvicorn = pytest.importorskip("uvicorn", reason="dsv3 serve needs the 'serve' extra (fastapi, uvicorn)")
 
 import dsv3  # noqa: E402
-from dsv3.serve import bind_socket  # noqa: E402
-from dsv3.serve.app import ServeSettings, create_app  # noqa: E402
-from dsv3.serve.scheduler import Scheduler  # noqa: E402
+from dsv3.runtime.serve import bind_socket  # noqa: E402
+from dsv3.runtime.serve.app import ServeSettings, create_app  # noqa: E402
+from dsv3.runtime.serve.scheduler import Scheduler  # noqa: E402
 from tests.helpers import add_tiny_tokenizer, make_checkpoint  # noqa: E402
 
 KEY = "sk-test-key"

@@ -13,10 +13,10 @@ import torch
 
 import dsv3
 from dsv3.errors import Dsv3Error
-from dsv3.generate import SamplingParams, generate
-from dsv3.serve.scheduler import Event, Request, Scheduler, SchedulerBusy
-from dsv3.serve.text import TextStream, held_back
-from dsv3.speculative import generate_speculative
+from dsv3.runtime.generate import SamplingParams, generate
+from dsv3.runtime.serve.scheduler import Event, Request, Scheduler, SchedulerBusy
+from dsv3.runtime.serve.text import TextStream, held_back
+from dsv3.runtime.speculative import generate_speculative
 from tests.helpers import make_checkpoint, pattern_tokens, train_on_patterns
 
 WAIT_S = 60  # bound on any wait for the scheduler thread (tiny model: it takes well under a second)
@@ -407,8 +407,8 @@ def test_a_failed_mirrored_call_stops_the_scheduler_instead_of_desyncing_ranks(e
     """Tensor-parallel serving: a model error on rank 0 may leave the other ranks inside a collective, so
     MirroredModel turns it into MirrorBroken, which ends the scheduler (not just the step's requests)
     and keeps close() from sending anything more."""
-    from dsv3.parallel import ParallelContext
-    from dsv3.serve.mirror import MirroredModel
+    from dsv3.model.parallel import ParallelContext
+    from dsv3.runtime.serve.mirror import MirroredModel
 
     mirror = MirroredModel(engine.model, ParallelContext())  # world 1: the same calls, nothing to send
 

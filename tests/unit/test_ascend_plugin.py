@@ -17,16 +17,16 @@ import warnings
 import pytest
 import torch
 
-from dsv3.api import conversion_target
 from dsv3.backends.ascend import convert, plugin
 from dsv3.backends.ascend.fallback import AscendFallbackWarning
 from dsv3.backends.cpu_ref import attention as ref_attention
 from dsv3.backends.cpu_ref import basic, quant
 from dsv3.backends.cpu_ref import moe as ref_moe
-from dsv3.config import Routing
 from dsv3.errors import Dsv3Error
 from dsv3.hookspecs import OpRequest
+from dsv3.model.config import Routing
 from dsv3.registry import OP_NAMES, make_backend
+from dsv3.runtime.loading import conversion_target
 from dsv3.weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
 from tests.ascend_standin import standin
 

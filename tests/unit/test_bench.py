@@ -15,8 +15,8 @@ import sys
 import pytest
 from safetensors import safe_open
 
-from dsv3.bench import busy_note
 from dsv3.cli import main as dsv3_main
+from dsv3.tools.bench import busy_note
 from tests.helpers import make_checkpoint, quantize_checkpoint
 
 FAST = [

@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 import dsv3
-from dsv3.api import build_model
 from dsv3.cli import main as dsv3_main
-from dsv3.config import builtin_config
-from dsv3.model import naive_is_cheaper
+from dsv3.model.config import builtin_config
+from dsv3.model.graph import naive_is_cheaper
+from dsv3.runtime.loading import build_model
 from tests.helpers import TINY, add_tiny_tokenizer, make_checkpoint
 
 SHIPPED = sorted(p.name for p in files("dsv3.configs").iterdir() if p.name.endswith((".json", ".yaml", ".yml")))

@@ -1,4 +1,4 @@
-"""dsv3.eval without a model: the strided windows, the per-position figures and their summary.
+"""dsv3.tools.eval without a model: the strided windows, the per-position figures and their summary.
 
 The figures are checked against independent formulas (torch's kl_div, a bigram model's exact
 perplexity); identical logits must give KL exactly 0 and 100% agreement (float64 throughout).
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3.errors import Dsv3Error
-from dsv3.eval import evaluate, position_stats, strided_windows
+from dsv3.tools.eval import evaluate, position_stats, strided_windows
 
 
 @pytest.mark.parametrize(("n", "context", "stride"), [(2, 2, 1), (10, 4, 2), (37, 8, 3), (64, 16, 16), (65, 16, 8)])

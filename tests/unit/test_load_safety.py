@@ -26,13 +26,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsv3
-from dsv3 import chat_template
-from dsv3.api import build_model
-from dsv3.checkpoint import has_nonfinite
-from dsv3.config import config_from_dict, load_config
 from dsv3.errors import Dsv3Error
-from dsv3.model import ROPE_POSITIONS
-from dsv3.rope import cos_sin_table
+from dsv3.model.config import config_from_dict, load_config
+from dsv3.model.graph import ROPE_POSITIONS
+from dsv3.model.rope import cos_sin_table
+from dsv3.runtime import chat_template
+from dsv3.runtime.checkpoint import has_nonfinite
+from dsv3.runtime.loading import build_model
 from tests.helpers import TINY, add_tiny_tokenizer
 
 INDEX = "model.safetensors.index.json"

@@ -9,7 +9,7 @@ import pytest
 
 from dsv3 import cli
 from dsv3.errors import Dsv3Error
-from dsv3.output_files import write_atomically
+from dsv3.tools.output_files import write_atomically
 
 
 def test_a_report_under_a_regular_file_is_one_line(tmp_path, capsys):

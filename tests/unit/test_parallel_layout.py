@@ -1,4 +1,4 @@
-"""dsv3.parallel without a model: layouts, shard ranges, launching errors, and the collectives over gloo."""
+"""dsv3.model.parallel without a model: layouts, shard ranges, launching errors, and the collectives over gloo."""
 
 from __future__ import annotations
 
@@ -11,18 +11,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dsv3.config import ModelConfig, builtin_config, load_config
 from dsv3.errors import Dsv3Error
-from dsv3.parallel import (
+from dsv3.model.config import ModelConfig, builtin_config, load_config
+from dsv3.model.parallel import (
     ParallelContext,
-    check_dist_backend,
     check_layout,
-    init_from_env,
     local_range,
     shard_dim,
     split_linears,
     vocab_parallel_embedding,
 )
+from dsv3.runtime.distributed import check_dist_backend, init_from_env
 from dsv3.weights import FP8_BLOCK, HP
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dsv3.convert import is_quantized_projection, parse_size
 from dsv3.errors import Dsv3Error
+from dsv3.tools.convert import is_quantized_projection, parse_size
 
 
 @pytest.mark.parametrize(

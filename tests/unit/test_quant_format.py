@@ -17,8 +17,8 @@ import torch
 
 from dsv3 import quantize as qz
 from dsv3.backends.cpu_ref import quant as ref
-from dsv3.config import QuantConfig
 from dsv3.errors import Dsv3Error
+from dsv3.model.config import QuantConfig, checkpoint_format
 from dsv3.weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
 
 F32_SLACK = 2.0**-21  # relative, covers the float32 division and product
@@ -165,10 +165,10 @@ def test_weight_only_int8_never_quantizes_activations():
 
 
 def test_checkpoint_format_from_quantization_config():
-    assert qz.checkpoint_format(None) == HP
-    assert qz.checkpoint_format(QuantConfig("fp8")) == FP8_BLOCK
-    assert qz.checkpoint_format(QuantConfig("int8")) == INT8_W8A8
-    assert qz.checkpoint_format(QuantConfig("int8", activation_scheme="weight_only")) == INT8_WO
+    assert checkpoint_format(None) == HP
+    assert checkpoint_format(QuantConfig("fp8")) == FP8_BLOCK
+    assert checkpoint_format(QuantConfig("int8")) == INT8_W8A8
+    assert checkpoint_format(QuantConfig("int8", activation_scheme="weight_only")) == INT8_WO
 
 
 @pytest.mark.parametrize(
@@ -181,15 +181,15 @@ def test_checkpoint_format_from_quantization_config():
 )
 def test_checkpoint_format_rejects_unknown_schemes(q, field):
     with pytest.raises(Dsv3Error, match=rf"ckpt/config.json: quantization_config\.{field} "):
-        qz.checkpoint_format(q, "ckpt/config.json")
+        checkpoint_format(q, "ckpt/config.json")
 
 
 def test_quantization_config_round_trips_through_checkpoint_format():
-    from dsv3.config import config_from_dict
+    from dsv3.model.config import config_from_dict
 
     for fmt in (FP8_BLOCK, INT8_W8A8, INT8_WO):
         raw = {"quantization_config": qz.quantization_config(fmt, "ue8m0" if fmt == FP8_BLOCK else None)}
         cfg = config_from_dict(raw)
-        assert qz.checkpoint_format(cfg.quantization) == fmt
+        assert checkpoint_format(cfg.quantization) == fmt
     assert qz.quantization_config(HP) is None
     assert config_from_dict({"quantization_config": qz.quantization_config(FP8_BLOCK, "ue8m0")}).quantization.scale_fmt

@@ -13,9 +13,9 @@ import torch
 
 from dsv3.backends.cpu_ref.basic import sample
 from dsv3.errors import Dsv3Error
-from dsv3.generate import SEED_RANGE, SamplingError, SamplingParams
-from dsv3.speculative import processed_probs
-from dsv3.text import check_text
+from dsv3.runtime.generate import SEED_RANGE, SamplingError, SamplingParams
+from dsv3.runtime.speculative import processed_probs
+from dsv3.runtime.text import check_text
 
 LOGITS = torch.tensor([[0.5, 3.0, -1.0, 2.9], [1.0, 1.0, 4.0, 0.0]])  # argmax 1 (close to 3) and 2
 ARGMAX = [1, 2]

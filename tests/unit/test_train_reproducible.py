@@ -66,7 +66,7 @@ def test_resume_continues_the_same_curve(tt, corpus, tmp_path):
 def test_routing_bias_moves_against_the_load(tt, corpus, tmp_path):
     import torch
 
-    from dsv3.training import moe_modules, start_load_counting, update_routing_bias
+    from dsv3.tools.training import moe_modules, start_load_counting, update_routing_bias
 
     cfg = tt.model_config("test", 300)
     model = tt.make_model(cfg, seed=0)

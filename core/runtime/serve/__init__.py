@@ -1,9 +1,9 @@
 """``dsv3 serve``: an OpenAI-compatible HTTP server with continuous batching.
 
-- :mod:`dsv3.serve.scheduler`: the thread that owns the model and a pool of cache slots.
-- :mod:`dsv3.serve.app`: the FastAPI app (endpoints, limits, API key, streaming).
-- :mod:`dsv3.serve.protocol`: request validation and OpenAI's error shape.
-- :mod:`dsv3.serve.text`: incremental detokenization and stop strings.
+- :mod:`dsv3.runtime.serve.scheduler`: the thread that owns the model and a pool of cache slots.
+- :mod:`dsv3.runtime.serve.app`: the FastAPI app (endpoints, limits, API key, streaming).
+- :mod:`dsv3.runtime.serve.protocol`: request validation and OpenAI's error shape.
+- :mod:`dsv3.runtime.serve.text`: incremental detokenization and stop strings.
 
 FastAPI and uvicorn are an optional extra: ``pip install 'dsv3[serve]'``.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 
-from ..errors import Dsv3Error
+from ...errors import Dsv3Error
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 

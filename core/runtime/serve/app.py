@@ -1,4 +1,4 @@
-"""The HTTP side: an OpenAI-compatible FastAPI app in front of a :class:`~dsv3.serve.scheduler.Scheduler`.
+"""The HTTP side: an OpenAI-compatible FastAPI app in front of a :class:`~dsv3.runtime.serve.scheduler.Scheduler`.
 
 Endpoints: ``GET /health`` (no key needed; slot usage and counters), ``GET /v1/models``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``"stream": true`` as
@@ -28,8 +28,17 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..api import Engine
-from .protocol import APIError, ChatRequest, CompletionRequest, messages_of, parse, parse_json, prompts_of, stops_of
+from ..engine import Engine
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    messages_of,
+    parse,
+    parse_json,
+    prompts_of,
+    stops_of,
+)
 from .scheduler import Event, Scheduler, SchedulerBusy
 from .scheduler import Request as GenRequest
 from .text import TextStream, first_stop

@@ -1,6 +1,6 @@
 """Tensor-parallel serving: rank 0 runs the server and the scheduler; every other rank replays its model calls.
 
-Under torchrun each rank holds its shard of the model (``dsv3.parallel``), and every forward has
+Under torchrun each rank holds its shard of the model (``dsv3.model.parallel``), and every forward has
 collectives that all ranks must enter in the same order. Rank 0 serves HTTP and schedules as in one
 process, through :class:`MirroredModel`: each model call (``new_cache``, ``forward``, ``logits``,
 ``mtp_forward``, an MTP module's ``logits``) is first announced to the other ranks, with its tensor
@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..model import ModelCache, Transformer
-from ..parallel import ParallelContext
+from ...model.cache import ModelCache
+from ...model.graph import Transformer
+from ...model.parallel import ParallelContext
 
 _DTYPES = {str(d): d for d in (torch.int64, torch.int32, torch.float32, torch.bfloat16, torch.float16)}
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, ValidationError
 
-from ..errors import Dsv3Error
+from ...errors import Dsv3Error
 from ..generate import SamplingError, SamplingParams
 from ..text import check_text
 

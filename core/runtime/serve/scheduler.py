@@ -1,6 +1,6 @@
 """Continuous batching: one thread owns the model and a fixed pool of cache slots.
 
-Each slot is one row of a :class:`~dsv3.model.ModelCache` (``max_batch`` rows of ``max_len``
+Each slot is one row of a :class:`~dsv3.model.cache.ModelCache` (``max_batch`` rows of ``max_len``
 positions). Caches are indexed by position and attention reads keys ``j <= query position``, so a
 freed slot is reused by starting the next request's positions at 0 again: stale entries past its
 position are never read and get overwritten.
@@ -17,7 +17,7 @@ a seed is drawn alone with its own generator, so a seeded request draws exactly 
 ``dsv3 run --seed`` draws for that prompt alone.
 
 With ``mtp=K`` (speculative decoding with the checkpoint's MTP module) the same loop runs
-:class:`dsv3.speculative.SpecDecoder` steps instead of plain decode steps: every active slot drafts
+:class:`dsv3.runtime.speculative.SpecDecoder` steps instead of plain decode steps: every active slot drafts
 K tokens, one main-model forward verifies them all, and each slot streams its accepted drafts plus
 the main model's token (1 to K + 1 tokens per step) and moves on by that many positions. Requests
 still join and leave between steps; a seeded request draws exactly what ``dsv3 run --mtp K --seed``
@@ -37,8 +37,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import Dsv3Error
-from ..model import Transformer, cache_rows
+from ...errors import Dsv3Error
+from ...model.cache import cache_rows
+from ...model.graph import Transformer
 from ..sampling import finite_logits
 from ..speculative import RowSampler, SpecDecoder
 

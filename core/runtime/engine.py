@@ -1,0 +1,143 @@
+"""The Engine that dsv3.load returns: text in, completions out (tokenizer, chat template, plain or
+speculative decoding) over a built model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import Dsv3Error
+from ..model.graph import Transformer
+from .distributed import agree_on_seed
+from .generate import SamplingParams, generate
+from .speculative import check_mtp, generate_speculative
+from .text import check_text
+
+
+@dataclass
+class Completion:
+    """One prompt's result: the generated text and token ids (prompt excluded)."""
+
+    prompt: str | list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    mtp: dict | None = None  # speculative-decoding statistics of this row (generate(..., mtp=K))
+
+
+class Engine:
+    """A loaded model, its tokenizer (if the checkpoint has one) and generation."""
+
+    def __init__(self, model: Transformer, tokenizer=None, path: Path | None = None):
+        self.model, self.tokenizer, self.path = model, tokenizer, path
+        self.cfg = model.cfg
+
+    # ----------------------------------------------------------------- tokens
+    def default_chat(self) -> bool:
+        """Whether prompts go through the chat template unless told otherwise.
+
+        Yes when the tokenizer has a template, unless config.json says ``"dsv3_default_prompt": "raw"``
+        (a completion model that also knows a chat format, like the embedded one).
+        """
+        tok = self._need_tokenizer()
+        return bool(getattr(tok, "chat_template", None)) and self.cfg.extra.get("dsv3_default_prompt") != "raw"
+
+    def encode(self, prompt: str, chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt; through the chat template by default (see ``default_chat``) or when chat=True."""
+        tok = self._need_tokenizer()
+        check_text(prompt, "prompt")
+        use_chat = self.default_chat() if chat is None else chat
+        if use_chat:
+            if not getattr(tok, "chat_template", None):
+                raise Dsv3Error("this tokenizer has no chat template; use raw completion")
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        ids = tok.encode(prompt, add_special_tokens=False)
+        if tok.bos_token_id is not None:
+            ids = [tok.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._need_tokenizer().decode(ids, skip_special_tokens=True)
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise Dsv3Error(f"{self.path}: no tokenizer files in the checkpoint; pass token ids instead of text")
+        return self.tokenizer
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.cfg.eos_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return tuple(sorted(ids))
+
+    # ----------------------------------------------------------------- generation
+    def generate(
+        self,
+        prompts: list[str] | list[list[int]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool | None = None,
+        mtp: int = 0,
+    ) -> list[Completion]:
+        """Complete each prompt (text, or a list of token ids) and return one Completion per prompt.
+
+        mtp: draft tokens per step for lossless speculative decoding with the checkpoint's MTP
+        module (0: plain decoding); each Completion's ``mtp`` then holds its statistics.
+        """
+        check_mtp(self.model, mtp)
+        if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        ids = [p if isinstance(p, list) else self.encode(p, chat) for p in prompts]
+        seed = agree_on_seed(self.model.opts.parallel, seed, temperature)  # same draws on every rank
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, self.eos_ids)
+        out = generate_speculative(self.model, ids, params, mtp) if mtp else generate(self.model, ids, params)
+        rows = out.stats.get("mtp_rows") or [None] * len(ids)
+        texts = [self.decode(o) if self.tokenizer is not None else "" for o in out.token_ids]
+        return [
+            Completion(p, t, o, r, m)
+            for p, t, o, r, m in zip(prompts, texts, out.token_ids, out.finish_reasons, rows, strict=True)
+        ]
+
+    @torch.inference_mode()
+    def logits(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+        """Full-sequence logits: token_ids (B, T) int64 -> (B, T, V) float32 (no cache)."""
+        return self.model.logits(self.model(self._checked_tokens(token_ids)))
+
+    @torch.inference_mode()
+    def logits_with_mtp(self, token_ids: torch.Tensor | list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_ids (B, T) int64 -> main logits (B, T, V) and the first MTP module's (B, T-1, V), float32.
+
+        MTP entry t combines the main model's hidden state at t with token t+1 and predicts token t+2
+        (the draft that speculative decoding makes). One main forward serves both.
+        """
+        if not len(self.model.mtp):
+            raise Dsv3Error("checkpoint has no MTP layers (num_nextn_predict_layers=0)")
+        tokens = self._checked_tokens(token_ids)
+        hidden = self.model(tokens)  # (B, T, D)
+        positions = torch.arange(tokens.shape[1] - 1, device=tokens.device).expand(tokens.shape[0], -1)
+        mtp_hidden = self.model.mtp_forward(0, hidden[:, :-1], tokens[:, 1:], positions)  # (B, T-1, D)
+        return self.model.logits(hidden), self.model.mtp[0].logits(mtp_hidden)
+
+    def _checked_tokens(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:
+        """token_ids as (B, T) int64 on the model's device, within the vocabulary and the position limit."""
+        tokens = torch.as_tensor(token_ids, dtype=torch.long, device=self.model.embed.device)
+        if tokens.dim() == 1:
+            tokens = tokens.unsqueeze(0)
+        if tokens.shape[-1] > self.cfg.max_position_embeddings:
+            raise Dsv3Error(
+                f"{tokens.shape[-1]} tokens exceed the model's limit of {self.cfg.max_position_embeddings} positions "
+                "(max_position_embeddings)"
+            )
+        if tokens.numel() and not 0 <= int(tokens.min()) <= int(tokens.max()) < self.cfg.vocab_size:
+            raise Dsv3Error(f"token ids must lie in [0, {self.cfg.vocab_size}) (vocab_size)")
+        return tokens

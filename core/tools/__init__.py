@@ -1,0 +1,1 @@
+"""Tools built on the model and runtime: convert, ONNX export, bench, eval, parity, MTP training, report files."""
