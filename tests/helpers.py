@@ -3,15 +3,21 @@
 ``make_checkpoint(dir, **overrides)`` saves a random model with save_pretrained, gives
 ``e_score_correction_bias`` non-zero values (it starts at zero), and with ``mtp=True`` appends one
 MTP layer's tensors in the released layout (transformers does not write them).
+``assert_close(got, want, tol)`` compares a backend's result with cpu_ref's the way the conformance
+kit does (``dsv3.conformance`` Tolerance, rtol and atol).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    from dsv3.conformance.tolerances import Tolerance
 
 TINY = dict(
     vocab_size=96,
@@ -209,3 +215,32 @@ def train_on_patterns(model, steps: int = 60, seed: int = 0, mtp_weight: float =
         opt.step()
     model.eval()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, what: str = "output") -> None:
+    """``got`` (a backend's result) against ``want`` (cpu_ref's) by the conformance kit's own criterion.
+
+    The comparison is ``dsv3.conformance.compare.compare_tensors``: elementwise
+    ``|got - want| <= tol.atol + tol.rtol * (|want| + row rms)``, bit for bit (the sign of zero
+    included) when both are 0. Shape and dtype must match, and both tensors must be finite: the
+    hand-written ``max |diff|`` checks this replaces failed on any NaN, where the kit lets NaN pass
+    where cpu_ref has NaN.
+    """
+    from dsv3.conformance.compare import compare_tensors
+
+    assert got.shape == want.shape and got.dtype == want.dtype, (
+        f"{what}: got {tuple(got.shape)} {got.dtype}, expected {tuple(want.shape)} {want.dtype}"
+    )
+    for name, t in (("got", got), ("expected", want)):
+        if t.is_floating_point():
+            bad = ~torch.isfinite(t.detach().cpu())
+            assert not bool(bad.any()), f"{what}: {name} has {int(bad.sum())} non-finite values"
+    outcome = compare_tensors(got, want.detach().cpu(), tol)
+    assert outcome.ok, f"{what}: {outcome.message} (max abs error {outcome.max_abs:.3g}, mean {outcome.mean_abs:.3g})"
+
+
+def absolute(name: str, atol: float, why: str) -> Tolerance:
+    """A tolerance of ``atol`` absolute, nothing relative (for logits of O(1) whose bound was measured)."""
+    from dsv3.conformance.tolerances import Tolerance
+
+    return Tolerance(name, 0.0, why, atol=atol)

@@ -16,10 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .jit_utils import online_softmax_tile, round_to, row_max
+from .jit_utils import TL_DTYPE, online_softmax_tile, round_to, row_max
 from .runtime import HP_DTYPES, cdiv, check_device, check_tensor, interpreting, launch_opts, next_pow2, require
 
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _LOG2E = 1.4426950408889634
 
 
@@ -141,7 +140,7 @@ def attention(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), q_pos.stride(0), q_pos.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
-        CDT=_TL[q.dtype], HP_IEEE=interpreting() or q.dtype == torch.float32,
+        CDT=TL_DTYPE[q.dtype], HP_IEEE=interpreting() or q.dtype == torch.float32,
         BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_QK=block_qk, BLOCK_V=block_v, **opts,
     )  # fmt: skip
     return out

@@ -8,10 +8,8 @@ import triton.language as tl
 
 from dsv3.weights import FP8_DTYPES
 
-from .jit_utils import round_to
+from .jit_utils import TL_DTYPE, round_to
 from .runtime import HP_DTYPES, QBLOCK, cdiv, check_device, check_tensor, interpreting, next_pow2, require
-
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit
@@ -78,6 +76,6 @@ def dequantize_weight(data: torch.Tensor, scale: torch.Tensor, fmt: str, dtype: 
     _dequant_kernel[grid](
         w3, s3, out, rows, cols, w3.stride(0), w3.stride(1), s3.stride(0), s3.stride(1),
         s3.stride(2) if block else 0, out.stride(0), out.stride(1),
-        BLOCK_SCALED=block, QB=QBLOCK, OUT=_TL[dtype], BLOCK_R=br, BLOCK_C=bc, num_warps=4,
+        BLOCK_SCALED=block, QB=QBLOCK, OUT=TL_DTYPE[dtype], BLOCK_R=br, BLOCK_C=bc, num_warps=4,
     )  # fmt: skip
     return out.view(data.shape)

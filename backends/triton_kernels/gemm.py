@@ -28,7 +28,7 @@ import triton.language as tl
 
 from dsv3.weights import FP8_DTYPES
 
-from .jit_utils import round_to
+from .jit_utils import TL_DTYPE, round_to
 from .runtime import (
     HP_DTYPES,
     QBLOCK,
@@ -47,7 +47,6 @@ from .runtime import (
 A_HP, A_FP8, A_INT8 = 0, 1, 2
 B_HP, B_FP8, B_INT8 = 0, 1, 2
 ROWS_PLAIN, ROWS_GATHER, ROWS_SCATTER = 0, 1, 2
-TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit(do_not_specialize=["M", "TOPK", "k_tiles_per_split"])  # token counts vary: one compile

@@ -1,4 +1,4 @@
-"""Helpers used inside kernels: exact rounding and reductions.
+"""Helpers used inside kernels: exact rounding and reductions, and the torch -> triton dtype map.
 
 The kernels call no jit function of triton's standard library (``tl.sum``, ``tl.max``,
 ``tl.zeros``, ``tl.cdiv``...): in the interpreter those only work if TRITON_INTERPRET was set
@@ -14,10 +14,14 @@ truncates and whose float32 -> fp8 cast drops the mantissa carry) and matches to
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from .runtime import interpreting
+
+#: The triton dtype of each compute dtype (``runtime.HP_DTYPES``), for constexpr dtype arguments.
+TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def device_helper(fn):

@@ -14,10 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .jit_utils import online_softmax_tile, round_to
+from .jit_utils import TL_DTYPE, online_softmax_tile, round_to
 from .runtime import HP_DTYPES, cdiv, check_device, check_tensor, interpreting, next_pow2, require, sm_count
 
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _LOG2E = 1.4426950408889634
 
 
@@ -137,7 +136,7 @@ def mla_latent_attention(
             num_splits = max(1, min(cdiv(2 * sm_count(q_latent.device.index or 0), rows), cdiv(s, 256)))
     keys_per_split = cdiv(cdiv(s, num_splits), block_s) * block_s
     num_splits = cdiv(s, keys_per_split)
-    cdt = _TL[q_latent.dtype]
+    cdt = TL_DTYPE[q_latent.dtype]
     common = dict(CDT=cdt, HP_IEEE=interp or q_latent.dtype == torch.float32, BLOCK_H=block_h, BLOCK_S=block_s,
                   BLOCK_C=block_c, BLOCK_R=block_r, num_warps=4 if block_c <= 128 else 8, num_stages=2)  # fmt: skip
     grid = (bsz * t, h_blocks, num_splits)

@@ -6,10 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .jit_utils import round_to, row_sum
+from .jit_utils import TL_DTYPE, round_to, row_sum
 from .runtime import HP_DTYPES, cdiv, check_device, check_tensor, interpreting, next_pow2, require
-
-_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -54,7 +52,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows = _rows_per_program(m, block)
     _rms_norm_kernel[(cdiv(m, rows),)](
         x2, weight, out, m, d, x2.stride(0), out.stride(0), float(eps),
-        OUT=_TL[x.dtype], ROWS=rows, BLOCK=block, num_warps=warps,
+        OUT=TL_DTYPE[x.dtype], ROWS=rows, BLOCK=block, num_warps=warps,
     )  # fmt: skip
     return out.view(x.shape)
 
@@ -102,6 +100,6 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     rows = _rows_per_program(m, block)
     _silu_mul_kernel[(cdiv(m, rows), cdiv(i, block))](
         g2, u2, out, m, i, g2.stride(0), u2.stride(0), out.stride(0),
-        OUT=_TL[gate.dtype], ROWS=rows, BLOCK=block, num_warps=4,
+        OUT=TL_DTYPE[gate.dtype], ROWS=rows, BLOCK=block, num_warps=4,
     )  # fmt: skip
     return out.view(gate.shape)

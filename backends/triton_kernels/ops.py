@@ -1,6 +1,10 @@
-"""The operator implementations the nvidia and amd plugins hand out, built on the kernels here.
+"""The operator implementations the nvidia and amd plugins hand out, and one builder per operator.
 
-Nothing here imports triton when the module is imported or when a hook is asked: the kernel
+``build_<op>(request, target)`` returns the implementation of one operator hook for an
+:class:`~dsv3.hookspecs.OpRequest` on a :class:`~.target.TritonTarget`, or None to decline; its
+docstring says when it declines. The plugins' hooks (``plugin_hooks.TritonBackend``) call them.
+
+Nothing here imports triton when the module is imported or when a builder is asked: the kernel
 modules are imported on the first call of an operator. So ``dsv3 backends`` can list what the GPU
 backends implement on a machine with neither a GPU nor triton.
 
@@ -23,12 +27,21 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dsv3.hookspecs import OpRequest
-from dsv3.weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
+from dsv3.hookspecs import (
+    AttentionOp,
+    DequantizeOp,
+    LinearOp,
+    MlaLatentAttentionOp,
+    MoeExpertsOp,
+    OpRequest,
+    RmsNormOp,
+    SiluAndMulOp,
+)
+from dsv3.weights import FORMATS, FP8_BLOCK, HP, INT8_W8A8, Weight
 
-from .runtime import interpreting
+from .runtime import interpreting, is_hip
+from .target import AMD, NVIDIA, TritonTarget
 
-FORMATS = (HP, FP8_BLOCK, INT8_W8A8, INT8_WO)
 FAST_MIN_M = 64  # below this the Triton kernels (split-K for thin problems) are expected to win
 FAST_ENV = {"fp8": "DSV3_FP8_GEMM", "int8": "DSV3_INT8_GEMM"}
 
@@ -45,24 +58,25 @@ def triton_unusable_reason() -> str | None:
     return None
 
 
-def nvidia_unusable_reason() -> str | None:
+def unusable_reason(target: TritonTarget) -> str | None:
+    """None when ``target``'s backend runs here (its torch build and a GPU, or the interpreter, and triton), else why not."""
     if interpreting():
         return triton_unusable_reason()
-    if torch.version.hip is not None:
-        return "this torch is a ROCm build (torch.version.hip is set): use --backend amd"
+    if target.rocm and not is_hip():
+        return "this torch is not a ROCm build (torch.version.hip is None) and TRITON_INTERPRET is not set"
+    if is_hip() and not target.rocm:
+        return f"this torch is a ROCm build (torch.version.hip is set): use --backend {AMD.name}"
     if not torch.cuda.is_available():
-        return "no CUDA device visible (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
+        return f"no {target.gpu} visible (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
     return triton_unusable_reason()
+
+
+def nvidia_unusable_reason() -> str | None:
+    return unusable_reason(NVIDIA)
 
 
 def amd_unusable_reason() -> str | None:
-    if interpreting():
-        return triton_unusable_reason()
-    if torch.version.hip is None:
-        return "this torch is not a ROCm build (torch.version.hip is None) and TRITON_INTERPRET is not set"
-    if not torch.cuda.is_available():
-        return "no ROCm GPU visible (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
-    return triton_unusable_reason()
+    return unusable_reason(AMD)
 
 
 def device() -> str:
@@ -82,10 +96,30 @@ def fp8_dot_supported() -> bool:
 
 @functools.cache
 def _gpu_has_fp8() -> bool:
-    if torch.version.hip is not None:
-        arch = getattr(torch.cuda.get_device_properties(0), "gcnArchName", "")
-        return arch.startswith(("gfx94", "gfx95", "gfx12"))
+    if is_hip():
+        return _gpu_arch().startswith(("gfx94", "gfx95", "gfx12"))
     return torch.cuda.get_device_capability(0) >= (8, 9)
+
+
+@functools.cache
+def _gpu_arch() -> str:
+    """The AMD architecture name of GPU 0 (``gfx942:sramecc+:xnack-``); "" on NVIDIA."""
+    return getattr(torch.cuda.get_device_properties(0), "gcnArchName", "")
+
+
+def fp8_compute_dtype(target: TritonTarget) -> torch.dtype:
+    """The fp8 dtype ``fp8_block`` weights are computed in on ``target`` here.
+
+    Under the interpreter: the target's own (so CI runs the path its GPUs take). Without the
+    target's GPU, or on an architecture ``target.fp8_dtype_archs`` leaves out: e4m3fn.
+    """
+    if interpreting():
+        return target.fp8_dtype
+    if is_hip() != target.rocm or not torch.cuda.is_available():
+        return torch.float8_e4m3fn
+    if target.fp8_dtype_archs and not _gpu_arch().startswith(target.fp8_dtype_archs):
+        return torch.float8_e4m3fn
+    return target.fp8_dtype
 
 
 @functools.cache
@@ -140,7 +174,7 @@ def fast_path_status(kind: str, index: int = 0) -> tuple[bool, str]:
         return False, f"{FAST_ENV[kind]}=triton"
     if choice not in ("auto", "vendor"):
         return False, f"{FAST_ENV[kind]}={choice!r} is not one of triton, vendor, auto"
-    if interpreting() or not torch.cuda.is_available() or torch.version.hip is not None:
+    if interpreting() or not torch.cuda.is_available() or is_hip():
         return False, "vendor GEMM fast paths are used on NVIDIA GPUs only"
     return _probe_fast_path(kind, index)
 
@@ -270,41 +304,101 @@ def make_moe_experts(act_quant: str) -> Callable:
     return moe_experts
 
 
+# ----------------------------------------------------------------------------- builders
+# Embedding, rotary, the MoE gate and sampling have none: cpu_ref's torch ops run on the GPU.
+def build_rms_norm(request: OpRequest, target: TritonTarget) -> RmsNormOp | None:
+    """The RMSNorm kernel. Declines a weight format outside ``dsv3.weights.FORMATS``."""
+    return rms_norm if request.fmt in FORMATS else None
+
+
+def build_silu_and_mul(request: OpRequest, target: TritonTarget) -> SiluAndMulOp | None:
+    """The SiLU-and-multiply kernel. Declines a weight format outside ``FORMATS``."""
+    return silu_and_mul if request.fmt in FORMATS else None
+
+
+def build_attention(request: OpRequest, target: TritonTarget) -> AttentionOp | None:
+    """Flash-style prefill attention (the naive MLA form). Declines a weight format outside ``FORMATS``."""
+    return attention if request.fmt in FORMATS else None
+
+
+def build_mla_latent_attention(request: OpRequest, target: TritonTarget) -> MlaLatentAttentionOp | None:
+    """MLA decode over the latent cache. Declines a weight format outside ``FORMATS``."""
+    return mla_latent_attention if request.fmt in FORMATS else None
+
+
+def build_dequantize(request: OpRequest, target: TritonTarget) -> DequantizeOp | None:
+    """Weight dequantization (any format of ``FORMATS``). Declines a weight format outside ``FORMATS``."""
+    return dequantize if request.fmt in FORMATS else None
+
+
 def _quantized_dynamic(request: OpRequest) -> bool:
     return request.act_quant == "dynamic" and request.fmt in (FP8_BLOCK, INT8_W8A8)
 
 
-def resolve(op: str, request: OpRequest, vendor_gemms: bool = False) -> Callable | None:
-    """The implementation of ``op`` for ``request``, or None to leave it to cpu_ref.
+def build_linear(request: OpRequest, target: TritonTarget) -> LinearOp | None:
+    """hp: the vendor BLAS. fp8_block / int8_w8a8 with act_quant "dynamic": activations quantized
+    at run time and a quantized GEMM (the vendor's too where ``target.vendor_gemms``). Other
+    quantized requests: the weight dequantized in registers.
 
-    vendor_gemms: allow the vendor fp8/int8 GEMMs (NVIDIA) where they are checked and faster.
+    Declines a weight format outside ``FORMATS``, and fp8_block with dynamic activations on a GPU
+    without fp8 tensor cores (``fp8_dot_supported()`` False: cpu_ref emulates it).
     """
     if request.fmt not in FORMATS:
         return None
-    if op == "rms_norm":
-        return rms_norm
-    if op == "silu_and_mul":
-        return silu_and_mul
-    if op == "attention":
-        return attention
-    if op == "mla_latent_attention":
-        return mla_latent_attention
-    if op == "dequantize":
-        return dequantize
-    fp8_dynamic = _quantized_dynamic(request) and request.fmt == FP8_BLOCK
-    if op == "linear":
-        if request.fmt == HP:
-            return linear_hp
-        if _quantized_dynamic(request):
-            if fp8_dynamic and not fp8_dot_supported():
-                return None  # no fp8 tensor cores: cpu_ref emulates it
-            return make_linear_dynamic(request.fmt, vendor_gemms)
+    if request.fmt == HP:
+        return linear_hp
+    if not _quantized_dynamic(request):
         return linear_weight_only
-    if op == "moe_experts":
-        if fp8_dynamic and not fp8_dot_supported():
-            return None
-        return make_moe_experts(request.act_quant if _quantized_dynamic(request) else "none")
-    return None  # embedding, rotary, moe_gate, sample: cpu_ref's torch ops run on the GPU
+    if request.fmt == FP8_BLOCK and not fp8_dot_supported():
+        return None
+    return make_linear_dynamic(request.fmt, target.vendor_gemms)
+
+
+def build_moe_experts(request: OpRequest, target: TritonTarget) -> MoeExpertsOp | None:
+    """Grouped GEMMs by expert, every format; activations quantized as ``build_linear``'s.
+
+    Declines a weight format outside ``FORMATS``, and fp8_block with dynamic activations on a GPU
+    without fp8 tensor cores.
+    """
+    if request.fmt not in FORMATS:
+        return None
+    dynamic = _quantized_dynamic(request)
+    if dynamic and request.fmt == FP8_BLOCK and not fp8_dot_supported():
+        return None
+    return make_moe_experts(request.act_quant if dynamic else "none")
+
+
+_BUILDERS: dict[str, Callable] = {
+    b.__name__.removeprefix("build_"): b
+    for b in (
+        build_rms_norm,
+        build_silu_and_mul,
+        build_attention,
+        build_mla_latent_attention,
+        build_dequantize,
+        build_linear,
+        build_moe_experts,
+    )
+}
+
+
+def resolve(op: str, request: OpRequest, vendor_gemms: bool = False) -> Callable | None:
+    """``build_<op>`` looked up by the operator's name, for callers that name it (the kernel tests,
+    ``scripts/gpu_check.py``); the plugins call the builders themselves. None: no builder or declined.
+
+    vendor_gemms: build as for the nvidia target (vendor GEMMs allowed), else as for amd.
+    """
+    build = _BUILDERS.get(op)
+    return None if build is None else build(request, NVIDIA if vendor_gemms else AMD)
+
+
+def prepare_weight(w: Weight, target: TritonTarget) -> Weight | None:
+    """An e4m3fn fp8_block weight as e4m3fnuz where ``target`` computes that here (MI300); else None (unchanged)."""
+    if w.fmt != FP8_BLOCK or w.data.dtype != torch.float8_e4m3fn:
+        return None
+    if fp8_compute_dtype(target) != torch.float8_e4m3fnuz:
+        return None
+    return e4m3fn_to_e4m3fnuz(w)
 
 
 def e4m3fn_to_e4m3fnuz(w: Weight) -> Weight:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv3.weights import AMAX_FLOOR, FP8_DTYPES, FP8_MAX
+from dsv3.weights import AMAX_FLOOR, FP8_DTYPES, FP8_MAX, INT8_MAX
 
 from .jit_utils import round_half_even, round_to_fp8_grid, round_up_pow2, row_max
 from .runtime import (
@@ -105,7 +105,17 @@ def _rows_per_program(m: int) -> int:
 
 @triton.jit(do_not_specialize=["M"])
 def _act_quant_int8_kernel(
-    x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, AMAX_MIN: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    K,
+    stride_xm,
+    stride_qm,
+    AMAX_MIN: tl.constexpr,
+    QMAX: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_ok = rows < M
@@ -116,19 +126,19 @@ def _act_quant_int8_kernel(
         mask = r_ok[:, None] & (col[None, :] < K)
         x = tl.load(x_ptr + r64[:, None] * stride_xm + col[None, :], mask=mask, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
-    s = tl.math.div_rn(tl.maximum(row_max(amax, 1), AMAX_MIN), tl.full((ROWS,), 127.0, tl.float32))
+    s = tl.math.div_rn(tl.maximum(row_max(amax, 1), AMAX_MIN), tl.full((ROWS,), QMAX, tl.float32))
     for k0 in range(0, K, BLOCK):
         col = k0 + tl.arange(0, BLOCK)
         mask = r_ok[:, None] & (col[None, :] < K)
         x = tl.load(x_ptr + r64[:, None] * stride_xm + col[None, :], mask=mask, other=0.0).to(tl.float32)
         y = round_half_even(tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape)))
-        y = tl.minimum(tl.maximum(y, -127.0), 127.0)
+        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
         tl.store(q_ptr + r64[:, None] * stride_qm + col[None, :], y.to(tl.int8), mask=mask)
     tl.store(s_ptr + rows, s, mask=r_ok)
 
 
 def act_quant_int8(x: torch.Tensor, rows_per_program: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) float -> (q (M, K) int8, s (M,) float32): symmetric per token, s = amax / 127."""
+    """x (M, K) float -> (q (M, K) int8, s (M,) float32): symmetric per token, s = amax / INT8_MAX (127)."""
     where = "act_quant_int8"
     check_tensor(where, "x", x, HP_DTYPES, ndim=2)
     check_device(where, x=x)
@@ -141,6 +151,17 @@ def act_quant_int8(x: torch.Tensor, rows_per_program: int | None = None) -> tupl
     rows = rows_per_program or _rows_per_program(m)
     block = min(next_pow2(k), max(128, 2048 // rows))
     _act_quant_int8_kernel[(cdiv(m, rows),)](
-        x, q, s, m, k, x.stride(0), q.stride(0), AMAX_MIN=AMAX_FLOOR, ROWS=rows, BLOCK=block, num_warps=4
+        x,
+        q,
+        s,
+        m,
+        k,
+        x.stride(0),
+        q.stride(0),
+        AMAX_MIN=AMAX_FLOOR,
+        QMAX=INT8_MAX,
+        ROWS=rows,
+        BLOCK=block,
+        num_warps=4,
     )
     return q, s

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import torch
 
-from dsv3.weights import FP8_BLOCK_SIZE
+from dsv3.weights import FP8_BLOCK_SIZE, FP8_DTYPES
 
 INTERPRET_ENV = "TRITON_INTERPRET"
 _TRUE = ("1", "true", "on", "yes")
 
-#: Smallest normal exponent of each FP8 format.
-FP8_EMIN = {torch.float8_e4m3fn: -6, torch.float8_e4m3fnuz: -7}
+#: Smallest normal exponent of each FP8 format (-6 for e4m3fn, -7 for e4m3fnuz), read from torch.
+FP8_EMIN = {dt: int(math.log2(torch.finfo(dt).smallest_normal)) for dt in FP8_DTYPES}
 HP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QBLOCK = FP8_BLOCK_SIZE  # the block of the fp8_block format (weights 128 x 128, activations 1 x 128)
 

@@ -51,18 +51,18 @@ def _index(flat_index: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def compare_tensors(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> Outcome:
-    """Elementwise ``|out - ref| <= rtol * (|ref| + rms)``, rms taken over the last dimension (one token's
-    row); NaN and inf must sit where ref has them.
+    """Elementwise ``|out - ref| <= atol + rtol * (|ref| + rms)``, rms taken over the last dimension (one
+    token's row); NaN and inf must sit where ref has them.
 
-    With ``rtol == 0`` the tensors must be bit-for-bit equal (the sign of zero included).
+    With ``rtol == atol == 0`` the tensors must be bit-for-bit equal (the sign of zero included).
     """
     out = out.detach().to("cpu")
-    if tol.rtol == 0:
+    if tol.exact:
         if torch.equal(out, ref) and (not ref.is_floating_point() or torch.equal(out.signbit(), ref.signbit())):
             return Outcome(True)
         o, r = out.double(), ref.double()
         diff = (o - r).abs().nan_to_num(math.inf)
-        where = int(torch.argmax((diff > 0) | (o.signbit() != r.signbit())).item())
+        where = int(torch.argmax(((diff > 0) | (o.signbit() != r.signbit())).to(torch.uint8)).item())
         i = _index(where, tuple(ref.shape))
         return Outcome(
             False,
@@ -91,7 +91,7 @@ def compare_tensors(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> Out
     row_rms = zeroed.pow(2).mean(-1, keepdim=True).sqrt().expand_as(r) if r.dim() else zeroed.abs()
     rf, of, rms_f = r[finite], o[finite], row_rms[finite]
     diff = (of - rf).abs()
-    allowed = tol.rtol * (rf.abs() + rms_f)
+    allowed = tol.atol + tol.rtol * (rf.abs() + rms_f)
     ratio = torch.where(allowed > 0, diff / allowed.clamp(min=1e-300), torch.where(diff > 0, math.inf, 0.0))
     worst = float(ratio.max())
     max_abs, mean_abs = float(diff.max()), float(diff.mean())
@@ -105,8 +105,15 @@ def compare_tensors(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> Out
         mean_abs,
         worst,
         f"error {diff[k].item():.3g} at {where} (got {of[k].item():.6g}, expected {rf[k].item():.6g}) exceeds "
-        f"{tol.name} tolerance {allowed[k].item():.3g} = {tol.rtol:g} x (|ref| + row rms {rms_f[k].item():.3g})",
+        f"{tol.name} tolerance {allowed[k].item():.3g} = {_formula(tol, rms_f[k].item())}",
     )
+
+
+def _formula(tol: Tolerance, rms: float) -> str:
+    relative = f"{tol.rtol:g} x (|ref| + row rms {rms:.3g})"
+    if not tol.atol:
+        return relative
+    return f"{tol.atol:g}" + (f" + {relative}" if tol.rtol else " (absolute)")
 
 
 def compare_routing(out: object, ref: tuple[torch.Tensor, torch.Tensor], tol: Tolerance, device_type: str) -> Outcome:

@@ -20,11 +20,13 @@ from ..hookspecs import OP_NAMES, WEIGHT_OPS, OpRequest
 from ..weights import ACT_QUANT_MODES, FORMATS, HP, INT8_WO, Weight
 from .cases import Case, CaseData, Spec, cases_for, uncovered_ops
 from .compare import Outcome, check_meta, check_sample, compare_routing, compare_tensors, fail
+from .inputs import argument_names, first_change, snapshot
 from .tolerances import tolerance_for
 
 #: Compute dtypes the kit exercises by default (the model's activation dtypes).
 DEFAULT_DTYPES = (torch.float32, torch.bfloat16)
-#: Inputs up to this many elements are checked for being modified in place (they are copied first).
+#: Input tensors (plain, or inside a Weight or other dataclass, tuple or list) up to this many elements are
+#: checked for being modified in place (they are copied first).
 _INPLACE_CHECK_LIMIT = 1 << 22
 #: Operators whose inputs do not depend on the compute dtype (logits are float32).
 _DTYPE_FREE = ("sample",)
@@ -206,24 +208,25 @@ def run_case(unit: Unit, case: Case, device: str, prepare: Callable | None = Non
             gen = None if s is None else torch.Generator(device=device).manual_seed(s)
             return unit.impl(*dev, gen)
 
+        names = argument_names(unit.reference, len(dev))
+        watched = snapshot(dev, names, _INPLACE_CHECK_LIMIT)
         try:
-            return check_sample(run, logits, temperature, top_p, seed.seed, device_type, data.info["distribution"])
+            outcome = check_sample(run, logits, temperature, top_p, seed.seed, device_type, data.info["distribution"])
         except Exception as exc:
             return fail(f"raised {_first_line(exc)}")
+        changed = first_change(dev, names, watched)
+        return outcome if changed is None else fail(f"{unit.spec.op} modified its input {changed} in place")
     with torch.inference_mode():
         ref = unit.reference(*ref_args)
-        watched = [
-            (i, a.clone())
-            for i, a in enumerate(dev_args)
-            if isinstance(a, torch.Tensor) and a.numel() <= _INPLACE_CHECK_LIMIT
-        ]
+        names = argument_names(unit.reference, len(dev_args))
+        watched = snapshot(dev_args, names, _INPLACE_CHECK_LIMIT)
         try:
             out = unit.impl(*dev_args)
         except Exception as exc:
             return fail(f"raised {_first_line(exc)}")
-        for i, before in watched:
-            if not torch.equal(dev_args[i], before) and not bool(torch.isnan(before).any()):
-                return fail(f"modified its input argument {i} in place")
+        changed = first_change(dev_args, names, watched)
+        if changed is not None:
+            return fail(f"{unit.spec.op} modified its input {changed} in place")
     if data.check == "routing":
         return compare_routing(out, ref, tol, device_type)
     msg = check_meta(out, ref, device_type)
@@ -356,7 +359,7 @@ class Report:
             ],
             "fallbacks": self.fallbacks,
             "failures": self.failures(),
-            "tolerances": {t.name: {"rtol": t.rtol, "why": t.why} for t in TOLERANCES},
+            "tolerances": {t.name: {"rtol": t.rtol, "atol": t.atol, "why": t.why} for t in TOLERANCES},
         }
 
     def to_json(self) -> str:

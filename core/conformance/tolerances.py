@@ -5,6 +5,9 @@ One criterion everywhere: an element passes when ``|out - ref| <= rtol * (|ref| 
 term measures error against the size of the token's whole output, so elements that cancel to near
 zero (a dot product of random vectors) are not held to a relative bound they cannot meet; the
 ``|ref|`` term keeps large elements to a relative bound. ``rtol == 0`` means bit-for-bit.
+Every tolerance of the kit has ``atol == 0``; tests that compare with cpu_ref through the same
+function may add an absolute allowance (``Tolerance(name, rtol, why, atol=...)``: the element passes
+when ``|out - ref| <= atol + rtol * (|ref| + rms)``; bit-for-bit only when both are 0).
 The sizes were checked against a second, independent implementation of every operator
 (tests/conformance/test_kit.py), on the quick and the full cases.
 """
@@ -20,11 +23,17 @@ from ..weights import FP8_BLOCK, INT8_W8A8
 
 @dataclass(frozen=True)
 class Tolerance:
-    """``rtol`` for the criterion above and the reason it is that size."""
+    """``rtol`` (and ``atol``) for the criterion above and the reason it is that size."""
 
     name: str
     rtol: float
     why: str
+    atol: float = 0.0
+
+    @property
+    def exact(self) -> bool:
+        """Bit for bit: no relative and no absolute allowance."""
+        return self.rtol == 0 and self.atol == 0
 
 
 EXACT = Tolerance("exact", 0.0, "copies and integer results (row lookup, expert ids, argmax): bit for bit")
