@@ -1,7 +1,7 @@
 """The onnxruntime backend plugin: a whole-model backend, not a per-operator one.
 
 ONNX Runtime runs a whole graph per call, so this plugin implements none of the ``dsv3_op_*``
-hooks. Instead its BackendInfo carries ``extra["whole_model"]``: a factory that ``dsv3.load``
+hooks. Instead its BackendInfo carries ``whole_model``: a factory that ``dsv3.load``
 calls in place of building the model from an operator table (see ``runner.load_whole_model``).
 Importing this module does not import onnxruntime.
 """
@@ -39,5 +39,5 @@ def dsv3_backend_info() -> BackendInfo:
         dist_backend="gloo",
         formats=(HP,),
         unusable_reason=unusable_reason(),
-        extra={"whole_model": _whole_model},
+        whole_model=_whole_model,
     )

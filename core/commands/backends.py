@@ -52,7 +52,7 @@ def describe_backend(b: registry.Backend, brief: bool = False) -> list[str]:
     if info.convert_formats:
         conv = "; ".join(f"{src} -> {' or '.join(dst)}" for src, dst in info.convert_formats.items())
         lines.append(f"  converts at load: {conv}")
-    if "whole_model" in info.extra:
+    if info.whole_model is not None:
         return [*lines, "  operators: runs whole exported graphs (no per-operator hooks)"]
     cov = registry.coverage(b, FORMATS)
     if not cov:

@@ -75,7 +75,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def _check_not_whole_graph(name: str) -> None:
     """A whole-graph backend (e.g. onnxruntime) has no dsv3 model to take apart."""
     info = getattr(registry.discover().get(name), "info", None)
-    if info is not None and (getattr(info, "whole_model", None) or "whole_model" in info.extra):  # contract 2 or 1
+    if info is not None and info.whole_model is not None:
         raise Dsv3Error(
             f"--backend {name}: this backend runs a whole exported graph, which dsv3 bench cannot measure (it "
             "reads dsv3's own model: its KV cache, weight bytes, MTP modules); time it with dsv3 run --backend "

@@ -68,6 +68,6 @@ def _nothing_checked(backend: str) -> str:
     from .. import registry
 
     line = f"nothing was checked: backend {backend} implements none of the operators asked for itself"
-    if "whole_model" in registry.get_backend(backend).info.extra:
+    if registry.get_backend(backend).info.whole_model is not None:
         line += f"; it runs a whole exported graph: compare it with dsv3 eval perplexity --backend {backend} --against cpu_ref"
     return line

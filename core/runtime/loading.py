@@ -1,9 +1,12 @@
-"""The Python API: ``dsv3.load(path, backend=...)`` and the Engine it returns."""
+"""``dsv3.load(path, backend=...)``: a checkpoint onto a backend, as one pipeline (plan, build, stream
+the weights, prepare), and the Engine it returns."""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,7 +53,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def build_model(
     cfg: ModelConfig,
-    backend: str = registry.REFERENCE,
+    backend: str | registry.Backend = registry.REFERENCE,
     dtype: str | torch.dtype = "float32",
     attn_impl: str = "absorb",
     act_quant: str = "none",
@@ -58,25 +61,167 @@ def build_model(
     fmt_of=None,
     device: str | None = None,
     parallel: ParallelContext | None = None,
+    reference: registry.Backend | None = None,
 ) -> Transformer:
     """Instantiate a model (uninitialised weights) with the backend's operators resolved once.
 
+    backend: a backend name, or the Backend a caller already discovered (with ``reference``: cpu_ref,
+        which fills the operators it declines); a name discovers the installed backends once.
     parallel: build only this rank's part (``dsv3.model.parallel``); an impossible split is a Dsv3Error here.
     """
     if attn_impl not in ATTN_IMPLS:
         raise Dsv3Error(f"unknown attention form {attn_impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
     if act_quant not in ACT_QUANT_MODES:
         raise Dsv3Error(f"unknown --act-quant {act_quant!r}; choose one of {', '.join(ACT_QUANT_MODES)}")
-    backends = registry.discover()
-    chosen = registry.get_backend(backend, backends)
+    if isinstance(backend, str) or reference is None:
+        backends = registry.discover()
+        backend = registry.get_backend(backend if isinstance(backend, str) else backend.name, backends)
+        reference = backends[registry.REFERENCE]
     torch_dtype = _dtype(dtype)
     if parallel is not None:
         check_layout(cfg, parallel.world_size, fmt_of)
-    ops = registry.resolve_ops(chosen, formats, act_quant, torch_dtype, backends[registry.REFERENCE])
-    opts = BuildOptions(torch_dtype, device or chosen.info.device, attn_impl, fmt_of, parallel)
+    ops = registry.resolve_ops(backend, formats, act_quant, torch_dtype, reference)
+    opts = BuildOptions(torch_dtype, device or backend.info.device, attn_impl, fmt_of, parallel)
     model = Transformer(cfg, ops, opts)
-    model.backend_info = chosen.info
+    model.backend_info = backend.info
     return model
+
+
+@dataclass
+class LoadPlan:
+    """What ``load`` decides before it reads a weight: made once by :func:`plan_load`, read by each step.
+
+    path, files, cfg: the checkpoint directory, its safetensors files and its checked config (MTP
+        layers the files lack dropped).
+    backend, reference: the chosen backend and cpu_ref, from one discovery.
+    dtype, attn_impl, act_quant, parallel, progress: the run's options (progress off on ranks > 0).
+    stored_fmt_of, quant_suffix: each linear's format as stored and the suffix of its scale tensors.
+    src_fmt, dst_fmt: the format of the checkpoint's quantized linears and the one the model holds
+        them in (they differ when the backend converts at load, ``BackendInfo.convert_formats``).
+    scale_fmt: the checkpoint's fp8 scale format (``ue8m0`` or None).
+    converted: module path -> (src_fmt, dst_fmt) of each linear built in another format than stored;
+        filled by :func:`build` through :meth:`fmt_of`, read by :func:`stream_weights`.
+    """
+
+    path: Path
+    files: CheckpointFiles
+    cfg: ModelConfig
+    backend: registry.Backend
+    reference: registry.Backend
+    dtype: torch.dtype
+    attn_impl: str
+    act_quant: str
+    parallel: ParallelContext | None
+    progress: bool | None
+    stored_fmt_of: Callable[[str], str]
+    quant_suffix: str
+    src_fmt: str
+    dst_fmt: str
+    scale_fmt: str | None
+    converted: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        """The weight formats the model's operators are resolved for."""
+        return tuple(dict.fromkeys((HP, self.dst_fmt)))
+
+    def fmt_of(self, module_path: str) -> str:
+        """The format the model holds linear ``module_path`` in (its stored one unless converted)."""
+        stored = self.stored_fmt_of(module_path)
+        if stored != self.src_fmt or self.src_fmt == self.dst_fmt:
+            return stored
+        self.converted[module_path] = (self.src_fmt, self.dst_fmt)
+        return self.dst_fmt
+
+
+def plan_load(
+    path: Path,
+    backend: registry.Backend,
+    reference: registry.Backend,
+    dtype: str | torch.dtype,
+    attn_impl: str,
+    act_quant: str,
+    config: str | Path | None,
+    weight_format: str | None,
+    parallel: ParallelContext | None,
+    progress: bool | None,
+) -> LoadPlan:
+    """Read the checkpoint's config and file index and decide every format; no weight is read."""
+    files = CheckpointFiles(path)
+    cfg = load_config(config if config is not None else inside_checkpoint(path, "config.json"))
+    cfg = drop_absent_mtp(cfg, files)
+    check_layers_present(files, cfg)  # before building: the config alone does not decide the model's size
+    stored_fmt_of, quant_suffix = format_of_checkpoint(files, cfg)
+    if parallel is not None:  # before any weight is read; fp8 splits are checked as stored
+        check_layout(cfg, parallel.world_size, stored_fmt_of)
+        progress = False if parallel.rank else progress
+    src_fmt = HP if cfg.quantization is None else fmt_of_quantized(cfg)
+    dst_fmt = conversion_target(backend.info, src_fmt, weight_format, path)
+    scale_fmt = cfg.quantization.scale_fmt if cfg.quantization else None
+    return LoadPlan(
+        path,
+        files,
+        cfg,
+        backend,
+        reference,
+        _dtype(dtype),
+        attn_impl,
+        act_quant,
+        parallel,
+        progress,
+        stored_fmt_of,
+        quant_suffix,
+        src_fmt,
+        dst_fmt,
+        scale_fmt,
+    )
+
+
+def build(plan: LoadPlan) -> Transformer:
+    """The model on the meta device, its operators resolved for the plan's formats."""
+    return build_model(
+        plan.cfg,
+        plan.backend,
+        plan.dtype,
+        plan.attn_impl,
+        plan.act_quant,
+        plan.formats,
+        plan.fmt_of,
+        device="meta",
+        parallel=plan.parallel,
+        reference=plan.reference,
+    )
+
+
+def stream_weights(model: Transformer, plan: LoadPlan) -> None:
+    """Read every weight from the checkpoint onto the backend's device (converting what the plan converts)."""
+    info = plan.backend.info
+    load_weights(
+        model,
+        plan.files,
+        plan.cfg,
+        plan.quant_suffix,
+        info.device,
+        plan.dtype,
+        plan.progress,
+        plan.converted,
+        info.convert_weight,
+        parallel=plan.parallel,
+    )
+    model.opts = dataclasses.replace(model.opts, device=info.device, fmt_of=plan.fmt_of)
+
+
+def prepare(model: Transformer, plan: LoadPlan) -> None:
+    """Let the backend prepare each quantized weight once, share the MTP layers' copies, say what fell back."""
+    apply_scale_fmt_and_prepare(model, plan.scale_fmt, plan.backend.info.prepare_weight)
+    share_mtp_duplicates(model)
+    model.eval()
+    quiet = plan.parallel is not None and plan.parallel.rank
+    if model.ops.fallbacks and model.ops.backend != registry.REFERENCE and not quiet:
+        print(
+            f"dsv3: backend {model.ops.backend} falls back to cpu_ref for: {', '.join(model.ops.fallbacks)}",
+            file=sys.stderr,
+        )
 
 
 def load(
@@ -92,53 +237,38 @@ def load(
 ) -> Engine:
     """Load a Hugging Face-format DeepSeek-V2/V3 checkpoint directory (default: the embedded model).
 
+    One pipeline, each step once: discover the backends, plan (config, formats, conversions,
+    layout), build on the meta device, stream the weights, prepare them.
+
     config: optional JSON/YAML config overriding the directory's config.json.
     weight_format: the format to hold the checkpoint's quantized linears in, for a backend that
         converts them at load (``BackendInfo.convert_formats``, e.g. ascend: fp8_block -> hp or
         int8_w8a8); None takes the backend's default. Nothing converted is written to disk.
-    parallel: this process's rank and world (``dsv3.runtime.distributed.init_from_env``): each rank reads and
-        holds only its part of the weights; only rank 0 shows a progress bar.
+    parallel: this process's rank and world (``dsv3.runtime.distributed.init_from_env``): each rank
+        reads and holds only its part of the weights; only rank 0 shows a progress bar.
     """
-    if ckpt_path is None:
-        ckpt_path = embedded_model_path()
-        if ckpt_path is None:
-            raise Dsv3Error("no --ckpt-path given and this installation has no embedded model")
-    path = Path(ckpt_path)
-    whole_model = registry.get_backend(backend).info.extra.get("whole_model")
-    if whole_model is not None:  # a backend that runs whole exported graphs (onnxruntime), no operator table
+    path = _checkpoint_path(ckpt_path)
+    backends = registry.discover()
+    chosen = registry.get_backend(backend, backends)
+    if chosen.info.whole_model is not None:  # runs whole exported graphs (onnxruntime): no operator table
         kw = dict(dtype=dtype, attn_impl=attn_impl, act_quant=act_quant, config=config, weight_format=weight_format)
-        return Engine(whole_model(path, **kw, parallel=parallel, progress=progress), load_tokenizer(path), path)
-    files = CheckpointFiles(path)
-    cfg = load_config(config if config is not None else inside_checkpoint(path, "config.json"))
-    cfg = drop_absent_mtp(cfg, files)
-    check_layers_present(files, cfg)  # before building: the config alone does not decide the model's size
-    fmt_of, quant_suffix = format_of_checkpoint(files, cfg)
-    if parallel is not None:  # before any weight is read; fp8 splits are checked as stored
-        check_layout(cfg, parallel.world_size, fmt_of)
-        progress = False if parallel.rank else progress
-    src_fmt = HP if cfg.quantization is None else fmt_of_quantized(cfg)
-    dst_fmt = conversion_target(registry.get_backend(backend).info, src_fmt, weight_format, path)
-    converted: dict[str, tuple[str, str]] = {}  # filled while the model is built
-    if dst_fmt != src_fmt:
-        fmt_of = _converting(fmt_of, src_fmt, dst_fmt, converted)
-    formats = tuple(dict.fromkeys((HP, dst_fmt)))
-    model = build_model(cfg, backend, dtype, attn_impl, act_quant, formats, fmt_of, device="meta", parallel=parallel)
-    device = model.backend_info.device
-    convert = model.backend_info.convert_weight
-    load_weights(
-        model, files, cfg, quant_suffix, device, _dtype(dtype), progress, converted, convert, parallel=parallel
-    )
-    model.opts = dataclasses.replace(model.opts, device=device, fmt_of=fmt_of)
-    scale_fmt = cfg.quantization.scale_fmt if cfg.quantization else None
-    apply_scale_fmt_and_prepare(model, scale_fmt, model.backend_info.prepare_weight)
-    share_mtp_duplicates(model)
-    model.eval()
-    if model.ops.fallbacks and model.ops.backend != registry.REFERENCE and not (parallel and parallel.rank):
-        print(
-            f"dsv3: backend {model.ops.backend} falls back to cpu_ref for: {', '.join(model.ops.fallbacks)}",
-            file=sys.stderr,
-        )
+        model = chosen.info.whole_model(path, **kw, parallel=parallel, progress=progress)
+        return Engine(model, load_tokenizer(path), path)
+    args = (dtype, attn_impl, act_quant, config, weight_format, parallel, progress)
+    plan = plan_load(path, chosen, backends[registry.REFERENCE], *args)
+    model = build(plan)
+    stream_weights(model, plan)
+    prepare(model, plan)
     return Engine(model, load_tokenizer(path), path)
+
+
+def _checkpoint_path(ckpt_path: str | Path | None) -> Path:
+    if ckpt_path is not None:
+        return Path(ckpt_path)
+    path = embedded_model_path()
+    if path is None:
+        raise Dsv3Error("no --ckpt-path given and this installation has no embedded model")
+    return path
 
 
 def conversion_target(info, src_fmt: str, requested: str | None, where: Path) -> str:
@@ -159,19 +289,6 @@ def conversion_target(info, src_fmt: str, requested: str | None, where: Path) ->
         f"weight format {requested!r} is not available: backend {info.name} runs the {src_fmt} weights "
         f"of {where} as {choices}"
     )
-
-
-def _converting(fmt_of, src_fmt: str, dst_fmt: str, record: dict[str, tuple[str, str]]):
-    """Wrap ``fmt_of`` so ``src_fmt`` linears are built in ``dst_fmt``, recording each in ``record``."""
-
-    def fmt(module_path: str) -> str:
-        stored = fmt_of(module_path)
-        if stored != src_fmt:
-            return stored
-        record[module_path] = (src_fmt, dst_fmt)
-        return dst_fmt
-
-    return fmt
 
 
 def drop_absent_mtp(cfg: ModelConfig, files: CheckpointFiles) -> ModelConfig:

@@ -205,9 +205,9 @@ def check_tokens(tokens: Sequence[int], vocab_size: int) -> None:
 
 
 def _check_has_layers(flag: str, name: str, backends: str, ckpt_path: str | Path | None) -> None:
-    """A whole-graph backend (``info.extra["whole_model"]``, e.g. onnxruntime) exposes no layers to hook."""
+    """A whole-graph backend (``BackendInfo.whole_model``, e.g. onnxruntime) exposes no layers to hook."""
     found = discover().get(name)
-    if found is None or found.info is None or "whole_model" not in found.info.extra:
+    if found is None or found.info is None or found.info.whole_model is None:
         return
     ckpt = "" if ckpt_path is None else f" --ckpt-path {ckpt_path}"
     raise Dsv3Error(

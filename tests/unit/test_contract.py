@@ -239,3 +239,17 @@ def test_each_backend_has_one_plugin_manager_made_at_discovery(monkeypatch):
     registry.resolve_ops(backends["cpu_ref"], FORMATS, "dynamic", torch.float32)
     registry.coverage(backends["cpu_ref"], FORMATS)
     assert len(made) == sum(b.manager is not None for b in backends.values())  # questions make no new ones
+
+
+def test_load_discovers_once_and_makes_one_plugin_manager_per_backend(monkeypatch):
+    """Before, one dsv3.load made ~26 managers and discovered the backends three times."""
+    made, discovered = [], []
+    real_new, real_discover = registry._new_manager, registry.discover
+    monkeypatch.setattr(registry, "_new_manager", lambda: made.append(1) or real_new())
+    monkeypatch.setattr(registry, "discover", lambda: discovered.append(1) or real_discover())
+    engine = dsv3.load(dtype="float32", progress=False)
+    managers_made = len(made)
+    monkeypatch.undo()
+    backends = registry.discover()
+    assert engine.model.ops.backend == "cpu_ref" and discovered == [1]
+    assert managers_made == sum(b.manager is not None for b in backends.values())
