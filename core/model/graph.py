@@ -48,6 +48,15 @@ class BuildOptions:
     parallel: ParallelContext | None = None
     naive_prefill: bool = True
 
+    def fmt(self, module_path: str) -> str:
+        """The weight format of linear ``module_path`` (high precision without ``fmt_of``)."""
+        return HP if self.fmt_of is None else self.fmt_of(module_path)
+
+    @property
+    def par(self) -> ParallelContext:
+        """This process's rank and world (one process holding everything without ``parallel``)."""
+        return self.parallel or ParallelContext()
+
 
 class Linear(nn.Module):
     """``y = x @ W.T`` for a weight in any format. weight (out, in); scale per format."""
@@ -109,25 +118,24 @@ class MLA(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ops: OpTable, opts: BuildOptions, prefix: str):
         super().__init__()
-        fmt = opts.fmt_of or (lambda _name: HP)
         self.cfg, self.ops = cfg, ops
-        self.par = opts.parallel or ParallelContext()
+        self.par = opts.par
         self.n_heads = cfg.num_attention_heads // self.par.world_size  # this rank's heads
         self.attn_impl = opts.attn_impl
         self.naive_prefill = opts.naive_prefill
         d, h = cfg.hidden_size, self.n_heads
         if cfg.q_lora_rank:
-            self.wq_a = Linear(d, cfg.q_lora_rank, ops, fmt(f"{prefix}.wq_a"), opts)
+            self.wq_a = Linear(d, cfg.q_lora_rank, ops, opts.fmt(f"{prefix}.wq_a"), opts)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, ops, opts)
-            self.wq_b = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, ops, fmt(f"{prefix}.wq_b"), opts)
+            self.wq_b = Linear(cfg.q_lora_rank, h * cfg.qk_head_dim, ops, opts.fmt(f"{prefix}.wq_b"), opts)
         else:
-            self.wq = Linear(d, h * cfg.qk_head_dim, ops, fmt(f"{prefix}.wq"), opts)
-        self.wkv_a = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, ops, fmt(f"{prefix}.wkv_a"), opts)
+            self.wq = Linear(d, h * cfg.qk_head_dim, ops, opts.fmt(f"{prefix}.wq"), opts)
+        self.wkv_a = Linear(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim, ops, opts.fmt(f"{prefix}.wkv_a"), opts)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, ops, opts)
         self.wkv_b = Linear(
-            cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), ops, fmt(f"{prefix}.wkv_b"), opts
+            cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), ops, opts.fmt(f"{prefix}.wkv_b"), opts
         )
-        self.wo = Linear(h * cfg.v_head_dim, d, ops, fmt(f"{prefix}.wo"), opts)
+        self.wo = Linear(h * cfg.v_head_dim, d, ops, opts.fmt(f"{prefix}.wo"), opts)
         self.scale = cfg.softmax_scale
         self._absorbed: torch.Tensor | None = None
 
@@ -211,13 +219,12 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int, ops: OpTable, opts: BuildOptions, prefix: str, reduce: bool = True):
         super().__init__()
-        fmt = opts.fmt_of or (lambda _name: HP)
-        self.par = opts.parallel or ParallelContext()
+        self.par = opts.par
         self.reduce = reduce
         inter = inter // self.par.world_size
-        self.w1 = Linear(dim, inter, ops, fmt(f"{prefix}.w1"), opts)
-        self.w3 = Linear(dim, inter, ops, fmt(f"{prefix}.w3"), opts)
-        self.w2 = Linear(inter, dim, ops, fmt(f"{prefix}.w2"), opts)
+        self.w1 = Linear(dim, inter, ops, opts.fmt(f"{prefix}.w1"), opts)
+        self.w3 = Linear(dim, inter, ops, opts.fmt(f"{prefix}.w3"), opts)
+        self.w2 = Linear(inter, dim, ops, opts.fmt(f"{prefix}.w2"), opts)
         self._act = ops.silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,9 +241,8 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ops: OpTable, opts: BuildOptions, prefix: str):
         super().__init__()
-        fmt = opts.fmt_of or (lambda _name: HP)
         self.routing = cfg.routing
-        self.par = opts.parallel or ParallelContext()
+        self.par = opts.par
         d, i, e = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
         self.gate_weight = nn.Parameter(torch.empty(e, d, dtype=torch.float32, device=opts.device))
         if self.routing.has_bias:
@@ -244,9 +250,9 @@ class MoE(nn.Module):
         else:
             self.gate_bias = None
         self.expert_offset, e_local = self.par.local(e)[0], e // self.par.world_size  # expert parallelism
-        self.w1 = Linear(d, i, ops, fmt(f"{prefix}.w1"), opts, experts=e_local)
-        self.w3 = Linear(d, i, ops, fmt(f"{prefix}.w3"), opts, experts=e_local)
-        self.w2 = Linear(i, d, ops, fmt(f"{prefix}.w2"), opts, experts=e_local)
+        self.w1 = Linear(d, i, ops, opts.fmt(f"{prefix}.w1"), opts, experts=e_local)
+        self.w3 = Linear(d, i, ops, opts.fmt(f"{prefix}.w3"), opts, experts=e_local)
+        self.w2 = Linear(i, d, ops, opts.fmt(f"{prefix}.w2"), opts, experts=e_local)
         shared = cfg.n_shared_experts * i
         self.shared = MLP(d, shared, ops, opts, f"{prefix}.shared", reduce=False) if cfg.n_shared_experts else None
         self._gate = ops.moe_gate
@@ -296,15 +302,14 @@ class MTPLayer(nn.Module):
 
     def __init__(self, index: int, cfg: ModelConfig, ops: OpTable, opts: BuildOptions):
         super().__init__()
-        fmt = opts.fmt_of or (lambda _name: HP)
         prefix = f"mtp.{index}"
         d = cfg.hidden_size
-        self.par = opts.parallel or ParallelContext()
+        self.par = opts.par
         v = cfg.vocab_size // self.par.world_size  # vocab-parallel embedding and head
         self.embed = nn.Parameter(torch.empty(v, d, dtype=opts.dtype, device=opts.device))
         self.enorm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
-        self.eh_proj = Linear(2 * d, d, ops, fmt(f"{prefix}.eh_proj"), opts)
+        self.eh_proj = Linear(2 * d, d, ops, opts.fmt(f"{prefix}.eh_proj"), opts)
         # the MTP layer sits after the main layers, so it is a MoE layer when they are
         self.block = Block(cfg.num_hidden_layers + index, cfg, ops, opts, prefix=f"{prefix}.block")
         self.norm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
@@ -329,7 +334,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.ops, self.opts = cfg, ops, opts
         d = cfg.hidden_size
-        self.par = opts.parallel or ParallelContext()
+        self.par = opts.par
         v = cfg.vocab_size // self.par.world_size  # vocab-parallel embedding and head
         self.embed = nn.Parameter(torch.empty(v, d, dtype=opts.dtype, device=opts.device))
         self.layers = nn.ModuleList(Block(i, cfg, ops, opts) for i in range(cfg.num_hidden_layers))

@@ -40,3 +40,32 @@ def nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor
     outside = sorted_p.cumsum(-1) - sorted_p >= top_p.unsqueeze(-1)  # mass before a token already reaches top_p
     outside[:, 0] = False
     return sorted_p.masked_fill(outside, 0.0), order
+
+
+def generator_groups(
+    generators: list[torch.Generator | None], shared: torch.Generator | None, device: torch.device | str
+) -> list[tuple[torch.Tensor, torch.Generator | None]]:
+    """The groups of rows that draw together: (row indices (n,) int64, generator).
+
+    Rows without a generator of their own draw together from ``shared``; each row with one (a seeded
+    request) draws alone, so its tokens are the ones it would get in a batch of one.
+    """
+    shared_rows = [i for i, g in enumerate(generators) if g is None]
+    groups = [(torch.tensor(shared_rows, device=device), shared)] if shared_rows else []
+    return groups + [(torch.tensor([i], device=device), g) for i, g in enumerate(generators) if g is not None]
+
+
+def sample_rows(
+    sample,
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    generators: list[torch.Generator | None],
+    shared: torch.Generator | None,
+) -> torch.Tensor:
+    """logits (B, V) fp32, temperature (B,), top_p (B,) -> (B,) int64 through the backend's ``sample`` op,
+    one call per :func:`generator_groups` group."""
+    out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for idx, g in generator_groups(generators, shared, logits.device):
+        out[idx] = sample(logits[idx], temperature[idx], top_p[idx], g)
+    return out

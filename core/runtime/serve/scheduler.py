@@ -40,7 +40,7 @@ import torch
 from ...errors import Dsv3Error
 from ...model.cache import cache_rows
 from ...model.graph import Transformer
-from ..sampling import finite_logits
+from ..sampling import finite_logits, sample_rows
 from ..speculative import RowSampler, SpecDecoder
 
 
@@ -355,18 +355,8 @@ class Scheduler:
         logits, device = finite_logits(logits), logits.device
         temperature = torch.tensor([a.req.temperature for a in rows], dtype=torch.float32, device=device)
         top_p = torch.tensor([a.req.top_p for a in rows], dtype=torch.float32, device=device)
-        sample = self.model.ops.sample
-        out = [0] * len(rows)
-        shared = [i for i, a in enumerate(rows) if a.generator is None]
-        if shared:
-            idx = torch.tensor(shared, device=device)
-            drawn = sample(logits[idx], temperature[idx], top_p[idx], self._shared_gen).tolist()
-            for i, t in zip(shared, drawn, strict=True):
-                out[i] = t
-        for i, a in enumerate(rows):
-            if a.generator is not None:
-                out[i] = int(sample(logits[i : i + 1], temperature[i : i + 1], top_p[i : i + 1], a.generator)[0])
-        return out
+        generators = [a.generator for a in rows]
+        return sample_rows(self.model.ops.sample, logits, temperature, top_p, generators, self._shared_gen).tolist()
 
     def _advance(self, rows: list[_Active], tokens: list[list[int]]) -> None:
         """Hand each row its new tokens (one event per row), the first going at ``a.pos``; finish rows at a
