@@ -189,6 +189,7 @@ def parity(ck: Check) -> None:
     from dsv3.backends.cpu_ref import quant as ref
     from dsv3.backends.cpu_ref.moe import moe_experts_with
     from dsv3.backends.triton_kernels import ops
+    from dsv3.backends.triton_kernels.target import AMD, NVIDIA
     from dsv3.hookspecs import OpRequest
     from dsv3.weights import Weight
 
@@ -249,13 +250,13 @@ def parity(ck: Check) -> None:
         x = randn(m, D)
 
         def fp8_dyn(x=x, m=m):
-            got = ops.resolve("linear", OpRequest("fp8_block", "dynamic", bf16), vendor_gemms=True)(x, w_fp8)
+            got = ops.build_linear(OpRequest("fp8_block", "dynamic", bf16), NVIDIA)(x, w_fp8)
             fast = ops.vendor_min_m("fp8") is not None and ops._fast_ok_shape("fp8", m, Q, D, ops.vendor_min_m("fp8"))
             path = "torch._scaled_mm" if fast and ops.fast_path_status("fp8")[0] else "triton"
             return rel_err(got, ref.linear_fp8_dynamic(x, w_fp8)), path
 
         def int8_dyn(x=x, m=m):
-            got = ops.resolve("linear", OpRequest("int8_w8a8", "dynamic", bf16), vendor_gemms=True)(x, w_int8)
+            got = ops.build_linear(OpRequest("int8_w8a8", "dynamic", bf16), NVIDIA)(x, w_int8)
             fast = ops.vendor_min_m("int8") is not None and ops._fast_ok_shape(
                 "int8", m, Q, D, ops.vendor_min_m("int8")
             )
@@ -263,7 +264,7 @@ def parity(ck: Check) -> None:
             return rel_err(got, ref.linear_int8_dynamic(x, w_int8)), path
 
         def fp8_none(x=x):
-            got = ops.resolve("linear", OpRequest("fp8_block", "none", bf16))(x, w_fp8)
+            got = ops.build_linear(OpRequest("fp8_block", "none", bf16), AMD)(x, w_fp8)
             return rel_err(got, ref.linear_dequant(x, w_fp8)), "triton"
 
         case("linear fp8 dynamic", f"M={m} ({Q}, {D})", fp8_dyn, 1e-2)
@@ -292,7 +293,7 @@ def parity(ck: Check) -> None:
             ws = [ref.quantize_weight_int8(w) for w in dense]
 
         def moe_case(ws=ws, fmt=fmt, aq=aq):
-            got = ops.resolve("moe_experts", OpRequest(fmt, aq, bf16))(xm, weights, ids, *ws, off)
+            got = ops.build_moe_experts(OpRequest(fmt, aq, bf16), AMD)(xm, weights, ids, *ws, off)
             want = moe_experts_with(ref.linear_for(fmt, aq))(xm, weights, ids, *ws, off)
             return rel_err(got, want), "triton"
 

@@ -40,7 +40,7 @@ from dsv3.hookspecs import (
 from dsv3.weights import FORMATS, FP8_BLOCK, HP, INT8_W8A8, Weight
 
 from .runtime import interpreting, is_hip
-from .target import AMD, NVIDIA, TritonTarget
+from .target import AMD, TritonTarget
 
 FAST_MIN_M = 64  # below this the Triton kernels (split-K for thin problems) are expected to win
 FAST_ENV = {"fp8": "DSV3_FP8_GEMM", "int8": "DSV3_INT8_GEMM"}
@@ -69,14 +69,6 @@ def unusable_reason(target: TritonTarget) -> str | None:
     if not torch.cuda.is_available():
         return f"no {target.gpu} visible (torch.cuda.is_available() is False) and TRITON_INTERPRET is not set"
     return triton_unusable_reason()
-
-
-def nvidia_unusable_reason() -> str | None:
-    return unusable_reason(NVIDIA)
-
-
-def amd_unusable_reason() -> str | None:
-    return unusable_reason(AMD)
 
 
 def device() -> str:
@@ -366,30 +358,6 @@ def build_moe_experts(request: OpRequest, target: TritonTarget) -> MoeExpertsOp 
     if dynamic and request.fmt == FP8_BLOCK and not fp8_dot_supported():
         return None
     return make_moe_experts(request.act_quant if dynamic else "none")
-
-
-_BUILDERS: dict[str, Callable] = {
-    b.__name__.removeprefix("build_"): b
-    for b in (
-        build_rms_norm,
-        build_silu_and_mul,
-        build_attention,
-        build_mla_latent_attention,
-        build_dequantize,
-        build_linear,
-        build_moe_experts,
-    )
-}
-
-
-def resolve(op: str, request: OpRequest, vendor_gemms: bool = False) -> Callable | None:
-    """``build_<op>`` looked up by the operator's name, for callers that name it (the kernel tests,
-    ``scripts/gpu_check.py``); the plugins call the builders themselves. None: no builder or declined.
-
-    vendor_gemms: build as for the nvidia target (vendor GEMMs allowed), else as for amd.
-    """
-    build = _BUILDERS.get(op)
-    return None if build is None else build(request, NVIDIA if vendor_gemms else AMD)
 
 
 def prepare_weight(w: Weight, target: TritonTarget) -> Weight | None:

@@ -23,6 +23,7 @@ import torch
 from dsv3.backends.cpu_ref import attention as ref_attention
 from dsv3.backends.triton_kernels import ops
 from dsv3.backends.triton_kernels.runtime import INTERPRET_ENV, KernelArgumentError
+from dsv3.backends.triton_kernels.target import AMD
 from dsv3.hookspecs import OpRequest
 from tests.conformance.test_triton_kernels import BF16, F32, TOL, assert_close, rand
 
@@ -89,7 +90,7 @@ def test_attention_matches_cpu_ref(kernel, name, dtype, blocks):
 
 
 def test_operator_is_served_by_the_kernel(kernel):
-    fn = ops.resolve("attention", OpRequest(dtype=F32))
+    fn = ops.build_attention(OpRequest(dtype=F32), AMD)
     assert fn is ops.attention
     q, k, v, q_pos, k_ref, v_ref = make_case("batch", F32)
     assert_close(fn(q, k, v, q_pos.to(torch.int32), SCALE), ref_attention.attention(q, k_ref, v_ref, q_pos, SCALE),

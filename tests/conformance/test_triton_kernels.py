@@ -30,6 +30,7 @@ from dsv3.backends.cpu_ref import quant as ref
 from dsv3.backends.cpu_ref.moe import moe_experts_with
 from dsv3.backends.triton_kernels import ops
 from dsv3.backends.triton_kernels.runtime import INTERPRET_ENV, KernelArgumentError
+from dsv3.backends.triton_kernels.target import AMD, NVIDIA
 from dsv3.hookspecs import OpRequest
 from dsv3.weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
 
@@ -153,7 +154,7 @@ def test_fp8_block_gemm_matches_linear_fp8_dynamic(kernels, fp8, m, n, k, dtype)
     split = kernels.gemm.fp8_block_gemm(qa, sa, w.data, w.scale, dtype, split_k=3)
     assert_close(split, want, TOL[dtype], "fp8_block_gemm split_k=3")
     # the operator the backends hand out, with a 3-d input
-    linear = ops.resolve("linear", OpRequest(FP8_BLOCK, "dynamic", dtype), vendor_gemms=True)
+    linear = ops.build_linear(OpRequest(FP8_BLOCK, "dynamic", dtype), NVIDIA)
     assert_close(linear(x.view(1, m, k), w), want.view(1, m, n), TOL[dtype], "linear[fp8_block/dynamic]")
 
 
@@ -166,7 +167,7 @@ def test_int8_gemm_matches_linear_int8_dynamic(kernels, m, n, k, dtype):
     want = ref.linear_int8_dynamic(x, w)
     assert_close(kernels.gemm.int8_gemm(qa, sa, w.data, w.scale, dtype), want, TOL[dtype], "int8_gemm")
     assert_close(kernels.gemm.int8_gemm(qa, sa, w.data, w.scale, dtype, split_k=2), want, TOL[dtype], "split_k=2")
-    linear = ops.resolve("linear", OpRequest(INT8_W8A8, "dynamic", dtype), vendor_gemms=True)
+    linear = ops.build_linear(OpRequest(INT8_W8A8, "dynamic", dtype), NVIDIA)
     assert_close(linear(x, w), want, TOL[dtype], "linear[int8_w8a8/dynamic]")
 
 
@@ -186,7 +187,7 @@ def test_weight_only_gemm_matches_dequantized_linear(kernels, fmt, m, n, k, dtyp
     got = kernels.gemm.weight_gemm(x, w.data, w.scale, w.fmt)
     assert_close(got, want, TOL[dtype], f"weight_gemm[{fmt}]")
     assert_close(kernels.gemm.weight_gemm(x, w.data, w.scale, w.fmt, split_k=2), want, TOL[dtype], "split_k=2")
-    linear = ops.resolve("linear", OpRequest(w.fmt, "none", dtype))
+    linear = ops.build_linear(OpRequest(w.fmt, "none", dtype), AMD)
     assert_close(linear(x.view(m, 1, k), w), want.view(m, 1, n), TOL[dtype], f"linear[{w.fmt}/none]")
 
 
@@ -224,7 +225,7 @@ def test_moe_experts_matches_cpu_ref(kernels, fmt, act_quant, dims, dtype):
     weights = torch.rand(n_tok, k, generator=gen(50))
     w1, w3, w2 = expert_weights(fmt, e, inter, dim, dtype)
     want = moe_experts_with(ref.linear_for(w1.fmt, act_quant))(x, weights, ids, w1, w3, w2, offset)
-    impl = ops.resolve("moe_experts", OpRequest(w1.fmt, act_quant, dtype))
+    impl = ops.build_moe_experts(OpRequest(w1.fmt, act_quant, dtype), AMD)
     got = impl(x, weights, ids, w1, w3, w2, offset)
     assert_close(got, want, TOL[dtype], f"moe_experts[{fmt}/{act_quant}]")
     if offset:  # tokens whose experts all live on another rank get exactly zero
@@ -321,17 +322,17 @@ def test_e4m3fnuz_conversion_keeps_values_and_cpu_ref_follows_the_weight_dtype(k
     qa, sa = ref.quantize_act_fp8(x, 128, FNUZ)
     want = F.linear(qa.float() * sa.repeat_interleave(128, -1)[:, :300], ref.dequantize(fnuz, F32))
     assert_close(ref.linear_fp8_dynamic(x, fnuz), want, 1e-6, "cpu_ref linear_fp8_dynamic on fnuz")
-    linear = ops.resolve("linear", OpRequest(FP8_BLOCK, "dynamic", F32))
+    linear = ops.build_linear(OpRequest(FP8_BLOCK, "dynamic", F32), AMD)
     assert_close(linear(x, fnuz), want, TOL[F32], "kernel linear on fnuz")
 
 
 def test_operator_table_and_reasons(kernels, monkeypatch):
     for op in ("rms_norm", "silu_and_mul", "attention", "mla_latent_attention", "dequantize"):
-        assert ops.resolve(op, OpRequest()) is not None
+        assert getattr(ops, f"build_{op}")(OpRequest(), AMD) is not None
     for op in ("embedding", "rotary", "moe_gate", "sample"):
-        assert ops.resolve(op, OpRequest()) is None  # left to cpu_ref (torch ops run on any device)
-    assert ops.resolve("linear", OpRequest(HP)) is ops.linear_hp
-    assert ops.resolve("linear", OpRequest("nf4")) is None
+        assert not hasattr(ops, f"build_{op}")  # left to cpu_ref (torch ops run on any device)
+    assert ops.build_linear(OpRequest(HP), AMD) is ops.linear_hp
+    assert ops.build_linear(OpRequest("nf4"), AMD) is None
     for kind in ("fp8", "int8"):
         assert ops.fast_path_status(kind) == (False, "vendor GEMM fast paths are used on NVIDIA GPUs only")
     assert ops.vendor_min_m("fp8") == ops.FAST_MIN_M
@@ -341,4 +342,4 @@ def test_operator_table_and_reasons(kernels, monkeypatch):
     assert ops.fast_path_status("fp8") == (False, "DSV3_FP8_GEMM=triton") and ops.vendor_min_m("fp8") is None
     monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: None)
     assert ops.triton_unusable_reason() == "triton is not installed (pip install triton)"
-    assert ops.nvidia_unusable_reason() == ops.amd_unusable_reason() == "triton is not installed (pip install triton)"
+    assert ops.unusable_reason(NVIDIA) == ops.unusable_reason(AMD) == "triton is not installed (pip install triton)"
