@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
 
 SHARED_LIMIT = {"sm90": 227 * 1024, "gfx942": 64 * 1024}

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from tests.fuzz import templates
 from tests.fuzz.cases import WEIRD, AreaTimer, copy_base, new_case
 from tests.fuzz.harness import STATS, CaseDirs, assert_clean, cases_for, diff, run_batch, snapshot
+
+pytestmark = pytest.mark.e2e
 
 AREA = "chat-templates"
 RENDER_LIMIT_S = 1.0

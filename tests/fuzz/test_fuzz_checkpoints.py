@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -28,6 +29,8 @@ from tests.fuzz import templates
 from tests.fuzz.cases import AreaTimer, command_on, copy_base, mutate_config, new_case, run_cli_case, weird
 from tests.fuzz.conftest import INDEX, set_chat_template
 from tests.fuzz.harness import CaseDirs, assert_clean, cases_for
+
+pytestmark = pytest.mark.e2e
 
 AREA = "checkpoints"
 SHARDS = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")

@@ -13,8 +13,12 @@ import os
 import random
 from pathlib import Path
 
+import pytest
+
 from tests.fuzz.cases import TEXT, AreaTimer, copy_base, new_case, run_cli_case
 from tests.fuzz.harness import CaseDirs, assert_clean, cases_for
+
+pytestmark = pytest.mark.e2e
 
 AREA = "cli"
 NUMBERS = [

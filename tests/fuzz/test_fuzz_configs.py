@@ -12,10 +12,13 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.fuzz.cases import AreaTimer, command_on, copy_base, mutate_config, new_case, run_cli_case
 from tests.fuzz.harness import CaseDirs, assert_clean, cases_for
+
+pytestmark = pytest.mark.e2e
 
 AREA = "configs"
 BENCH = ["--prompt-lens", "4", "--batch-sizes", "1", "--decode-tokens", "2", "--decode-prompt-len", "4"]

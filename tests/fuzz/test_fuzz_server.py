@@ -39,6 +39,8 @@ from tests.fuzz.harness import (
     snapshot,
 )
 
+pytestmark = pytest.mark.e2e
+
 httpx = pytest.importorskip("httpx", reason="the server fuzz sends its requests with httpx")
 pytest.importorskip("fastapi", reason="dsv3 serve needs the 'serve' extra (fastapi, uvicorn)")
 

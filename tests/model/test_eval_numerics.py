@@ -451,6 +451,7 @@ def _native_capability() -> str:
     return torch.backends.cpu.get_cpu_capability().lower()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("capability", [c for c in ("avx2", "default") if c != _native_capability()])
 def test_bands_hold_with_another_cpus_kernels(capability):
     """The band and planted-error tests again with ATen's kernels for another CPU (AVX2; none vectorized):

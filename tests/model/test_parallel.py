@@ -29,6 +29,8 @@ import dsv3
 from dsv3.model.parallel import ParallelContext
 from dsv3.runtime.distributed import init_from_env
 
+pytestmark = pytest.mark.e2e
+
 TIMEOUT_S = 300  # a hang (a rank stuck in a collective) fails the test instead of blocking CI
 PROMPTS = [[0, 5, 9, 12, 40, 41, 7], [0, 33, 2, 17]]
 NEW_TOKENS = 6

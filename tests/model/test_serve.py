@@ -556,6 +556,7 @@ def _stop_group(proc: subprocess.Popen) -> list[int]:
     return left
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("mtp", ["0", "2"])
 def test_tensor_parallel_serving_under_torchrun(ckpt, engine, mtp):
     """2 ranks (gloo): rank 0 serves and schedules, rank 1 replays every model call on its shard; concurrent
@@ -578,6 +579,7 @@ def test_tensor_parallel_serving_under_torchrun(ckpt, engine, mtp):
     assert left == []  # SIGTERM: rank 0 drains, releases rank 1, and both exit
 
 
+@pytest.mark.e2e
 def test_tensor_parallel_serving_busy_port_stops_every_rank(ckpt):
     busy = bind_socket("127.0.0.1", 0)
     try:

@@ -19,6 +19,8 @@ import pytest
 
 from tests.helpers import add_tiny_tokenizer, make_checkpoint
 
+pytestmark = pytest.mark.e2e
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "dsv3-example-backend"
 
