@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 from .. import registry
@@ -13,6 +14,7 @@ from ..errors import Dsv3Error
 from ..model.graph import ATTN_IMPLS
 from ..model.parallel import ParallelContext
 from ..runtime.distributed import init_for_backend, quiet_unless_rank0
+from ..runtime.engine import Completion
 from ..runtime.generate import SamplingError, SamplingParams
 from ..runtime.loading import DTYPES, load
 from ..runtime.speculative import check_mtp, summarize, summary_line
@@ -54,7 +56,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
     src.add_argument("--input-file", help="file with one prompt per line (batch completion)")
-    src.add_argument("--interactive", action="store_true", help="chat on the terminal (/exit, /clear)")
+    src.add_argument(
+        "--interactive",
+        action="store_true",
+        help="chat on the terminal, replies shown as they are decoded (/help, /clear, /exit; Ctrl-C stops a reply)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=200, help="most tokens generated per prompt")
     p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature; 0 is greedy")
     p.add_argument(
@@ -159,12 +165,24 @@ def _main(args, parallel: ParallelContext) -> int:
     if args.interactive:
         return _interactive(engine, args, parallel)
     start = time.perf_counter()
-    results = engine.generate(
-        prompts, args.max_new_tokens, args.temperature, args.top_p, args.seed, chat=args.chat, mtp=args.mtp
-    )
+    streaming = _streams_one(args, parallel)
+    if streaming:
+        results = [_show_stream(engine.stream(prompts[0], *_sampling(args), chat=args.chat, mtp=args.mtp))]
+    else:
+        results = engine.generate(prompts, *_sampling(args), chat=args.chat, mtp=args.mtp)
     elapsed = time.perf_counter() - start
+    if not streaming:
+        _print_results(results, args.output_format)
+    n = sum(len(r.token_ids) for r in results)
+    print(f"dsv3: {n} tokens in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
+    if args.mtp:
+        print(summary_line(summarize([r.mtp for r in results], n, elapsed)), file=sys.stderr)
+    return 0
+
+
+def _print_results(results: list[Completion], output_format: str) -> None:
     for r in results:
-        if args.output_format == "jsonl":
+        if output_format == "jsonl":
             record = {
                 "prompt": r.prompt,
                 "completion": r.text,
@@ -178,61 +196,119 @@ def _main(args, parallel: ParallelContext) -> int:
             print(r.text, flush=True)
         else:
             print(f"Prompt: {r.prompt}\nCompletion: {r.text}\n", flush=True)
-    n = sum(len(r.token_ids) for r in results)
-    print(f"dsv3: {n} tokens in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} tokens/s)", file=sys.stderr)
-    if args.mtp:
-        print(summary_line(summarize([r.mtp for r in results], n, elapsed)), file=sys.stderr)
-    return 0
+
+
+def _sampling(args) -> tuple[int, float, float, int | None]:
+    return args.max_new_tokens, args.temperature, args.top_p, args.seed
+
+
+def _streams_one(args, parallel: ParallelContext) -> bool:
+    """One --prompt, text output, to a terminal, in one process: show the completion as it is decoded.
+
+    Under torchrun every rank keeps to engine.generate (only rank 0's stdout is a terminal)."""
+    one = bool(args.prompt) and len(args.prompt) == 1 and args.output_format == "text"
+    return one and not parallel.distributed and _isatty(sys.stdout)
+
+
+def _isatty(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _show_stream(pieces: Generator[str, None, Completion]) -> Completion:
+    """Write each piece to stdout as it comes (the line is ended after it); return the Completion."""
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as end:
+            print(flush=True)
+            return end.value
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
+def _note(text: str) -> None:
+    """A line about the session (not model text) on stderr, so stdout holds only the replies."""
+    print(text, file=sys.stderr, flush=True)
+
+
+HELP = """commands:
+  /help   this list
+  /clear  forget the conversation so far
+  /exit   leave (Ctrl-D too; Ctrl-C at the prompt too)
+Ctrl-C while a reply is written stops that reply."""
 
 
 def _read_line(parallel: ParallelContext) -> str | None:
-    """One line from the terminal, read on rank 0 and broadcast to every rank; None at end of input."""
+    """One line from the terminal, read on rank 0 and broadcast to every rank; None at end of input
+    (Ctrl-D) or at Ctrl-C."""
 
     def read() -> str | None:
         try:
             return input(">>> ")
-        except EOFError:
-            print()
+        except (EOFError, KeyboardInterrupt):
+            print(flush=True)
             return None
 
     return parallel.on_rank0(read)
 
 
 def _interactive(engine, args, parallel: ParallelContext | None = None) -> int:
-    tok = engine._need_tokenizer()
+    parallel = parallel or ParallelContext()
+    engine._need_tokenizer()
     chat = engine.default_chat() if args.chat is None else args.chat
+    # several processes must decode in step: a reply stopped on one rank alone would leave the others
+    # waiting in a collective, so under torchrun replies are printed whole and Ctrl-C ends the run
+    stream = not parallel.distributed
     if hasattr(sys.stdin, "reconfigure"):  # a line that is not UTF-8 is refused by check_text, not by input()
         sys.stdin.reconfigure(errors="surrogateescape")
+    if _isatty(sys.stdin):
+        _note("dsv3: type a message; /help lists the commands")
     messages: list[dict] = []
     while True:
-        line = _read_line(parallel or ParallelContext())
-        if line is None:
-            return 0
-        if line.strip() == "/exit":
+        line = _read_line(parallel)
+        if line is None or line.strip() == "/exit":
             return 0
         if line.strip() == "/clear":
             messages.clear()
+            _note("(conversation cleared)")
+            continue
+        if line.strip() == "/help":
+            _note(HELP)
             continue
         if not line.strip():
             continue
-        if chat:
-            messages.append({"role": "user", "content": line})
+        turn = [*messages, {"role": "user", "content": line}]
         try:
             check_text(line, "that line")
-            if chat:
-                ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                    ids = ids["input_ids"]
-                ids = list(ids)
+            ids = engine.encode_chat(turn) if chat else engine.encode(line, chat=False)
+            if stream:
+                text = _reply(engine.stream(ids, *_sampling(args), mtp=args.mtp))
             else:
-                ids = engine.encode(line, chat=False)
-            params = (args.max_new_tokens, args.temperature, args.top_p, args.seed)
-            result = engine.generate([ids], *params, mtp=args.mtp)[0]
+                text = engine.generate([ids], *_sampling(args), mtp=args.mtp)[0].text
+                print(text, flush=True)
         except Dsv3Error as exc:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"dsv3: error: {exc}", file=sys.stderr)
-            if chat:
-                messages.pop()
             continue
-        print(result.text, flush=True)
         if chat:
-            messages.append({"role": "assistant", "content": result.text})
+            messages = [*turn, {"role": "assistant", "content": text}]
+
+
+def _reply(pieces: Generator[str, None, Completion]) -> str:
+    """Stream one reply to stdout; Ctrl-C stops it there (what was shown stays the reply)."""
+    shown: list[str] = []
+    try:
+        for piece in pieces:
+            shown.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print(flush=True)
+    except KeyboardInterrupt:
+        pieces.close()
+        print(flush=True)
+        _note("(stopped)")
+    except Dsv3Error:
+        if shown:
+            print(flush=True)
+        raise
+    return "".join(shown)

@@ -3,6 +3,7 @@ speculative decoding) over a built model."""
 
 from __future__ import annotations
 
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import torch
 from ..errors import Dsv3Error
 from ..model.graph import Transformer
 from .distributed import agree_on_seed
-from .generate import SamplingParams, generate
-from .speculative import check_mtp, generate_speculative
+from .generate import DecodeStep, SamplingParams, collect, generate_steps
+from .speculative import check_mtp, speculative_steps
 from .text import check_text
 
 
@@ -50,18 +51,25 @@ class Engine:
         check_text(prompt, "prompt")
         use_chat = self.default_chat() if chat is None else chat
         if use_chat:
-            if not getattr(tok, "chat_template", None):
-                raise Dsv3Error("this tokenizer has no chat template; use raw completion")
-            ids = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
+            return self.encode_chat([{"role": "user", "content": prompt}])
         ids = tok.encode(prompt, add_special_tokens=False)
         if tok.bos_token_id is not None:
             ids = [tok.bos_token_id] + ids
         return ids
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``) through the tokenizer's
+        chat template, ending with the prompt for the assistant's turn."""
+        tok = self._need_tokenizer()
+        if not getattr(tok, "chat_template", None):
+            raise Dsv3Error("this tokenizer has no chat template; use raw completion")
+        for i, m in enumerate(messages):
+            if isinstance(m.get("content"), str):
+                check_text(m["content"], f"message {i}'s content")
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # a BatchEncoding when the tokenizer returns a dict
+            ids = ids["input_ids"]
+        return list(ids)
 
     def decode(self, ids: list[int]) -> str:
         return self._need_tokenizer().decode(ids, skip_special_tokens=True)
@@ -97,16 +105,69 @@ class Engine:
         check_mtp(self.model, mtp)
         if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        ids = [p if isinstance(p, list) else self.encode(p, chat) for p in prompts]
-        seed = agree_on_seed(self.model.opts.parallel, seed, temperature)  # same draws on every rank
-        params = SamplingParams(max_new_tokens, temperature, top_p, seed, self.eos_ids)
-        out = generate_speculative(self.model, ids, params, mtp) if mtp else generate(self.model, ids, params)
+        ids = [self._prompt_ids(p, chat) for p in prompts]
+        params = self._params(max_new_tokens, temperature, top_p, seed)
+        out = collect(self._steps(ids, params, mtp), len(ids))
         rows = out.stats.get("mtp_rows") or [None] * len(ids)
         texts = [self.decode(o) if self.tokenizer is not None else "" for o in out.token_ids]
         return [
             Completion(p, t, o, r, m)
             for p, t, o, r, m in zip(prompts, texts, out.token_ids, out.finish_reasons, rows, strict=True)
         ]
+
+    def stream(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        chat: bool | None = None,
+        mtp: int = 0,
+    ) -> Generator[str, None, Completion]:
+        """Complete one prompt like :meth:`generate`, yielding the text in pieces as tokens are decoded.
+
+        Joined, the pieces are the text ``generate`` returns for the same arguments: each step decodes
+        every token so far and yields what is new, holding back a trailing U+FFFD (a character whose
+        bytes have not all arrived). With mtp > 0 each speculative step's accepted tokens come out
+        together. The generator's return value (``completion = yield from engine.stream(...)``) is the
+        :class:`Completion`. Arguments are checked, and the prompt encoded, when ``stream`` is called.
+        """
+        self._need_tokenizer()
+        check_mtp(self.model, mtp)
+        ids = self._prompt_ids(prompt, chat)
+        params = self._params(max_new_tokens, temperature, top_p, seed)
+        return self._pieces(prompt, self._steps([ids], params, mtp))
+
+    def _pieces(self, prompt: str | list[int], steps: Iterator[DecodeStep]) -> Generator[str, None, Completion]:
+        tokens: list[int] = []
+        shown = ""
+        for step in steps:
+            tokens.extend(step.tokens[0])
+            text = self.decode(tokens)
+            final = step.finish_reasons is not None
+            ready = text if final else text.rstrip("\ufffd")
+            # a tokenizer that rewrites earlier text (rare) waits until the text again extends what was shown
+            if len(ready) > len(shown) and ready.startswith(shown):
+                yield ready[len(shown) :]
+                shown = ready
+            if final:
+                mtp = (step.stats or {}).get("mtp_rows")
+                return Completion(prompt, text, tokens, step.finish_reasons[0], mtp[0] if mtp else None)
+        raise RuntimeError("decode steps ended without finish reasons")  # a bug in the step generator
+
+    def _prompt_ids(self, prompt: str | list[int], chat: bool | None) -> list[int]:
+        return prompt if isinstance(prompt, list) else self.encode(prompt, chat)
+
+    def _params(self, max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> SamplingParams:
+        seed = agree_on_seed(self.model.opts.parallel, seed, temperature)  # same draws on every rank
+        return SamplingParams(max_new_tokens, temperature, top_p, seed, self.eos_ids)
+
+    def _steps(self, ids: list[list[int]], params: SamplingParams, mtp: int) -> Iterator[DecodeStep]:
+        """Plain or speculative decode steps (both end with finish reasons and stats)."""
+        if mtp:
+            return speculative_steps(self.model, ids, params, mtp)
+        return generate_steps(self.model, ids, params)
 
     @torch.inference_mode()
     def logits(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -112,14 +113,48 @@ def prefill(model: Transformer, prompts: list[list[int]], cache: ModelCache) -> 
     return hidden[torch.arange(len(prompts), device=device), lens - 1]
 
 
-@torch.inference_mode()
-def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> GenerationOutput:
-    """Generate up to ``params.max_new_tokens`` tokens after each prompt; stop a row at EOS.
+@dataclass
+class DecodeStep:
+    """What one decode step produced: ``tokens[i]``, the new token ids of row i.
 
-    ``stats``: ``ttft_s`` (call to first token, wall clock) and ``decode_s`` (first token to the last).
+    Plain decoding gives each running row one token per step; speculative decoding gives the
+    accepted drafts and the main model's token. A row that has finished gets ``[]``. The last step
+    of a run also carries ``finish_reasons`` ("stop" at an EOS id, else "length") and ``stats``.
+    """
+
+    tokens: list[list[int]]
+    finish_reasons: list[str] | None = None
+    stats: dict | None = None
+
+
+def collect(steps: Iterable[DecodeStep], batch: int) -> GenerationOutput:
+    """The whole output of a run of decode steps (``generate_steps`` or ``speculative_steps``)."""
+    out: list[list[int]] = [[] for _ in range(batch)]
+    for step in steps:
+        for row, new in zip(out, step.tokens, strict=True):
+            row.extend(new)
+        if step.finish_reasons is not None:
+            return GenerationOutput(out, step.finish_reasons, step.stats or {})
+    raise RuntimeError("decode steps ended without finish reasons")  # a bug in the step generator
+
+
+def generate_steps(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> Iterator[DecodeStep]:
+    """Generate like :func:`generate`, yielding each step's new tokens as soon as they are sampled.
+
+    Bad prompts or parameters raise here, at the call. The first step comes after the prefill alone,
+    before any decode forward. The last step carries the finish reasons and ``stats``: ``ttft_s``
+    (call to first token) and ``decode_s`` (first token to the last), wall clock, including whatever
+    time the consumer spends between steps.
     """
     start = time.perf_counter()
     total = check_lengths(model, prompts, params.validate().max_new_tokens)
+    return _decode(model, prompts, params, total, start)
+
+
+@torch.inference_mode()
+def _decode(
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, total: int, start: float
+) -> Iterator[DecodeStep]:
     device = model.embed.device
     b = len(prompts)
     cache = model.new_cache(b, total)
@@ -134,21 +169,31 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
 
     hidden = prefill(model, prompts, cache)
     positions = torch.tensor([len(p) for p in prompts], device=device)  # where each row's next token goes
-    out: list[list[int]] = [[] for _ in range(b)]
+    last: list[int | None] = [None] * b  # each row's newest token
     done = torch.zeros(b, dtype=torch.bool, device=device)
     first = None
     for step in range(params.max_new_tokens):
         next_tokens = sample(finite_logits(model.logits(hidden)), temperature, top_p, generator)  # (B,)
         tokens = next_tokens.tolist()  # one copy to the host per step, not one per row
+        new: list[list[int]] = [[] for _ in range(b)]
         for i in (~done).nonzero().flatten().tolist():
-            out[i].append(tokens[i])
+            new[i] = [tokens[i]]
+            last[i] = tokens[i]
         if first is None:
             first = time.perf_counter()
         done |= torch.isin(next_tokens, eos)
         if bool(done.all()) or step == params.max_new_tokens - 1:
-            break
+            reasons = ["stop" if t is not None and t in params.eos_ids else "length" for t in last]
+            yield DecodeStep(new, reasons, {"ttft_s": first - start, "decode_s": time.perf_counter() - first})
+            return
+        yield DecodeStep(new)
         hidden = model(next_tokens.unsqueeze(1), positions.unsqueeze(1), cache)[:, 0]
         positions = positions + 1
-    reasons = ["stop" if o and o[-1] in params.eos_ids else "length" for o in out]
-    timing = {} if first is None else {"ttft_s": first - start, "decode_s": time.perf_counter() - first}
-    return GenerationOutput(out, reasons, timing)
+
+
+def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> GenerationOutput:
+    """Generate up to ``params.max_new_tokens`` tokens after each prompt; stop a row at EOS.
+
+    ``stats``: ``ttft_s`` (call to first token, wall clock) and ``decode_s`` (first token to the last).
+    """
+    return collect(generate_steps(model, prompts, params), len(prompts))

@@ -25,6 +25,7 @@ verified tokens wherever those exist (drafts only touch entries that the next wi
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +33,8 @@ import torch
 from ..errors import Dsv3Error
 from ..model.cache import ModelCache, cache_rows
 from ..model.graph import Transformer
-from .generate import GenerationOutput, SamplingParams, check_lengths
-from .sampling import finite_logits, nucleus
+from .generate import DecodeStep, GenerationOutput, SamplingParams, check_lengths, collect
+from .sampling import finite_logits, generator_groups, nucleus
 
 NO_MTP = "checkpoint has no MTP layers (num_nextn_predict_layers=0)"
 
@@ -125,18 +126,9 @@ class RowSampler:
         generators: list[torch.Generator | None],
         shared: torch.Generator | None,
     ):
-        self.temperature, self.top_p, self.shared = temperature, top_p, shared
+        self.temperature, self.top_p = temperature, top_p
         self.greedy = bool((temperature == 0).all())
-        self.shared_rows = [i for i, g in enumerate(generators) if g is None]
-        self.own = [(i, g) for i, g in enumerate(generators) if g is not None]
-
-    def _groups(self):
-        """(row indices, generator) groups: the shared rows together, then each seeded row alone."""
-        device = self.temperature.device
-        if self.shared_rows:
-            yield torch.tensor(self.shared_rows, device=device), self.shared
-        for i, g in self.own:
-            yield torch.tensor([i], device=device), g
+        self._groups = generator_groups(generators, shared, temperature.device)
 
     def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits (B, V) -> drafts (B,) int64 and the draft distributions q (B, V) (None when greedy)."""
@@ -144,7 +136,7 @@ class RowSampler:
             return logits.argmax(-1), None
         q = processed_probs(logits, self.temperature, self.top_p)
         drafts = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
-        for idx, g in self._groups():
+        for idx, g in self._groups:
             drafts[idx] = torch.multinomial(q[idx], 1, generator=g).squeeze(-1)
         return drafts, q
 
@@ -159,7 +151,7 @@ class RowSampler:
             return n_acc, target[rows, n_acc]
         q = torch.stack(qs, 1)  # (B, K, V)
         n_acc, bonus = torch.empty_like(rows), torch.empty_like(rows)
-        for idx, g in self._groups():
+        for idx, g in self._groups:
             n_acc[idx], bonus[idx] = _accept_sampled(
                 logits[idx], q[idx], drafts[idx], self.temperature[idx], self.top_p[idx], g
             )
@@ -311,21 +303,27 @@ class SpecDecoder:
         return qs
 
 
-@torch.inference_mode()
-def generate_speculative(
+def speculative_steps(
     model: Transformer, prompts: list[list[int]], params: SamplingParams, k: int
-) -> GenerationOutput:
-    """Generate like :func:`dsv3.runtime.generate.generate`, drafting ``k`` tokens per main-model forward with MTP.
+) -> Iterator[DecodeStep]:
+    """:func:`generate_speculative` one step at a time: the first sampled token of every row, then each
+    draft-verify step's accepted drafts and the main model's token (cut at EOS and at the budget).
 
-    Greedy output is token-for-token that of plain generation; sampled output has the same
-    distribution. ``stats["mtp"]`` holds the batch summary and ``stats["mtp_rows"]`` one dict per row;
-    ``stats["ttft_s"]`` / ``stats["decode_s"]``: call to first token and first token to the end (wall clock).
+    Bad prompts or parameters raise here, at the call. The last step carries the finish reasons and
+    the stats of :func:`generate_speculative`.
     """
     check_mtp(model, k)
     if k == 0:
         raise Dsv3Error("speculative decoding needs mtp >= 1 draft token")
     start = time.perf_counter()
     total = check_lengths(model, prompts, params.validate().max_new_tokens)
+    return _speculate(model, prompts, params, k, total, start)
+
+
+@torch.inference_mode()
+def _speculate(
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, k: int, total: int, start: float
+) -> Iterator[DecodeStep]:
     device = model.embed.device
     b = len(prompts)
     spec = SpecDecoder(model, model.new_cache(b, total + k + 1), k)
@@ -345,13 +343,17 @@ def generate_speculative(
     first = model.ops.sample(logits, temperature, top_p, generator)  # (B,)
     pos = torch.tensor([len(p) for p in prompts], device=device)  # each row's newest token, unseen by the model
     spec.put(slots, pos, first)
-    out = [[int(t)] for t in first.tolist()]
+    new = [[int(t)] for t in first.tolist()]
+    counts = [1] * b  # tokens generated per row
+    last = [o[-1] for o in new]
     first_at = time.perf_counter()
-    done = [o[-1] in eos or params.max_new_tokens == 1 for o in out]
+    done = [t in eos or params.max_new_tokens == 1 for t in last]
     stats = [RowStats(k, accepted=[0] * k) for _ in range(b)]
 
     while not all(done):
+        yield DecodeStep(new)
         n_acc, bonus, drafts = spec.step(slots, pos, sampler)
+        new = [[] for _ in range(b)]
         for i in range(b):
             if done[i]:
                 continue
@@ -361,23 +363,37 @@ def generate_speculative(
             s.verified_tokens += a + 1
             for j in range(a):
                 s.accepted[j] += 1
-            new = drafts[i, :a].tolist() + [int(bonus[i])]
-            new = new[: params.max_new_tokens - len(out[i])]
-            for t in new:
-                out[i].append(t)
+            accepted = drafts[i, :a].tolist() + [int(bonus[i])]
+            for t in accepted[: params.max_new_tokens - counts[i]]:
+                new[i].append(t)
                 if t in eos:
                     done[i] = True
                     break
-            if len(out[i]) >= params.max_new_tokens:
+            counts[i] += len(new[i])
+            last[i] = new[i][-1]
+            if counts[i] >= params.max_new_tokens:
                 done[i] = True
             if not done[i]:
                 pos[i] += a + 1
     elapsed = time.perf_counter() - start
-    n_tokens = sum(len(o) for o in out)
+    n_tokens = sum(counts)
     rows = [s.as_dict(n_tokens / max(elapsed, 1e-9)) for s in stats]
-    reasons = ["stop" if o and o[-1] in eos else "length" for o in out]
+    reasons = ["stop" if t in eos else "length" for t in last]
     timing = {"ttft_s": first_at - start, "decode_s": elapsed - (first_at - start)}
-    return GenerationOutput(out, reasons, {"mtp": summarize(rows, n_tokens, elapsed), "mtp_rows": rows, **timing})
+    stats_out = {"mtp": summarize(rows, n_tokens, elapsed), "mtp_rows": rows, **timing}
+    yield DecodeStep(new, reasons, stats_out)
+
+
+def generate_speculative(
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, k: int
+) -> GenerationOutput:
+    """Generate like :func:`dsv3.runtime.generate.generate`, drafting ``k`` tokens per main-model forward with MTP.
+
+    Greedy output is token-for-token that of plain generation; sampled output has the same
+    distribution. ``stats["mtp"]`` holds the batch summary and ``stats["mtp_rows"]`` one dict per row;
+    ``stats["ttft_s"]`` / ``stats["decode_s"]``: call to first token and first token to the end (wall clock).
+    """
+    return collect(speculative_steps(model, prompts, params, k), len(prompts))
 
 
 def _accept_sampled(

@@ -243,17 +243,14 @@ def _job(
     )
 
 
-def _chat_ids(tok, messages: list[dict[str, str]]) -> list[int]:
+def _chat_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
     """The conversation through the tokenizer's chat template, ready for the assistant's turn."""
-    if not getattr(tok, "chat_template", None):
+    if not getattr(engine.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
     try:
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return engine.encode_chat(messages)
     except Exception as exc:  # the template rejected the conversation (e.g. role order)
         raise APIError(400, f"the chat template rejected these messages: {exc}", "messages") from None
-    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def _sse(obj: dict | str) -> str:
@@ -447,7 +444,7 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         check_auth(request)
         req = parse(ChatRequest, await read_json(request))
         check_model(req.model)
-        ids = _check_ids(_chat_ids(engine.tokenizer, messages_of(req.messages)), "messages", engine.cfg.vocab_size)
+        ids = _check_ids(_chat_ids(engine, messages_of(req.messages)), "messages", engine.cfg.vocab_size)
         job = _job(req, [ids], "messages", settings.max_tokens_limit, settings, engine.eos_ids)
         return await respond(request, job, chat=True)
 
