@@ -14,7 +14,6 @@ import torch
 
 from .. import registry
 from ..errors import Dsv3Error
-from ..runtime.loading import load
 from ..tools.bench import (
     PEERS,
     BenchSettings,
@@ -26,7 +25,7 @@ from ..tools.bench import (
     write_plots,
 )
 from ..tools.output_files import refuse_non_file
-from .run import add_model_args
+from .model_args import add_model_args, load_from_args
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -107,16 +106,7 @@ def main(args) -> int:
         if args.threads < 1:
             raise Dsv3Error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    engine = load(
-        args.ckpt_path,
-        args.backend,
-        args.dtype,
-        args.attn_impl,
-        args.act_quant,
-        args.config,
-        progress=False,
-        weight_format=args.weight_format,
-    )
+    engine = load_from_args(args, progress=False)
     result = run_bench(engine, settings, backend=args.backend, against=args.against)
     print(format_report(result), flush=True)
     if args.json:

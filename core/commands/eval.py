@@ -11,7 +11,7 @@ from ..errors import Dsv3Error
 from ..model.config import ModelConfig
 from ..runtime.loading import DTYPES
 from ..weights import ACT_QUANT_MODES
-from .run import add_model_args
+from .model_args import add_model_args, load_from_args
 
 #: config.json key: the window length (tokens) the checkpoint was trained on; ``--context``'s default.
 TRAIN_CONTEXT_KEY = "dsv3_train_context"
@@ -169,16 +169,7 @@ def main(args) -> int:
         refuse_non_file(Path(args.json))
     texts = [_read_text(f) for f in args.text_file]  # before the (slow) loads
 
-    engine = load(
-        args.ckpt_path,
-        args.backend,
-        args.dtype,
-        args.attn_impl,
-        args.act_quant,
-        args.config,
-        progress=args.progress,
-        weight_format=args.weight_format,
-    )
+    engine = load_from_args(args, progress=args.progress)
     if args.mtp and not len(engine.model.mtp):
         why = getattr(engine.model, "no_mtp_reason", f"{engine.path} has no MTP layers (num_nextn_predict_layers=0)")
         raise Dsv3Error(f"--mtp: {why}")

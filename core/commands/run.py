@@ -9,36 +9,14 @@ import time
 from collections.abc import Generator
 from pathlib import Path
 
-from .. import registry
 from ..errors import Dsv3Error
-from ..model.graph import ATTN_IMPLS
 from ..model.parallel import ParallelContext
 from ..runtime.distributed import init_for_backend, quiet_unless_rank0
 from ..runtime.engine import Completion
 from ..runtime.generate import SamplingError, SamplingParams
-from ..runtime.loading import DTYPES, load
 from ..runtime.speculative import check_mtp, summarize, summary_line
 from ..runtime.text import check_text
-from ..weights import ACT_QUANT_MODES, FORMATS
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The flags every command that loads a model shares."""
-    p.add_argument("--ckpt-path", help="Hugging Face-format checkpoint directory (default: the embedded model)")
-    p.add_argument("--config", help="JSON or YAML config to use instead of the directory's config.json")
-    p.add_argument("--backend", default=registry.REFERENCE, help="backend plugin (see `dsv3 backends`)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16", help="compute dtype")
-    p.add_argument("--attn-impl", choices=ATTN_IMPLS, default="absorb", help="MLA form: latent cache or per-head K/V")
-    p.add_argument(
-        "--act-quant", choices=ACT_QUANT_MODES, default="none", help="quantize activations for quantized weights"
-    )
-    p.add_argument(
-        "--weight-format",
-        choices=FORMATS,
-        default=None,
-        help="convert the checkpoint's quantized weights at load to this format, on a backend that converts "
-        "them (e.g. ascend: fp8_block -> hp or int8_w8a8; see `dsv3 backends`); default: the backend's choice",
-    )
+from .model_args import add_model_args, load_from_args
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -133,19 +111,6 @@ def _read_prompts(args) -> list[str]:
         many = len(args.prompt) > 1
         return [check_text(p, f"--prompt #{i + 1}" if many else "--prompt") for i, p in enumerate(args.prompt)]
     raise Dsv3Error("give --prompt TEXT, --input-file FILE or --interactive")
-
-
-def load_from_args(args, parallel: ParallelContext | None = None):
-    return load(
-        args.ckpt_path,
-        args.backend,
-        args.dtype,
-        args.attn_impl,
-        args.act_quant,
-        args.config,
-        weight_format=getattr(args, "weight_format", None),
-        parallel=parallel,
-    )
 
 
 def main(args) -> int:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from ..errors import Dsv3Error
-from .run import add_model_args, load_from_args
+from .model_args import add_model_args, load_from_args
 
 DEFAULT_MAX_MODEL_LEN = 4096
 
