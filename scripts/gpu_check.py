@@ -9,7 +9,7 @@ Sections, each guarded (an error is printed with its traceback and the next sect
 
 1. parity: every Triton kernel against cpu_ref run on the same GPU tensors (cpu_ref is plain
    PyTorch): activation quantization and dequantization bit for bit, GEMMs / MoE / MLA / norms
-   within the tolerances of tests/conformance/test_triton_kernels.py, at DeepSeek-V3's real sizes.
+   within the tolerances of tests/backends/test_triton_kernels.py, at DeepSeek-V3's real sizes.
 2. gemm: TFLOP/s on DeepSeek-V3's projection shapes (q_a, q_b, kv_a, o, expert gate/up, down) for
    M in {1, 16, 128, 4096} tokens: torch bf16 matmul, the Triton fp8 block-scaled GEMM (alone and
    with activation quantization), torch._scaled_mm (block scales, and per-row scales as a peer),

@@ -18,7 +18,7 @@ from tests.fuzz.harness import STATS
 from tests.helpers import add_tiny_tokenizer, make_checkpoint
 
 INDEX = "model.safetensors.index.json"
-#: A harmless chat template (the one of tests/model/test_serve.py).
+#: A harmless chat template (the one of tests/runtime/test_serve.py).
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}and{% endif %}"

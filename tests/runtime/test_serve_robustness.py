@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.model.test_serve import KEY, NAME, WAIT_S, _launch_serve, _post, _serving_url, ckpt, health  # noqa: F401
+from tests.runtime.test_serve import KEY, NAME, WAIT_S, _launch_serve, _post, _serving_url, ckpt, health  # noqa: F401
 
 DEEP = 100_000
 SETTLE_S = 0.3  # for the log lines of a request to reach the reader thread after its /health round trip

@@ -1,7 +1,7 @@
 """``dsv3 convert`` on tiny checkpoints: the outputs load and run, round trips stay within each
 format's bound, the input is never touched and a failed conversion leaves nothing behind.
 
-Bounds (see tests/unit/test_quant_format.py and docs/quantization.md): fp8 block
+Bounds (see tests/model/test_quant_format.py and docs/quantization.md): fp8 block
 ``|w - w'| <= max(2^-4 |w|, 2^-10 s)``, int8 ``|w - w'| <= s / 2``, plus ``2^-8 |w'|`` for the
 final bf16 rounding. Logits of a quantized conversion against its BF16 source (weights only,
 --act-quant none): fp8 relative RMS <= 0.15 (per-element weight error RMS ~2.7%, observed ~0.07),

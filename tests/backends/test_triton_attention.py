@@ -25,7 +25,7 @@ from dsv3.backends.triton_kernels import ops
 from dsv3.backends.triton_kernels.runtime import INTERPRET_ENV, KernelArgumentError
 from dsv3.backends.triton_kernels.target import AMD
 from dsv3.hookspecs import OpRequest
-from tests.conformance.test_triton_kernels import BF16, F32, TOL, assert_close, rand
+from tests.backends.test_triton_kernels import BF16, F32, TOL, assert_close, rand
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
 
