@@ -18,11 +18,21 @@ never see each other, so pluggy's ordering markers (``tryfirst``/``trylast``) me
 
 Versions: :data:`CONTRACT_VERSION` numbers this contract. A backend declares the version it was
 written for in ``BackendInfo.contract_version``; the registry refuses any other version (and a
-backend that declares none) with one line naming the plugin and both versions.
+backend that declares none) with one line naming the plugin and both versions. Version 3 added the
+paged latent cache operators ``paged_cache_write`` and ``mla_paged_attention`` (the comment at
+:data:`CONTRACT_VERSION` lists every version).
 
 Shapes use: B batch, T new tokens, S cache positions, N = B*T flattened tokens, H heads,
-V vocabulary, E routed experts, k experts per token, C kv_lora_rank, R qk_rope_head_dim.
+V vocabulary, E routed experts, k experts per token, C kv_lora_rank, R qk_rope_head_dim,
+P cache pages, page_size entries per page, M block-table width (pages per row at most).
 "compute dtype" is the model's activation dtype (bfloat16 or float32).
+
+The paged latent cache (``paged_cache_write``, ``mla_paged_attention``): one tensor per layer
+``(P, page_size, C + R)`` holding, per token, the normalized latent (first C values) and the roped
+key (last R values) side by side, as FlashMLA and vLLM store it. Cache position j of batch row b
+lives in page ``block_table[b, j // page_size]`` at offset ``j % page_size``; a token is written
+to its slot ``page * page_size + offset``. Pages are handed out by the caller (rows may share
+pages, a freed page keeps whatever it held). The model graph does not use these two operators yet.
 """
 
 from __future__ import annotations
@@ -45,7 +55,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: This contract's version. 1: the unversioned contract of dsv3 0.1 (untyped, ``extra["whole_model"]``).
 #: 2: an operator Protocol per hook, ``BackendInfo.contract_version`` and ``BackendInfo.whole_model``.
-CONTRACT_VERSION = 2
+#: 3: the paged latent cache operators ``paged_cache_write`` and ``mla_paged_attention``.
+CONTRACT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,26 @@ class MlaLatentAttentionOp(Protocol):
         self, q_latent: Tensor, q_pe: Tensor, kv: Tensor, pe: Tensor, q_pos: Tensor, scale: float, /
     ) -> Tensor:
         """q_latent (B, T, H, C), q_pe (B, T, H, R), kv (B, S, C), pe (B, S, R), q_pos (B, T) -> (B, T, H, C)."""
+
+
+class PagedCacheWriteOp(Protocol):
+    def __call__(self, cache: Tensor, kv: Tensor, pe: Tensor, slot_mapping: Tensor, /) -> None:
+        """cache (P, page_size, C + R) written in place, kv (N, C), pe (N, R), slot_mapping (N,) int64."""
+
+
+class MlaPagedAttentionOp(Protocol):
+    def __call__(
+        self,
+        q_latent: Tensor,
+        q_pe: Tensor,
+        cache: Tensor,
+        block_table: Tensor,
+        seq_lens: Tensor,
+        scale: float,
+        /,
+    ) -> Tensor:
+        """q_latent (B, T, H, C), q_pe (B, T, H, R), cache (P, page_size, C + R), block_table (B, M) int32,
+        seq_lens (B,) int32 -> (B, T, H, C)."""
 
 
 class LinearOp(Protocol):
@@ -270,6 +301,45 @@ class BackendSpec:
         in ``attention`` (j <= q_pos[b, t]), softmax in float32, output ``sum_j p * kv[b, j]``.
         """
 
+    @hookspec(firstresult=True)
+    def dsv3_op_paged_cache_write(self, request: OpRequest) -> PagedCacheWriteOp | None:
+        """Store new tokens' latent and roped key in a paged latent cache, in place.
+
+        ``paged_cache_write(cache (P, page_size, C + R) compute dtype, kv (N, C) compute dtype,
+        pe (N, R) compute dtype, slot_mapping (N,) int64) -> None``.
+
+        For every token n with ``slot = slot_mapping[n] >= 0``:
+        ``cache[slot // page_size, slot % page_size] = concat(kv[n], pe[n])`` (cast to cache.dtype).
+        A negative slot is skipped (padding tokens); every other entry of the cache, including the
+        rest of a page being written, is left as it was. Non-negative slots are distinct and below
+        ``P * page_size``. ``kv``, ``pe`` and ``slot_mapping`` are not modified. Usually ``kv`` is the
+        normalized latent and ``pe`` the roped key part of one layer (``mla_latent_attention``'s
+        ``kv`` and ``pe``). The cache is a contiguous tensor (one per layer).
+        """
+
+    @hookspec(firstresult=True)
+    def dsv3_op_mla_paged_attention(self, request: OpRequest) -> MlaPagedAttentionOp | None:
+        """Weight-absorbed MLA attention reading a paged latent cache (prefill, chunked prefill, decode).
+
+        ``mla_paged_attention(q_latent (B, T, H, C) compute dtype, q_pe (B, T, H, R) compute dtype,
+        cache (P, page_size, C + R) compute dtype, block_table (B, M) int32, seq_lens (B,) int32,
+        scale: float) -> (B, T, H, C) q_latent.dtype``.
+
+        ``mla_latent_attention`` over row b's first ``seq_lens[b]`` cache positions, entry j of row b
+        being ``cache[block_table[b, j // page_size], j % page_size]``: its first C values are
+        ``kv[b, j]``, its last R values ``pe[b, j]``. As there, ``q_latent`` is ``q_nope`` already
+        multiplied by the key half of ``wkv_b`` (absorbed), the output is in the latent space (the
+        caller applies the value half), ``score = (q_latent·kv + q_pe·pe) * scale``, softmax in
+        float32. ``seq_lens`` counts the row's tokens including the T new ones, which the caller
+        wrote first (``paged_cache_write``): query t of row b sits at position
+        ``q_pos = seq_lens[b] - T + t`` and sees keys ``j <= q_pos`` (causal when T > 1; requires
+        ``T <= seq_lens[b]``). A row's pages are ``block_table[b, :ceil(seq_lens[b] / page_size)]``
+        (so ``M >= ceil(max(seq_lens) / page_size)``); later block-table entries hold anything (e.g.
+        -1) and are never read, nor is any cache entry that is not one of row b's first
+        ``seq_lens[b]`` positions (the rest of its last page, pages it does not list, freed pages):
+        a NaN there must not reach the output. Rows may share pages. Inputs are not modified.
+        """
+
     # ------------------------------------------------------------------ GEMM and quantization
     @hookspec(firstresult=True)
     def dsv3_op_linear(self, request: OpRequest) -> LinearOp | None:
@@ -341,6 +411,8 @@ OP_PROTOCOLS: dict[str, type] = {
     "rotary": RotaryOp,
     "attention": AttentionOp,
     "mla_latent_attention": MlaLatentAttentionOp,
+    "paged_cache_write": PagedCacheWriteOp,
+    "mla_paged_attention": MlaPagedAttentionOp,
     "linear": LinearOp,
     "dequantize": DequantizeOp,
     "moe_gate": MoeGateOp,

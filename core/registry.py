@@ -30,9 +30,11 @@ from .hookspecs import (
     EmbeddingOp,
     LinearOp,
     MlaLatentAttentionOp,
+    MlaPagedAttentionOp,
     MoeExpertsOp,
     MoeGateOp,
     OpRequest,
+    PagedCacheWriteOp,
     RmsNormOp,
     RotaryOp,
     SampleOp,
@@ -144,6 +146,8 @@ class OpTable:
     rotary: RotaryOp
     attention: AttentionOp
     mla_latent_attention: MlaLatentAttentionOp
+    paged_cache_write: PagedCacheWriteOp
+    mla_paged_attention: MlaPagedAttentionOp
     linear: Mapping[str, LinearOp]
     dequantize: Mapping[str, DequantizeOp]
     moe_gate: MoeGateOp

@@ -6,7 +6,7 @@ from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
 from dsv3.weights import FORMATS
 
 from . import attention as _attention
-from . import basic, moe, quant
+from . import basic, moe, paged, quant
 
 
 @hookimpl
@@ -44,6 +44,16 @@ def dsv3_op_attention(request: OpRequest):
 @hookimpl
 def dsv3_op_mla_latent_attention(request: OpRequest):
     return _attention.mla_latent_attention
+
+
+@hookimpl
+def dsv3_op_paged_cache_write(request: OpRequest):
+    return paged.paged_cache_write
+
+
+@hookimpl
+def dsv3_op_mla_paged_attention(request: OpRequest):
+    return paged.mla_paged_attention
 
 
 @hookimpl

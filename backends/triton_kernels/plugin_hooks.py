@@ -1,6 +1,9 @@
 """The operator hooks of the GPU backends, written once: ``TritonBackend(target)``. Imports no triton.
 
 Each hook hands the request to its operator's builder in ``ops``, which states what it declines.
+Operators without a hook here are declined for every request and come from cpu_ref: embedding,
+rotary, moe_gate, sample, and (no kernel yet) the paged latent cache's ``paged_cache_write`` and
+``mla_paged_attention``.
 The nvidia and amd plugins are one instance each, with their :class:`~.target.TritonTarget`. The
 entry points name the plugin modules, which pluggy registers, so each plugin module exports its
 instance's hooks as module attributes (bound methods keep the hookimpl markers).

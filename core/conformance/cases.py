@@ -60,7 +60,8 @@ class GeneratorSeed:
 class CaseData:
     """The operator's positional arguments (CPU tensors) and how to judge its result.
 
-    check: ``"tensor"`` (compare with cpu_ref), ``"routing"`` (expert sets + weights) or ``"sample"``.
+    check: ``"tensor"`` (compare with cpu_ref), ``"routing"`` (expert sets + weights), ``"sample"``, or
+        ``"in_place"`` (the op returns None and writes argument ``info["writes"]``, which is compared).
     """
 
     args: tuple
@@ -364,6 +365,207 @@ def cases_mla_latent_attention(spec: Spec) -> list[Case]:
         build(1, 2, 3, 2, 32, 4, [1], mode="uniform"),
     )
     _case(cases, spec, "large-scores", "scores ~ +-100", build(1, 2, 4, 2, 64, 8, [2], mode="large"))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------- paged latent cache
+@dataclass(frozen=True)
+class PagedRows:
+    """Which pages each batch row uses: row b has ``seq_lens[b]`` entries, its pages listed in order."""
+
+    seq_lens: list[int]
+    page_size: int
+    pages: list[list[int]]  # pages[b]: row b's pages, ceil(seq_lens[b] / page_size) of them
+    num_pages: int
+
+    def block_table(self) -> torch.Tensor:
+        """(B, M) int32, one column more than the longest row needs; unused entries -1 or out of range."""
+        width = max(len(p) for p in self.pages) + 1
+        table = torch.empty((len(self.pages), width), dtype=torch.int32)
+        for b, pages in enumerate(self.pages):
+            table[b] = -1 if b % 2 == 0 else self.num_pages + 7  # never read: a -1 or a page that does not exist
+            table[b, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        return table
+
+    def used(self) -> torch.Tensor:
+        """(P, page_size) bool: entries that are one of some row's first seq_lens[b] positions."""
+        used = torch.zeros((self.num_pages, self.page_size), dtype=torch.bool)
+        for length, pages in zip(self.seq_lens, self.pages, strict=True):
+            for j in range(length):
+                used[pages[j // self.page_size], j % self.page_size] = True
+        return used
+
+
+def paged_rows(
+    g: torch.Generator, seq_lens: list[int], page_size: int, spare: int, share: tuple[tuple[int, int, int], ...] = ()
+) -> PagedRows:
+    """Rows of ``seq_lens`` entries on pages drawn at random from ``spare`` more pages than they need.
+
+    share: ``(a, b, k)``: row b's first k pages are row a's (a shared prefix; row a comes first).
+    """
+    need = [-(-n // page_size) for n in seq_lens]
+    total = sum(need) - sum(k for _, _, k in share) + spare
+    free = torch.randperm(total, generator=g).tolist()
+    pages: list[list[int]] = []
+    for b, n in enumerate(need):
+        shared = next(((a, k) for a, row, k in share if row == b), None)
+        mine = list(pages[shared[0]][: shared[1]]) if shared else []
+        while len(mine) < n:
+            mine.append(free.pop())
+        pages.append(mine)
+    return PagedRows(seq_lens, page_size, pages, total)
+
+
+def cases_paged_cache_write(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+
+    def build(num_pages: int, page_size: int, c: int, r: int, slots: list[int], freed_page: int | None = None):
+        def fn(g: torch.Generator) -> CaseData:
+            cache = _randn(g, (num_pages, page_size, c + r))  # what earlier requests left there
+            if freed_page is not None:
+                cache[freed_page] = float("nan")  # a freed page's stale entries: untouched ones must stay NaN
+            n = len(slots)
+            kv, pe = _randn(g, (n, c)), _randn(g, (n, r))
+            slot_mapping = torch.tensor(slots, dtype=torch.int64)
+            args = (cache.to(spec.dtype), kv.to(spec.dtype), pe.to(spec.dtype), slot_mapping)
+            return CaseData(args, check="in_place", info={"writes": 0})
+
+        return fn
+
+    def scattered(num_pages: int, page_size: int, n: int, pad: int) -> list[int]:
+        g = _gen("paged_cache_write", "slots", num_pages, page_size, n)
+        slots = torch.randperm(num_pages * page_size, generator=g)[:n].tolist()
+        return [-1] + slots[: n // 2] + [-1] * (pad - 2) + slots[n // 2 :] + [-1]  # padding first, inside, last
+
+    c, r = V3.kv_lora_rank, V3.qk_rope_head_dim
+    _case(cases, spec, "tiny", "P2 page 2, C4 R2, one token at slot 3", build(2, 2, 4, 2, [3]))
+    _case(cases, spec, "one-token", "one token at offset 0 of a fresh page (P4 page 4)", build(4, 4, 8, 2, [8]))
+    _case(
+        cases,
+        spec,
+        "scattered",
+        "P6 page 4, C16 R4: 9 tokens at random slots, padding (-1) first, inside and last, a NaN page",
+        build(6, 4, 16, 4, scattered(6, 4, 9, 4), freed_page=5),
+    )
+    _case(
+        cases,
+        spec,
+        "page-boundary",
+        "a chunk crossing from page 2's last offsets into page 0 (not adjacent); page 1 a NaN page",
+        build(3, 4, 16, 4, [2 * 4 + 2, 2 * 4 + 3, 0, 1], freed_page=1),
+    )
+    _case(cases, spec, "all-padding", "every slot -1: nothing is written", build(3, 4, 8, 4, [-1, -1, -1]))
+    _case(
+        cases,
+        spec,
+        "671B-decode",
+        f"P16 page 64, C{c} R{r}: 4 decode tokens and 2 padding, a NaN page",
+        build(16, 64, c, r, scattered(16, 64, 4, 2), freed_page=3),
+        quick=False,
+    )
+    _case(
+        cases,
+        spec,
+        "671B-prefill",
+        f"page 64, C{c} R{r}: 70 tokens from offset 10 of page 5 on into page 2",
+        build(8, 64, c, r, [5 * 64 + i for i in range(10, 64)] + [2 * 64 + i for i in range(16)], freed_page=7),
+        quick=False,
+    )
+    return cases
+
+
+def cases_mla_paged_attention(spec: Spec) -> list[Case]:
+    cases: list[Case] = []
+    scale = V3.softmax_scale
+
+    def build(seq_lens, t, h, c, r, page_size, spare=2, share=(), mode="random"):
+        def fn(g: torch.Generator) -> CaseData:
+            rows = paged_rows(g, list(seq_lens), page_size, spare, share)
+            b = len(seq_lens)
+            ql, qp = _randn(g, (b, t, h, c)), _randn(g, (b, t, h, r))
+            cache = _randn(g, (rows.num_pages, page_size, c + r))
+            if mode == "uniform":
+                ql.zero_()
+                qp.zero_()
+            if mode == "large":
+                ql, cache = ql * 6, cache * 6
+            cache[~rows.used()] = float("nan")  # stale: the rest of last pages and the spare (freed) pages
+            seq = torch.tensor(seq_lens, dtype=torch.int32)
+            args = (ql.to(spec.dtype), qp.to(spec.dtype), cache.to(spec.dtype), rows.block_table(), seq, scale)
+            return CaseData(args)
+
+        return fn
+
+    h, c, r = V3.num_attention_heads, V3.kv_lora_rank, V3.qk_rope_head_dim
+    _case(cases, spec, "tiny", "B1 T1, one entry on page size 2, H1 C4 R2", build([1], 1, 1, 4, 2, 2, spare=1))
+    _case(cases, spec, "one-token", "B2 T1: two fresh rows of one token each (page 4)", build([1, 1], 1, 3, 16, 4, 4))
+    _case(
+        cases,
+        spec,
+        "random-pages",
+        "B3 T1 of 5, 12, 7 entries on random pages of 4; NaN in spare pages and past each length",
+        build([5, 12, 7], 1, 4, 32, 8, 4, spare=3),
+    )
+    _case(
+        cases,
+        spec,
+        "shared-pages",
+        "B3 T1: row 1 ends inside a page it shares with row 0 (row 0's later entries there must not be "
+        "read), row 2 shares row 0's first page and goes on on its own",
+        build([10, 6, 13], 1, 4, 32, 8, 4, share=((0, 1, 2), (0, 2, 1))),
+    )
+    _case(
+        cases,
+        spec,
+        "page-boundary",
+        "B4 T1 of 4, 5, 8, 9 entries on pages of 4 (k * page_size and k * page_size + 1)",
+        build([4, 5, 8, 9], 1, 4, 32, 8, 4),
+    )
+    _case(
+        cases,
+        spec,
+        "causal-prefill",
+        "B1 T6: a whole prompt of 6 over pages of 4, causal",
+        build([6], 6, 3, 24, 6, 4),
+    )
+    _case(
+        cases,
+        spec,
+        "causal-chunk",
+        "B2 T3: positions 7..9 (across a page boundary) and a fresh prompt of 3; pages of 4",
+        build([10, 3], 3, 5, 48, 6, 4),
+    )
+    _case(
+        cases,
+        spec,
+        "page-size-1",
+        "B2 T2 of 3 and 5 entries, one entry per page",
+        build([3, 5], 2, 2, 16, 4, 1, spare=2),
+    )
+    _case(
+        cases,
+        spec,
+        "ties",
+        "q = 0: every visible entry scores the same",
+        build([5, 2], 2, 2, 32, 4, 4, mode="uniform"),
+    )
+    _case(cases, spec, "large-scores", "scores ~ +-100", build([6], 2, 2, 64, 8, 4, mode="large"))
+    _case(
+        cases,
+        spec,
+        "671B-decode",
+        f"B4 T1 of 1, 64, 65, 300 entries, page 64, H{h} C{c} R{r}",
+        build([1, 64, 65, 300], 1, h, c, r, 64),
+        quick=False,
+    )
+    _case(
+        cases,
+        spec,
+        "671B-chunk",
+        f"B2 T8 of 128 and 136 entries sharing their first 2 pages of 64, H{h} C{c} R{r}",
+        build([128, 136], 8, h, c, r, 64, share=((0, 1, 2),)),
+        quick=False,
+    )
     return cases
 
 
@@ -704,6 +906,8 @@ CASE_GENERATORS: dict[str, Callable[[Spec], list[Case]]] = {
     "rotary": cases_rotary,
     "attention": cases_attention,
     "mla_latent_attention": cases_mla_latent_attention,
+    "paged_cache_write": cases_paged_cache_write,
+    "mla_paged_attention": cases_mla_paged_attention,
     "linear": cases_linear,
     "dequantize": cases_dequantize,
     "moe_gate": cases_moe_gate,

@@ -54,15 +54,17 @@ def compare_tensors(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> Out
     """Elementwise ``|out - ref| <= atol + rtol * (|ref| + rms)``, rms taken over the last dimension (one
     token's row); NaN and inf must sit where ref has them.
 
-    With ``rtol == atol == 0`` the tensors must be bit-for-bit equal (the sign of zero included).
+    With ``rtol == atol == 0`` the tensors must be bit-for-bit equal (the sign of zero included; NaN
+    where ref has NaN).
     """
     out = out.detach().to("cpu")
     if tol.exact:
-        if torch.equal(out, ref) and (not ref.is_floating_point() or torch.equal(out.signbit(), ref.signbit())):
+        if _equal_with_nans(out, ref):
             return Outcome(True)
         o, r = out.double(), ref.double()
-        diff = (o - r).abs().nan_to_num(math.inf)
-        where = int(torch.argmax(((diff > 0) | (o.signbit() != r.signbit())).to(torch.uint8)).item())
+        both_nan = o.isnan() & r.isnan()
+        diff = (o - r).abs().nan_to_num(math.inf).masked_fill(both_nan, 0)
+        where = int(torch.argmax(((diff > 0) | ((o.signbit() != r.signbit()) & ~both_nan)).to(torch.uint8)).item())
         i = _index(where, tuple(ref.shape))
         return Outcome(
             False,
@@ -107,6 +109,19 @@ def compare_tensors(out: torch.Tensor, ref: torch.Tensor, tol: Tolerance) -> Out
         f"error {diff[k].item():.3g} at {where} (got {of[k].item():.6g}, expected {rf[k].item():.6g}) exceeds "
         f"{tol.name} tolerance {allowed[k].item():.3g} = {_formula(tol, rms_f[k].item())}",
     )
+
+
+def _equal_with_nans(out: torch.Tensor, ref: torch.Tensor) -> bool:
+    """Equal values and signs of zero, NaN only where ref has NaN (a NaN payload is not compared)."""
+    if out.dtype != ref.dtype or out.shape != ref.shape:
+        return False
+    if not ref.is_floating_point():
+        return torch.equal(out, ref)
+    nan = ref.isnan()
+    if not torch.equal(out.isnan(), nan):
+        return False
+    o, r = out.masked_fill(nan, 0), ref.masked_fill(nan, 0)
+    return torch.equal(o, r) and torch.equal(o.signbit(), r.signbit())
 
 
 def _formula(tol: Tolerance, rms: float) -> str:

@@ -21,7 +21,7 @@ from ..weights import ACT_QUANT_MODES, FORMATS, HP, INT8_WO, Weight
 from .cases import Case, CaseData, Spec, cases_for, uncovered_ops
 from .compare import Outcome, check_meta, check_sample, compare_routing, compare_tensors, fail
 from .inputs import argument_names, first_change, snapshot
-from .tolerances import tolerance_for
+from .tolerances import Tolerance, tolerance_for
 
 #: Compute dtypes the kit exercises by default (the model's activation dtypes).
 DEFAULT_DTYPES = (torch.float32, torch.bfloat16)
@@ -216,6 +216,8 @@ def run_case(unit: Unit, case: Case, device: str, prepare: Callable | None = Non
             return fail(f"raised {_first_line(exc)}")
         changed = first_change(dev, names, watched)
         return outcome if changed is None else fail(f"{unit.spec.op} modified its input {changed} in place")
+    if data.check == "in_place":
+        return _run_in_place(unit, data, dev_args, ref_args, tol)
     with torch.inference_mode():
         ref = unit.reference(*ref_args)
         names = argument_names(unit.reference, len(dev_args))
@@ -233,6 +235,29 @@ def run_case(unit: Unit, case: Case, device: str, prepare: Callable | None = Non
     if msg:
         return fail(msg)
     return compare_tensors(out, ref, tol)
+
+
+def _run_in_place(unit: Unit, data: CaseData, dev_args: tuple, ref_args: tuple, tol: Tolerance) -> Outcome:
+    """An operator that writes argument ``data.info["writes"]``: both write their own copy of it, which
+    is compared afterwards; it must return None and leave its other arguments as they were."""
+    w = data.info["writes"]
+    ref_args = ref_args[:w] + (data.args[w].clone(),) + ref_args[w + 1 :]
+    if dev_args[w] is data.args[w]:  # .to(device) of a CPU tensor for a CPU backend is the tensor itself
+        dev_args = dev_args[:w] + (data.args[w].clone(),) + dev_args[w + 1 :]
+    names = argument_names(unit.reference, len(dev_args))
+    with torch.inference_mode():
+        unit.reference(*ref_args)
+        watched = {key: v for key, v in snapshot(dev_args, names, _INPLACE_CHECK_LIMIT).items() if key[0] != w}
+        try:
+            out = unit.impl(*dev_args)
+        except Exception as exc:
+            return fail(f"raised {_first_line(exc)}")
+        changed = first_change(dev_args, names, watched)
+    if changed is not None:
+        return fail(f"{unit.spec.op} modified its input {changed} in place")
+    if out is not None:
+        return fail(f"returned {type(out).__name__}, expected None (it writes argument {w}, {names[w]}, in place)")
+    return compare_tensors(dev_args[w], ref_args[w], tol)
 
 
 # ---------------------------------------------------------------------------------------- the report

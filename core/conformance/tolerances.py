@@ -36,7 +36,9 @@ class Tolerance:
         return self.rtol == 0 and self.atol == 0
 
 
-EXACT = Tolerance("exact", 0.0, "copies and integer results (row lookup, expert ids, argmax): bit for bit")
+EXACT = Tolerance(
+    "exact", 0.0, "copies and integer results (row lookup, cache writes, expert ids, argmax): bit for bit"
+)
 FLOAT32 = Tolerance(
     "float32",
     1e-5,
@@ -110,12 +112,12 @@ def dtype_tolerance(dtype: torch.dtype) -> Tolerance:
 
 def tolerance_for(op: str, fmt: str, act_quant: str, dtype: torch.dtype) -> Tolerance:
     """The tolerance for one operator, weight format, activation mode and compute dtype."""
-    if op == "embedding":
-        return EXACT
+    if op in ("embedding", "paged_cache_write"):
+        return EXACT  # copies: row lookups, cache stores
     if op in ("moe_gate", "sample"):
         return FLOAT32  # routing runs in float32 whatever the compute dtype (hookspec); ids are exact
     wide = dtype in (torch.float32, torch.float64)
-    if op in ("attention", "mla_latent_attention") and wide:
+    if op in ("attention", "mla_latent_attention", "mla_paged_attention") and wide:
         return ATTENTION_FP32
     if op in ("linear", "moe_experts") and act_quant == "dynamic" and fmt in (FP8_BLOCK, INT8_W8A8):
         if wide:

@@ -70,7 +70,9 @@ def test_tiny_cases_build_deterministically(op):
                 yield from (t for t in (x.data, x.scale) if t is not None)
 
     pairs = list(zip(tensors(a.args), tensors(b.args), strict=True))
-    assert pairs and all(torch.equal(x, y) for x, y in pairs)
+    assert pairs
+    for x, y in pairs:  # stale cache entries are NaN in both builds
+        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
 
 
 def test_every_combination_has_a_justified_tolerance():

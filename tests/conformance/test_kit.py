@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv3 import registry
-from dsv3.backends.cpu_ref import basic, moe
+from dsv3.backends.cpu_ref import basic, moe, paged
 from dsv3.cli import main as cli_main
 from dsv3.conformance import run_conformance
 from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
@@ -176,6 +176,40 @@ def _latent_attention(q_latent, q_pe, kv, pe, q_pos, scale):
     return _online_attention(q, k, v, q_pos, scale, chunk=5)
 
 
+def _paged_cache_write(cache, kv, pe, slot_mapping):
+    """One token at a time, latent and roped key stored separately."""
+    page_size, c = cache.shape[1], kv.shape[-1]
+    for n, slot in enumerate(slot_mapping.tolist()):
+        if slot >= 0:
+            cache[slot // page_size, slot % page_size, :c] = kv[n]
+            cache[slot // page_size, slot % page_size, c:] = pe[n]
+
+
+def _paged_attention(q_latent, q_pe, cache, block_table, seq_lens, scale):
+    """Per row, page by page straight from the cache (no gather), an online softmax over the pages."""
+    b, t, h, c = q_latent.shape
+    page_size = cache.shape[1]
+    out = torch.empty(b, t, h, c)
+    for row in range(b):
+        n = int(seq_lens[row])
+        q_pos = torch.arange(n - t, n)  # (T,)
+        ql, qp = q_latent[row].float(), q_pe[row].float()  # (T, H, C), (T, H, R)
+        m, denom, acc = torch.full((t, h, 1), -torch.inf), torch.zeros(t, h, 1), torch.zeros(t, h, c)
+        for i in range(-(-n // page_size)):
+            entries = cache[int(block_table[row, i]), : min(page_size, n - i * page_size)].float()  # valid only
+            kv, pe = entries[:, :c], entries[:, c:]
+            s = (torch.einsum("thc,kc->thk", ql, kv) + torch.einsum("thr,kr->thk", qp, pe)) * scale
+            keys = torch.arange(i * page_size, i * page_size + entries.shape[0])
+            s = s.masked_fill(keys[None, None, :] > q_pos[:, None, None], -torch.inf)
+            m_new = torch.maximum(m, s.amax(-1, keepdim=True))
+            alive = torch.isfinite(m_new)
+            corr = torch.where(alive, torch.exp(m - m_new), torch.zeros_like(m))
+            p = torch.where(alive, torch.exp(s - m_new), torch.zeros_like(s))
+            denom, acc, m = denom * corr + p.sum(-1, keepdim=True), acc * corr + p @ kv, m_new
+        out[row] = acc / denom
+    return out.to(q_latent.dtype)
+
+
 def _moe_gate(x, gate_weight, bias, r):
     weights, ids = moe.moe_gate(x, gate_weight, bias, r)
     order = ids.argsort(-1, descending=True)  # same experts, another order
@@ -251,6 +285,14 @@ class Independent:
     @hookimpl
     def dsv3_op_mla_latent_attention(self, request):
         return _latent_attention
+
+    @hookimpl
+    def dsv3_op_paged_cache_write(self, request):
+        return _paged_cache_write
+
+    @hookimpl
+    def dsv3_op_mla_paged_attention(self, request):
+        return _paged_attention
 
     @hookimpl
     def dsv3_op_linear(self, request):
@@ -345,6 +387,66 @@ def test_shape_device_raise_and_in_place_are_caught(op, impl, expected):
     report = run_conformance(planted(f"bad_{op}", op, lambda r: impl), quick=True)
     assert report.failed_ops() == {op}
     assert all(expected in f for f in report.failures()), report.failures()[:3]
+
+
+def _writes_slot_minus_one(cache, kv, pe, slot_mapping):
+    """Forgets that a negative slot means padding: slot -1 lands on the cache's last entry."""
+    cache.view(-1, cache.shape[-1])[slot_mapping] = torch.cat([kv, pe], -1)
+
+
+def _reads_whole_pages(q_latent, q_pe, cache, block_table, seq_lens, scale):
+    """Takes a row's length as its pages' whole size: reads the stale rest of its last page."""
+    page_size = cache.shape[1]
+    whole = (seq_lens + page_size - 1) // page_size * page_size
+    return paged.mla_paged_attention(q_latent, q_pe, cache, block_table, whole.to(seq_lens.dtype), scale)
+
+
+def _not_causal(q_latent, q_pe, cache, block_table, seq_lens, scale):
+    """Every query sees the whole row, as a decode step's would: wrong for T > 1."""
+    outs = []
+    for i in range(q_latent.shape[1]):
+        one = q_latent[:, i : i + 1], q_pe[:, i : i + 1]
+        outs.append(paged.mla_paged_attention(*one, cache, block_table, seq_lens, scale))
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize(
+    "op, impl, caught",
+    [
+        ("paged_cache_write", _writes_slot_minus_one, {"scattered", "all-padding"}),
+        ("mla_paged_attention", _reads_whole_pages, {"random-pages", "shared-pages", "page-boundary"}),
+        ("mla_paged_attention", _not_causal, {"causal-prefill", "causal-chunk", "page-size-1", "ties"}),
+    ],
+)
+def test_paged_cache_errors_are_caught(op, impl, caught):
+    report = run_conformance(planted(f"bad_{op}", op, lambda r: impl), quick=True, ops=(op,))
+    assert report.failed_ops() == {op}
+    failed = {f.split(":")[0] for fs in failures_of(report).values() for f in fs}
+    assert caught <= failed, failed
+
+
+def _returns_cache(cache, kv, pe, slots):
+    paged.paged_cache_write(cache, kv, pe, slots)
+    return cache
+
+
+def _scales_its_input(cache, kv, pe, slots):
+    paged.paged_cache_write(cache, kv.mul_(1.0 + 2**-4), pe, slots)
+
+
+def _writes_nothing(cache, kv, pe, slots):
+    return None
+
+
+@pytest.mark.parametrize(
+    "impl, expected",
+    [(_returns_cache, "expected None"), (_scales_its_input, "argument 1 (kv)"), (_writes_nothing, "not bit-for-bit")],
+)
+def test_an_in_place_operator_must_write_its_cache_return_none_and_keep_its_other_inputs(impl, expected):
+    report = run_conformance(planted("bad_write", "paged_cache_write", lambda r: impl), quick=True)
+    assert report.failed_ops() == {"paged_cache_write"}
+    fails = [f for f in report.failures() if "all-padding" not in f]  # nothing to write: _writes_nothing passes it
+    assert fails and all(expected in f for f in fails), fails
 
 
 def test_routing_comparison_ignores_order_but_not_weights():

@@ -12,6 +12,8 @@ import contextlib
 import inspect
 import io
 import re
+import typing
+from collections.abc import Mapping
 
 import pluggy
 import pytest
@@ -39,6 +41,21 @@ def test_op_names_are_exactly_the_op_hooks():
     assert {f"dsv3_op_{n}" for n in OP_NAMES} == hooks == set(OP_SPECS)
     assert set(WEIGHT_OPS) <= set(OP_NAMES)
     assert "dsv3_backend_info" in SPEC_NAMES
+
+
+def test_every_op_has_its_protocol_in_the_hook_and_the_op_table():
+    assert list(hookspecs.OP_PROTOCOLS) == list(OP_NAMES)
+    table = typing.get_type_hints(registry.OpTable)
+    for op, protocol in hookspecs.OP_PROTOCOLS.items():
+        returns = typing.get_type_hints(getattr(hookspecs.BackendSpec, f"dsv3_op_{op}"))["return"]
+        assert returns == protocol | None, op
+        assert table[op] == (Mapping[str, protocol] if op in WEIGHT_OPS else protocol), op
+
+
+def test_contract_version_3_is_the_one_with_the_paged_latent_cache():
+    assert CONTRACT_VERSION == 3
+    assert {"paged_cache_write", "mla_paged_attention"} <= set(OP_NAMES)
+    assert "Version 3 added the\npaged latent cache" in hookspecs.__doc__
 
 
 @pytest.mark.parametrize("name", OP_SPECS)
@@ -182,7 +199,8 @@ def outside_plugins(tmp_path, monkeypatch):
     """Two plugins of another distribution on sys.path: a working one and one that fails to import."""
     (tmp_path / "vendor_ok.py").write_text(
         "from dsv3.hookspecs import BackendInfo, hookimpl\n\n\n"
-        "@hookimpl\ndef dsv3_backend_info():\n    return BackendInfo(name='vendor_ok', description='outside plugin', contract_version=2)\n"
+        "@hookimpl\ndef dsv3_backend_info():\n    return BackendInfo(name='vendor_ok', description='outside plugin', "
+        f"contract_version={CONTRACT_VERSION})\n"
     )
     (tmp_path / "vendor_broken.py").write_text("raise ImportError('vendor SDK missing')\n")
     dist = tmp_path / "dsv3_vendor_test-0.1.dist-info"
