@@ -239,6 +239,14 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, tol: Tolerance, what: st
     assert outcome.ok, f"{what}: {outcome.message} (max abs error {outcome.max_abs:.3g}, mean {outcome.mean_abs:.3g})"
 
 
+def assert_within_max(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str, why: str = "") -> None:
+    """max|got - want| <= rtol * max|want|: :func:`assert_close` with that bound as its absolute tolerance
+    (the form the GPU-kernel and whole-model tests state their bounds in)."""
+    top = want.double().abs().max().item() if want.numel() else 0.0
+    tol = absolute(what, rtol * max(top, 1e-30), why or f"{rtol:g} of max|want|")
+    assert_close(got, want, tol, what)
+
+
 def absolute(name: str, atol: float, why: str) -> Tolerance:
     """A tolerance of ``atol`` absolute, nothing relative (for logits of O(1) whose bound was measured)."""
     from dsv3.conformance.tolerances import Tolerance

@@ -33,6 +33,7 @@ from dsv3.backends.triton_kernels.runtime import INTERPRET_ENV, KernelArgumentEr
 from dsv3.backends.triton_kernels.target import AMD, NVIDIA
 from dsv3.hookspecs import OpRequest
 from dsv3.weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
+from tests.helpers import assert_within_max
 
 pytest.importorskip("triton", reason="the Triton kernels need triton (pip install triton)")
 
@@ -61,15 +62,8 @@ def rand(*shape, dtype=F32, seed=0, scale=1.0) -> torch.Tensor:
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype, (
-        f"{what}: {got.shape} {got.dtype} vs {want.shape} {want.dtype}"
-    )
-    diff = (got.double() - want.double()).abs()
-    top = want.double().abs().max().item()
-    err = diff.max().item() / max(top, 1e-30)
-    assert err <= rtol, (
-        f"{what}: max|diff| {diff.max().item():.3e} ({err:.2e} of max|want| {top:.3e}), mean {diff.mean().item():.3e}"
-    )
+    """max|got - want| <= rtol * max|want| (the TOL bounds above), through the kit's comparison."""
+    assert_within_max(got, want, rtol, what, f"{rtol:g} of max|want| (module docstring)")
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
