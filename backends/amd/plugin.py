@@ -28,7 +28,7 @@ def dsv3_backend_info() -> BackendInfo:
         name=AMD.name,
         contract_version=CONTRACT_VERSION,
         description="AMD GPUs (ROCm): Triton kernels (fp8 block-scaled in e4m3fnuz on MI300 / int8 GEMM, "
-        "grouped MoE, flash prefill attention, MLA decode, RMSNorm) with hipBLASLt for bf16",
+        "grouped MoE, flash prefill attention, MLA decode, paged-cache MLA, RMSNorm) with hipBLASLt for bf16",
         device=ops.device(),
         dist_backend="nccl",  # RCCL under ROCm builds of torch
         formats=FORMATS,
@@ -42,6 +42,8 @@ def dsv3_backend_info() -> BackendInfo:
 dsv3_op_rms_norm = hooks.dsv3_op_rms_norm
 dsv3_op_attention = hooks.dsv3_op_attention
 dsv3_op_mla_latent_attention = hooks.dsv3_op_mla_latent_attention
+dsv3_op_paged_cache_write = hooks.dsv3_op_paged_cache_write
+dsv3_op_mla_paged_attention = hooks.dsv3_op_mla_paged_attention
 dsv3_op_linear = hooks.dsv3_op_linear
 dsv3_op_dequantize = hooks.dsv3_op_dequantize
 dsv3_op_moe_experts = hooks.dsv3_op_moe_experts

@@ -23,7 +23,7 @@ def dsv3_backend_info() -> BackendInfo:
         name=NVIDIA.name,
         contract_version=CONTRACT_VERSION,
         description="NVIDIA GPUs: Triton kernels (fp8 block-scaled / int8 GEMM, grouped MoE, flash prefill "
-        "attention, MLA decode, RMSNorm) with cuBLAS for bf16 and checked cuBLASLt fp8/int8 fast paths",
+        "attention, MLA decode, paged-cache MLA, RMSNorm) with cuBLAS for bf16 and checked cuBLASLt fp8/int8 fast paths",
         device=ops.device(),
         dist_backend="nccl",
         formats=FORMATS,
@@ -36,6 +36,8 @@ def dsv3_backend_info() -> BackendInfo:
 dsv3_op_rms_norm = hooks.dsv3_op_rms_norm
 dsv3_op_attention = hooks.dsv3_op_attention
 dsv3_op_mla_latent_attention = hooks.dsv3_op_mla_latent_attention
+dsv3_op_paged_cache_write = hooks.dsv3_op_paged_cache_write
+dsv3_op_mla_paged_attention = hooks.dsv3_op_mla_paged_attention
 dsv3_op_linear = hooks.dsv3_op_linear
 dsv3_op_dequantize = hooks.dsv3_op_dequantize
 dsv3_op_moe_experts = hooks.dsv3_op_moe_experts

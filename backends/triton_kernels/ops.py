@@ -32,14 +32,16 @@ from dsv3.hookspecs import (
     DequantizeOp,
     LinearOp,
     MlaLatentAttentionOp,
+    MlaPagedAttentionOp,
     MoeExpertsOp,
     OpRequest,
+    PagedCacheWriteOp,
     RmsNormOp,
     SiluAndMulOp,
 )
 from dsv3.weights import FORMATS, FP8_BLOCK, HP, INT8_W8A8, Weight
 
-from .runtime import interpreting, is_hip
+from .runtime import HP_DTYPES, interpreting, is_hip
 from .target import AMD, TritonTarget
 
 FAST_MIN_M = 64  # below this the Triton kernels (split-K for thin problems) are expected to win
@@ -117,10 +119,10 @@ def fp8_compute_dtype(target: TritonTarget) -> torch.dtype:
 @functools.cache
 def _k() -> types.SimpleNamespace:
     """The kernel modules, imported on first use."""
-    from . import attention, dequant, gemm, mla, moe, norm, quant
+    from . import attention, dequant, gemm, mla, moe, norm, paged, quant
 
     return types.SimpleNamespace(
-        attention=attention, dequant=dequant, gemm=gemm, mla=mla, moe=moe, norm=norm, quant=quant
+        attention=attention, dequant=dequant, gemm=gemm, mla=mla, moe=moe, norm=norm, paged=paged, quant=quant
     )
 
 
@@ -288,6 +290,17 @@ def mla_latent_attention(q_latent, q_pe, kv, pe, q_pos, scale: float) -> torch.T
     return _k().mla.mla_latent_attention(q_latent, q_pe, kv, pe, q_pos, scale)
 
 
+def paged_cache_write(cache, kv, pe, slot_mapping) -> None:
+    """cache (P, page_size, C + R) in place <- concat(kv (N, C), pe (N, R)) at slot_mapping (N,); < 0: skipped."""
+    _k().paged.paged_cache_write(cache, kv, pe, slot_mapping)
+
+
+def mla_paged_attention(q_latent, q_pe, cache, block_table, seq_lens, scale: float) -> torch.Tensor:
+    """q_latent (B, T, H, C), q_pe (B, T, H, R), cache (P, page_size, C + R), block_table (B, M), seq_lens (B,)
+    -> (B, T, H, C): MLA decode / chunked prefill through the block table."""
+    return _k().paged.mla_paged_attention(q_latent, q_pe, cache, block_table, seq_lens, scale)
+
+
 def make_moe_experts(act_quant: str) -> Callable:
     def moe_experts(x, weights, ids, w1: Weight, w3: Weight, w2: Weight, expert_offset: int = 0) -> torch.Tensor:
         """x (N, D), weights/ids (N, k), w1/w3 (E, I, D), w2 (E, D, I) -> (N, D): grouped GEMMs by expert."""
@@ -316,6 +329,18 @@ def build_attention(request: OpRequest, target: TritonTarget) -> AttentionOp | N
 def build_mla_latent_attention(request: OpRequest, target: TritonTarget) -> MlaLatentAttentionOp | None:
     """MLA decode over the latent cache. Declines a weight format outside ``FORMATS``."""
     return mla_latent_attention if request.fmt in FORMATS else None
+
+
+def build_paged_cache_write(request: OpRequest, target: TritonTarget) -> PagedCacheWriteOp | None:
+    """Stores tokens at their slots of the paged latent cache. Declines a weight format outside ``FORMATS``
+    and a compute dtype outside float32 / bfloat16 / float16 (e.g. an fp8 cache)."""
+    return paged_cache_write if request.fmt in FORMATS and request.dtype in HP_DTYPES else None
+
+
+def build_mla_paged_attention(request: OpRequest, target: TritonTarget) -> MlaPagedAttentionOp | None:
+    """MLA attention through the block table of the paged latent cache. Declines a weight format outside
+    ``FORMATS`` and a compute dtype outside float32 / bfloat16 / float16 (e.g. an fp8 cache)."""
+    return mla_paged_attention if request.fmt in FORMATS and request.dtype in HP_DTYPES else None
 
 
 def build_dequantize(request: OpRequest, target: TritonTarget) -> DequantizeOp | None:

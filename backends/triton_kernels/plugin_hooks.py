@@ -2,8 +2,7 @@
 
 Each hook hands the request to its operator's builder in ``ops``, which states what it declines.
 Operators without a hook here are declined for every request and come from cpu_ref: embedding,
-rotary, moe_gate, sample, and (no kernel yet) the paged latent cache's ``paged_cache_write`` and
-``mla_paged_attention``.
+rotary, moe_gate, sample.
 The nvidia and amd plugins are one instance each, with their :class:`~.target.TritonTarget`. The
 entry points name the plugin modules, which pluggy registers, so each plugin module exports its
 instance's hooks as module attributes (bound methods keep the hookimpl markers).
@@ -18,8 +17,10 @@ from dsv3.hookspecs import (
     DequantizeOp,
     LinearOp,
     MlaLatentAttentionOp,
+    MlaPagedAttentionOp,
     MoeExpertsOp,
     OpRequest,
+    PagedCacheWriteOp,
     RmsNormOp,
     SiluAndMulOp,
     hookimpl,
@@ -47,6 +48,14 @@ class TritonBackend:
     @hookimpl
     def dsv3_op_mla_latent_attention(self, request: OpRequest) -> MlaLatentAttentionOp | None:
         return ops.build_mla_latent_attention(request, self.target)
+
+    @hookimpl
+    def dsv3_op_paged_cache_write(self, request: OpRequest) -> PagedCacheWriteOp | None:
+        return ops.build_paged_cache_write(request, self.target)
+
+    @hookimpl
+    def dsv3_op_mla_paged_attention(self, request: OpRequest) -> MlaPagedAttentionOp | None:
+        return ops.build_mla_paged_attention(request, self.target)
 
     @hookimpl
     def dsv3_op_linear(self, request: OpRequest) -> LinearOp | None:

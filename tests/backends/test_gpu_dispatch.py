@@ -29,6 +29,8 @@ BUILDERS = [
     ops.build_silu_and_mul,
     ops.build_attention,
     ops.build_mla_latent_attention,
+    ops.build_paged_cache_write,
+    ops.build_mla_paged_attention,
     ops.build_dequantize,
     ops.build_linear,
     ops.build_moe_experts,
@@ -42,7 +44,7 @@ def shared_hook_names() -> list[str]:
 
 def test_nvidia_and_amd_share_one_hook_implementation_and_differ_only_in_their_target():
     names = shared_hook_names()
-    assert len(names) == 7 and all(name.startswith("dsv3_op_") for name in names)
+    assert len(names) == 9 and all(name.startswith("dsv3_op_") for name in names)
     for module, target in PLUGINS.values():
         assert type(module.hooks) is TritonBackend and module.hooks == TritonBackend(target)
         # the module's op hooks are exactly the shared ones, bound to its own instance
@@ -79,6 +81,15 @@ def test_each_builder_declines_a_format_outside_the_formats(build, target):
     assert build(OpRequest("nf4"), target) is None
     assert build(OpRequest("nf4", "dynamic"), target) is None
     assert build(OpRequest(HP), target) is not None  # the None above is the decline rule, not a missing builder
+
+
+@pytest.mark.parametrize("target", [NVIDIA, AMD], ids=lambda t: t.name)
+def test_paged_cache_builders_serve_the_kernels_and_decline_a_cache_dtype_they_do_not_handle(target):
+    for build, impl in ((ops.build_paged_cache_write, ops.paged_cache_write),
+                        (ops.build_mla_paged_attention, ops.mla_paged_attention)):  # fmt: skip
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            assert build(OpRequest(dtype=dtype), target) is impl
+        assert build(OpRequest(dtype=torch.float8_e4m3fn), target) is None
 
 
 @pytest.mark.parametrize("target", [NVIDIA, AMD], ids=lambda t: t.name)

@@ -56,14 +56,15 @@ def compile_for(target_name: str) -> dict:
 
     JITFunction.run = compile_only
     from dsv3.backends.cpu_ref import quant as ref
-    from dsv3.backends.triton_kernels import attention, dequant, gemm, mla, moe, norm, quant
+    from dsv3.backends.triton_kernels import attention, dequant, gemm, mla, moe, norm, paged, quant
 
-    for mod in (quant, dequant, gemm, moe, norm, mla, attention):  # CPU tensors only stand for pointers here
+    for mod in (quant, dequant, gemm, moe, norm, mla, attention, paged):  # CPU tensors only stand for pointers here
         mod.check_device = lambda where, **tensors: torch.device("cpu")
     if target.backend == "hip":
         gemm.is_hip = lambda: True
         gemm.launch_opts = lambda warps, stages: {"num_warps": warps, "num_stages": min(stages, 2)}
         attention.launch_opts = gemm.launch_opts
+        paged.launch_opts = gemm.launch_opts
     fp8 = torch.float8_e4m3fn if target.backend == "cuda" else torch.float8_e4m3fnuz
     bf16 = torch.bfloat16
     failures = []
@@ -96,6 +97,21 @@ def compile_for(target_name: str) -> dict:
     kv, pe = torch.randn(1, 1000, 512).to(bf16), torch.randn(1, 1000, 64).to(bf16)
     pos = torch.full((1, 1), 999)
     attempt("mla decode", lambda: mla.mla_latent_attention(q_latent, q_pe, kv, pe, pos, 0.1, num_splits=4))
+    # the paged cache at V3's dims: pages of 64, 4 rows of up to 8 pages, decode (split-KV and not) and a chunk
+    cache = torch.zeros(32, 64, 576, dtype=bf16)
+    slots = torch.arange(300)
+    attempt("paged_cache_write", lambda: paged.paged_cache_write(cache, kv[0, :300], pe[0, :300], slots))
+    table, lens = torch.arange(32, dtype=torch.int32).view(4, 8), torch.full((4,), 500, dtype=torch.int32)
+    for splits, t in ((4, 1), (1, 1), (1, 8)):
+        ql, qp = q_latent.expand(4, t, -1, -1), q_pe.expand(4, t, -1, -1)
+        attempt(
+            f"mla paged T={t} splits={splits}",
+            lambda ql=ql, qp=qp, splits=splits: paged.mla_paged_attention(ql, qp, cache, table, lens, 0.1, splits),
+        )
+    attempt(
+        "mla paged fp32",
+        lambda: paged.mla_paged_attention(q_latent.float(), q_pe.float(), cache.float(), table[:1], lens[:1], 0.1, 2),
+    )
     prefill_pos = torch.arange(300).view(1, 300)
     for dt in (bf16, torch.float32):  # the naive-form prefill at V3's head dims (Dqk 192, Dv 128)
         q, v = torch.zeros(1, 300, 4, 192, dtype=dt), torch.zeros(1, 300, 4, 128, dtype=dt)
@@ -118,6 +134,7 @@ def test_kernels_compile_for_gpu_targets(target):
     assert result["failures"] == []
     names = {k["kernel"] for k in result["kernels"]}
     assert {"_gemm_kernel", "_mla_kernel", "_attention_kernel", "_act_quant_fp8_kernel", "_rms_norm_kernel"} <= names
+    assert {"_paged_mla_kernel", "_cache_write_kernel"} <= names
     biggest = max(result["kernels"], key=lambda k: k["shared"])
     assert biggest["shared"] <= SHARED_LIMIT[target], biggest
 
