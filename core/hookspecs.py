@@ -57,6 +57,12 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 #: 2: an operator Protocol per hook, ``BackendInfo.contract_version`` and ``BackendInfo.whole_model``.
 #: 3: the paged latent cache operators ``paged_cache_write`` and ``mla_paged_attention``.
 CONTRACT_VERSION = 3
+#: The versions whose plugins this dsv3 runs: version 3 only added hooks, which cpu_ref fills for a
+#: plugin written for version 2.
+COMPATIBLE_VERSIONS = (2, 3)
+#: Operators in the contract that the model graph does not call yet (the paged cache, until the
+#: graph switches to it): resolved like the others, but a backend declining them is not reported.
+NOT_YET_CALLED = frozenset({"paged_cache_write", "mla_paged_attention"})
 
 
 @dataclass(frozen=True)

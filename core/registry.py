@@ -21,7 +21,9 @@ import pluggy
 from . import hookspecs
 from .errors import Dsv3Error
 from .hookspecs import (
+    COMPATIBLE_VERSIONS,
     CONTRACT_VERSION,
+    NOT_YET_CALLED,
     OP_NAMES,
     WEIGHT_OPS,
     AttentionOp,
@@ -107,7 +109,7 @@ def make_backend(plugin: object, name: str | None = None, dist: str | None = Non
     except Exception as exc:
         return Backend(name or repr(plugin), plugin, None, f"dsv3_backend_info raised {exc!r}", dist, pm)
     backend = Backend(name or info.name, plugin, info, None, dist, pm)
-    if info is not None and info.contract_version != CONTRACT_VERSION:
+    if info is not None and info.contract_version not in COMPATIBLE_VERSIONS:
         backend.load_error = contract_mismatch(backend.name, dist, info.contract_version)
     return backend
 
@@ -116,7 +118,12 @@ def contract_mismatch(name: str, dist: str | None, declared: int) -> str:
     """One line: plugin ``name`` declares another contract version than this dsv3 implements."""
     who = f"plugin {name!r}" + (f" (distribution {dist})" if dist else "")
     said = f"declares contract version {declared}" if declared else "declares no contract version"
-    return f"{who} {said}; this dsv3 implements contract version {CONTRACT_VERSION} (see dsv3.hookspecs)"
+    runs = ", ".join(str(v) for v in COMPATIBLE_VERSIONS if v != CONTRACT_VERSION)
+    return (
+        f"{who} {said}; this dsv3 implements contract version {CONTRACT_VERSION}"
+        + (f" (and runs plugins of version {runs})" if runs else "")
+        + " (see dsv3.hookspecs)"
+    )
 
 
 def get_backend(name: str, backends: dict[str, Backend] | None = None) -> Backend:
@@ -158,7 +165,10 @@ class OpTable:
 
     @property
     def fallbacks(self) -> list[str]:
-        return [key for key, src in self.sources.items() if src != self.backend]
+        """The (op or op[format]) keys cpu_ref fills for the chosen backend, among the ops the graph calls."""
+        return [
+            key for key, src in self.sources.items() if src != self.backend and key.split("[")[0] not in NOT_YET_CALLED
+        ]
 
 
 def _ask(backend: Backend, op: str, request: OpRequest):

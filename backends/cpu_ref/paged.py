@@ -25,7 +25,7 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
     """cache (P, page_size, D), block_table (B, M), seq_lens (B,) -> (B, S, D), S = max(seq_lens).
 
     Entry j of row b is ``cache[block_table[b, j // page_size], j % page_size]``; entries at or past a
-    row's length are 0 (the block table is not even read there: it may hold -1 or garbage).
+    row's length are 0 (what the block table holds there, -1 or garbage, is read but never used as an index).
     """
     page_size = cache.shape[1]
     s = int(seq_lens.max())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import select
 import sys
 import time
 from collections.abc import Generator
@@ -210,6 +211,13 @@ def _read_line(parallel: ParallelContext) -> str | None:
 
     def read() -> str | None:
         try:
+            if _isatty(sys.stdin):
+                print(">>> ", end="", flush=True)
+                # wait here, not in input(): a Ctrl-C that lands just before input() blocks in read()
+                # would only be acted on after the next line; this loop sees it within 0.2 s
+                while not select.select([sys.stdin], [], [], 0.2)[0]:
+                    pass
+                return input()
             return input(">>> ")
         except (EOFError, KeyboardInterrupt):
             print(flush=True)
@@ -255,19 +263,29 @@ def _interactive(engine, args, parallel: ParallelContext | None = None) -> int:
         except Dsv3Error as exc:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"dsv3: error: {exc}", file=sys.stderr)
             continue
+        except KeyboardInterrupt:  # while the prompt was being encoded (before any reply): keep the session
+            if not stream:
+                raise
+            print(flush=True)
+            _note("(stopped)")
+            continue
         if chat:
             messages = [*turn, {"role": "assistant", "content": text}]
 
 
 def _reply(pieces: Generator[str, None, Completion]) -> str:
-    """Stream one reply to stdout; Ctrl-C stops it there (what was shown stays the reply)."""
+    """Stream one reply to stdout and return its text; Ctrl-C stops it there (what was shown stays the reply)."""
     shown: list[str] = []
     try:
-        for piece in pieces:
+        while True:
+            try:
+                piece = next(pieces)
+            except StopIteration as done:  # the generator's return value: the Completion
+                print(flush=True)
+                return done.value.text
             shown.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
-        print(flush=True)
     except KeyboardInterrupt:
         pieces.close()
         print(flush=True)

@@ -508,7 +508,7 @@ def read_json_file(path: Path, limit: int = MAX_JSON_BYTES, unique_keys: bool = 
 
 
 def _yaml_without_aliases(text: str):
-    """yaml.safe_load that refuses anchors and aliases: nested aliases expand exponentially
+    """yaml.safe_load that refuses aliases (``*name``; an anchor alone is harmless): nested aliases expand exponentially
     (a few hundred bytes that take minutes and gigabytes), and no model config needs them."""
     import yaml
 

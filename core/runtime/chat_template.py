@@ -136,7 +136,11 @@ def render(
     with _lock:
         if _renderer is None or not _renderer.alive():
             _renderer = _Renderer()
-        answer = _renderer.ask(line, TIME_LIMIT_S, limit)
+        try:
+            answer = _renderer.ask(line, TIME_LIMIT_S, limit)
+        except BaseException:  # Ctrl-C mid-render: its answer would be read as the next render's
+            _stop()
+            raise
         if answer is None or "texts" not in answer:
             _stop()  # stopped mid-render, or it may be in a bad state: the next render starts afresh
     if answer is None:

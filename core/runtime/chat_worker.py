@@ -11,6 +11,7 @@ is imported before transformers: this file runs without the dsv3 package (``pyth
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 
@@ -66,6 +67,7 @@ def _render(request: dict, render) -> dict:
 
 
 def main(budget: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the terminal is for the parent: it stops us if needed
     from transformers.utils.chat_template_utils import render_jinja_template
 
     _limit_memory(budget)

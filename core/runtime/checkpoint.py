@@ -1,6 +1,6 @@
 """Reading Hugging Face-format checkpoints: safetensors only, checked tensor by tensor.
 
-One table (``hf_name``) maps the model's own parameter names to the checkpoint's. Routed
+One table (``dsv3.model.names.hf_name``) maps the model's own parameter names to the checkpoint's. Routed
 experts, stored one tensor per expert, are stacked into ``(E, out, in)`` at load.
 """
 
@@ -179,7 +179,7 @@ def format_of_checkpoint(files: CheckpointFiles, cfg: ModelConfig):
 
     A linear is quantized when its scale tensor is present (``weight_scale_inv`` for fp8,
     ``weight_scale`` for int8); its format comes from ``quantization_config`` (see
-    ``dsv3.quantize.checkpoint_format``). A quantized weight without its scale, or scales in a
+    ``dsv3.model.config.checkpoint_format``). A quantized weight without its scale, or scales in a
     checkpoint whose config has no quantization_config, is a Dsv3Error naming the tensor.
     """
     keys = files.keys()

@@ -14,7 +14,7 @@ from ..model.graph import Transformer
 from .distributed import agree_on_seed
 from .generate import DecodeStep, SamplingParams, collect, generate_steps
 from .speculative import check_mtp, speculative_steps
-from .text import check_text
+from .text import IncrementalDecoder, check_text
 
 
 @dataclass
@@ -127,9 +127,10 @@ class Engine:
     ) -> Generator[str, None, Completion]:
         """Complete one prompt like :meth:`generate`, yielding the text in pieces as tokens are decoded.
 
-        Joined, the pieces are the text ``generate`` returns for the same arguments: each step decodes
-        every token so far and yields what is new, holding back a trailing U+FFFD (a character whose
-        bytes have not all arrived). With mtp > 0 each speculative step's accepted tokens come out
+        Joined, the pieces are the text ``generate`` returns for the same arguments (for tokenizers that
+        never rewrite earlier text; the Completion's ``text`` is always the whole decode): each step
+        decodes its new tokens with a little context (``runtime.text.IncrementalDecoder``), holding
+        back a trailing U+FFFD (a character whose bytes have not all arrived). With mtp > 0 each speculative step's accepted tokens come out
         together. The generator's return value (``completion = yield from engine.stream(...)``) is the
         :class:`Completion`. Arguments are checked, and the prompt encoded, when ``stream`` is called.
         """
@@ -141,18 +142,17 @@ class Engine:
 
     def _pieces(self, prompt: str | list[int], steps: Iterator[DecodeStep]) -> Generator[str, None, Completion]:
         tokens: list[int] = []
-        shown = ""
+        decoder = IncrementalDecoder(self.decode)  # each step decodes a few tokens, not the whole reply
         for step in steps:
             tokens.extend(step.tokens[0])
-            text = self.decode(tokens)
-            final = step.finish_reasons is not None
-            ready = text if final else text.rstrip("\ufffd")
-            # a tokenizer that rewrites earlier text (rare) waits until the text again extends what was shown
-            if len(ready) > len(shown) and ready.startswith(shown):
-                yield ready[len(shown) :]
-                shown = ready
-            if final:
+            piece = decoder.add(step.tokens[0])
+            if step.finish_reasons is not None:
+                piece += decoder.flush()
+            if piece:
+                yield piece
+            if step.finish_reasons is not None:
                 mtp = (step.stats or {}).get("mtp_rows")
+                text = self.decode(tokens)
                 return Completion(prompt, text, tokens, step.finish_reasons[0], mtp[0] if mtp else None)
         raise RuntimeError("decode steps ended without finish reasons")  # a bug in the step generator
 

@@ -132,9 +132,9 @@ class RowSampler:
 
     def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """logits (B, V) -> drafts (B,) int64 and the draft distributions q (B, V) (None when greedy)."""
-        if self.greedy:
+        if self.greedy:  # a bad draft is only rejected by the verify step (whose logits are checked)
             return logits.argmax(-1), None
-        q = processed_probs(logits, self.temperature, self.top_p)
+        q = processed_probs(finite_logits(logits, "MTP module's logits"), self.temperature, self.top_p)
         drafts = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
         for idx, g in self._groups:
             drafts[idx] = torch.multinomial(q[idx], 1, generator=g).squeeze(-1)
@@ -289,7 +289,7 @@ class SpecDecoder:
         for layer in range(n_layers):
             tok = self.tokens[col, window + layer + 1]  # (B, W): token t + l + 1 (verified, or this step's drafts)
             c = model.mtp_forward(layer, c, tok, window.clamp(max=cap), cache, rows)  # (B, W, D)
-            draft, q = sampler.pick(finite_logits(model.mtp[layer].logits(c[:, -1]), "MTP module's logits"))
+            draft, q = sampler.pick(model.mtp[layer].logits(c[:, -1]))
             self.tokens[sl, pos + layer + 1] = draft
             qs.append(q)
         g = c[:, -1:]  # (B, 1, D)
@@ -297,7 +297,7 @@ class SpecDecoder:
         for j in range(n_layers, k):  # recurrent reuse of the last module, one position further each time
             tok = self.tokens[sl, pos + j].unsqueeze(1)  # (B, 1)
             g = model.mtp_forward(last, g, tok, (pos + j - 1 - last).clamp(max=cap).unsqueeze(1), cache, rows)
-            draft, q = sampler.pick(finite_logits(model.mtp[last].logits(g[:, 0]), "MTP module's logits"))
+            draft, q = sampler.pick(model.mtp[last].logits(g[:, 0]))
             self.tokens[sl, pos + j + 1] = draft
             qs.append(q)
         return qs

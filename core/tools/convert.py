@@ -446,6 +446,13 @@ def _write_failure(out: Path, exc: OSError) -> str:
     return f"--out {out}:{where} {what}; nothing was written"
 
 
+def _resolves_inside(root: Path, link: Path) -> bool:
+    try:
+        return link.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        return False
+
+
 def _side_files(src: Path) -> list[Path]:
     """Top-level files to copy unchanged: tokenizer, generation config, chat template, model code."""
     keep = []
@@ -456,6 +463,8 @@ def _side_files(src: Path) -> list[Path]:
             continue
         if p.suffix in PICKLE_SUFFIXES:
             continue
+        if p.is_symlink() and not p.exists() and _resolves_inside(src, p):
+            continue  # a dangling link inside the checkpoint (e.g. a partial snapshot): nothing to copy
         keep.append(inside_checkpoint(src, p.name))  # a link out or a device is refused, not copied or skipped
     return keep
 

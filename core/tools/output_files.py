@@ -30,6 +30,9 @@ def write_atomically(path: str | Path, text: str) -> Path:
     except OSError as exc:
         raise Dsv3Error(f"{path}: cannot write ({exc.strerror})") from None
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)

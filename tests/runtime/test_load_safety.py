@@ -308,6 +308,38 @@ def test_a_runaway_loop_is_stopped_at_the_time_limit(chat_engine, monkeypatch):
         chat_engine.tokenizer.chat_template = None
 
 
+def test_ctrl_c_mid_render_leaves_no_answer_for_the_next_render(chat_engine):
+    """Found in review: an interrupted render left its answer in the pipe, read as the next render's."""
+    slow = "{% for i in range(100000) %}{% for j in range(100) %}{% endfor %}{% endfor %}SLOW"
+    conv = [[{"role": "user", "content": "x"}]]
+    chat_template.render("warm", conv, "warm-up")
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            chat_template.render(slow, conv, "slow")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert chat_template.render("B{{ messages[0]['content'] }}", conv, "b") == ["Bx"]
+    assert chat_template.render("C{{ messages[0]['content'] }}", conv, "c") == ["Cx"]
+
+
+def test_the_renderer_ignores_the_terminals_ctrl_c(chat_engine):
+    """Ctrl-C reaches the whole foreground process group: the renderer must leave it to dsv3."""
+    conv = [[{"role": "user", "content": "x"}]]
+    chat_template.render("warm", conv, "warm-up")
+    proc = chat_template._renderer.proc
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.3)
+    assert proc.poll() is None and chat_template._renderer.proc is proc
+    assert chat_template.render("{{ messages[0]['content'] }}", conv, "after") == ["x"]
+
+
 @pytest.mark.parametrize(
     "template, must",
     [

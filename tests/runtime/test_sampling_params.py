@@ -96,3 +96,15 @@ def test_valid_text_passes_and_bytes_are_refused():
     assert check_text("é 😀 \U0010ffff", "p") == "é 😀 \U0010ffff"
     with pytest.raises(Dsv3Error, match="must be text, not bytes"):
         check_text(b"hello", "prompt")
+
+
+def test_masked_logits_pass_and_rows_with_nothing_to_draw_are_refused():
+    """-inf is a masked token (the sample op's conformance case 'masked'); NaN, +inf or a row of -inf is not."""
+    from dsv3.runtime.sampling import finite_logits
+
+    ninf = float("-inf")
+    ok = torch.tensor([[0.5, ninf, 1.0], [ninf, 2.0, ninf]])
+    assert finite_logits(ok) is ok
+    for bad in ([[0.5, float("nan"), 1.0]], [[0.5, float("inf"), 1.0]], [[ninf, ninf, ninf]]):
+        with pytest.raises(Dsv3Error, match="logits hold inf or NaN"):
+            finite_logits(torch.tensor(bad))

@@ -186,7 +186,16 @@ class Terminal:
         while time.monotonic() < deadline:
             if select.select([self.fd], [], [], deadline - time.monotonic())[0] and not self._read():
                 break
-        _, status = os.waitpid(self.pid, 0)
+        while True:  # a child that does not exit fails the test instead of hanging it
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+                self.pid = 0
+                raise AssertionError(f"the child did not exit within {timeout:g} s; screen:\n{self.screen[-2000:]}")
+            time.sleep(0.05)
         self.pid = 0
         return os.waitstatus_to_exitcode(status)
 
@@ -220,6 +229,7 @@ def gated(tmp_path):
     os.close(write_end)
 
 
+@pytest.mark.e2e
 def test_interactive_streams_clears_helps_stops_and_exits(engine, gated, monkeypatch):
     term, release = gated
     hello, hello_before, hello_steps = _reply(engine, "hello", monkeypatch)
@@ -265,6 +275,7 @@ def test_interactive_streams_clears_helps_stops_and_exits(engine, gated, monkeyp
     assert "Traceback" not in term.screen
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("key", ["\x03", "\x04"], ids=["ctrl-c", "ctrl-d"])
 def test_interactive_on_a_terminal_exits_cleanly_at_the_prompt(engine, key):
     term = Terminal(["-m", "dsv3", *ARGS])

@@ -243,6 +243,15 @@ def test_a_side_file_linking_out_is_refused_before_anything_is_written(src, tmp_
     )
 
 
+def test_a_dangling_link_inside_the_checkpoint_is_skipped(src, tmp_path):
+    """A partial snapshot's README.md -> a blob not downloaded: nothing to copy, nothing read outside."""
+    ckpt = Path(shutil.copytree(src[0], tmp_path / "ckpt"))
+    (ckpt / "README.md").symlink_to(ckpt / "not-downloaded")
+    out = tmp_path / "out"
+    conv.convert_checkpoint(ckpt, out, "int8", progress=False)
+    assert (out / "config.json").is_file() and not (out / "README.md").exists()
+
+
 def _home(d: Path) -> None:
     d.mkdir()
     (d / ".bashrc").write_text("export PATH\n")

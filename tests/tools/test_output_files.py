@@ -42,3 +42,13 @@ def test_a_failed_write_is_one_line_and_the_old_report_stays(tmp_path, monkeypat
     with pytest.raises(Dsv3Error, match="report.json: cannot write \\(No space left on device\\)"):
         write_atomically(old, "new")
     assert old.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_a_report_gets_the_mode_of_an_ordinary_file(tmp_path):
+    """mkstemp makes 0600; the report is chmod-ed to 0666 minus the umask, as open() would."""
+    old = os.umask(0o022)
+    try:
+        path = write_atomically(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -4,36 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-
-class IncrementalDecoder:
-    """Text deltas for a growing list of token ids, each decoded with a little context.
-
-    ``decode(ids[prefix:])`` minus ``decode(ids[prefix:read])`` is the new text; a delta ending in
-    U+FFFD (an incomplete multi-byte character) waits for the next token. Joined, the deltas are
-    ``decode(ids)`` for ordinary tokenizers (byte-level BPE, SentencePiece, word-level).
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode = decode
-        self.ids: list[int] = []
-        self.prefix = 0
-        self.read = 0
-
-    def add(self, ids: list[int] | tuple[int, ...]) -> str:
-        self.ids.extend(ids)
-        before = self.decode(self.ids[self.prefix : self.read])
-        after = self.decode(self.ids[self.prefix :])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return after[len(before) :]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back (at the end of the sequence)."""
-        before = self.decode(self.ids[self.prefix : self.read])
-        after = self.decode(self.ids[self.prefix :])
-        self.prefix = self.read = len(self.ids)
-        return after[len(before) :]
+from ..text import IncrementalDecoder
 
 
 class TextStream:
