@@ -32,7 +32,8 @@ The paged latent cache (``paged_cache_write``, ``mla_paged_attention``): one ten
 key (last R values) side by side, as FlashMLA and vLLM store it. Cache position j of batch row b
 lives in page ``block_table[b, j // page_size]`` at offset ``j % page_size``; a token is written
 to its slot ``page * page_size + offset``. Pages are handed out by the caller (rows may share
-pages, a freed page keeps whatever it held). The model graph does not use these two operators yet.
+pages, a freed page keeps whatever it held). The model graph's absorbed MLA form calls both for every
+forward with a cache (``dsv3.model.cache``).
 """
 
 from __future__ import annotations
@@ -60,9 +61,9 @@ CONTRACT_VERSION = 3
 #: The versions whose plugins this dsv3 runs: version 3 only added hooks, which cpu_ref fills for a
 #: plugin written for version 2.
 COMPATIBLE_VERSIONS = (2, 3)
-#: Operators in the contract that the model graph does not call yet (the paged cache, until the
-#: graph switches to it): resolved like the others, but a backend declining them is not reported.
-NOT_YET_CALLED = frozenset({"paged_cache_write", "mla_paged_attention"})
+#: Operators in the contract that the model graph does not call yet: resolved like the others, but a
+#: backend declining them is not reported. None now (the paged cache ops were, until version 3's graph).
+NOT_YET_CALLED: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import Dsv3Error
 from ..registry import OpTable
 from ..weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
-from .cache import LayerCache, ModelCache
+from .cache import LayerCache, ModelCache, PagedLayerCache, page_table
 from .config import ModelConfig
 from .parallel import ParallelContext, vocab_parallel_embedding
 from .rope import cos_sin_table
@@ -39,6 +39,8 @@ class BuildOptions:
     naive_prefill: absorbed form only: a forward of several tokens (a prefill) expands the latents
         through wkv_b and attends in the naive form when that takes fewer multiply-adds (see
         :func:`naive_is_cheaper`); the cache stays latent. False: always the absorbed form.
+    page_size: cache positions per page of the absorbed form's paged latent cache (the naive form's
+        per-head K/V cache stays contiguous).
     """
 
     dtype: torch.dtype = torch.bfloat16
@@ -47,6 +49,7 @@ class BuildOptions:
     fmt_of: Callable[[str], str] | None = None
     parallel: ParallelContext | None = None
     naive_prefill: bool = True
+    page_size: int = 64
 
     def fmt(self, module_path: str) -> str:
         """The weight format of linear ``module_path`` (high precision without ``fmt_of``)."""
@@ -167,13 +170,43 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
         return k, v
 
+    def _absorb_query(self, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q_nope (B, T, H, Dnope) -> q_latent (B, T, H, C) and the value half of wkv_b (H, Dv, C)."""
+        w = self.absorbed_wkv_b()  # (H, Dnope + Dv, C)
+        w_uk, w_uv = w[:, : self.cfg.qk_nope_head_dim], w[:, self.cfg.qk_nope_head_dim :]
+        return torch.einsum("bthd,hdc->bthc", q_nope, w_uk), w_uv
+
+    def _paged(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        q_full: torch.Tensor,
+        latent: torch.Tensor,
+        k_pe: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedLayerCache,
+    ) -> torch.Tensor:
+        """Write the new latents into the paged cache, then attend over it -> (B, T, H, Dv)."""
+        c, ops, step = self.cfg, self.ops, cache.step
+        b, t = positions.shape
+        ops.paged_cache_write(cache.pages, latent.reshape(b * t, -1), k_pe.reshape(b * t, -1), step.slot_mapping)
+        s = cache.length if cache.length is not None else int(positions.max()) + 1
+        if self.naive_prefill and naive_is_cheaper(c, t, s):
+            k, v = self.expand_latent(*cache.gather(s))  # (B, S, H, Dqk), (B, S, H, Dv)
+            return ops.attention(q_full, k, v, positions, self.scale)
+        q_latent, w_uv = self._absorb_query(q_nope)  # (B, T, H, C)
+        if step.per_token:  # rows whose positions are not their last T: one query per attention row
+            q_latent, q_pe = q_latent.reshape(b * t, 1, *q_latent.shape[2:]), q_pe.reshape(b * t, 1, *q_pe.shape[2:])
+        o_latent = ops.mla_paged_attention(q_latent, q_pe, cache.pages, step.block_table, step.seq_lens, self.scale)
+        return torch.einsum("bthc,hdc->bthd", o_latent.reshape(b, t, *o_latent.shape[2:]), w_uv)  # (B, T, H, Dv)
+
     def forward(
         self,
         x: torch.Tensor,
         positions: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: LayerCache | None,
+        cache: LayerCache | PagedLayerCache | None,
     ) -> torch.Tensor:
         """x (B, T, D), positions (B, T), cos/sin (B, T, R/2) -> (B, T, D)."""
         c, ops = self.cfg, self.ops
@@ -193,20 +226,22 @@ class MLA(nn.Module):
             q_full = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, Dqk)
             out = ops.attention(q_full, kv_all["k"], kv_all["v"], positions, self.scale)  # (B, T, H, Dv)
         else:
-            lat_all = {"kv": latent, "pe": k_pe}
-            if cache is not None:
-                lat_all = cache.write_and_read(lat_all, positions)  # (B, S, C), (B, S, R)
-            if self.naive_prefill and naive_is_cheaper(c, t, lat_all["kv"].shape[1]):
-                k, v = self.expand_latent(lat_all["kv"], lat_all["pe"])  # (B, S, H, Dqk), (B, S, H, Dv)
-                out = ops.attention(torch.cat([q_nope, q_pe], dim=-1), k, v, positions, self.scale)
-            else:
-                w = self.absorbed_wkv_b()  # (H, Dnope + Dv, C)
-                w_uk, w_uv = w[:, : c.qk_nope_head_dim], w[:, c.qk_nope_head_dim :]
-                q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # (B, T, H, C)
-                o_latent = ops.mla_latent_attention(
-                    q_latent, q_pe, lat_all["kv"], lat_all["pe"], positions, self.scale
-                )  # (B, T, H, C)
-                out = torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, Dv)
+            q_full = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, Dqk), for the naive form
+            if cache is not None and cache.paged:
+                out = self._paged(q_nope, q_pe, q_full, latent, k_pe, positions, cache)
+            else:  # no cache (a full-sequence forward), or a contiguous one (the ONNX export's)
+                lat_all = {"kv": latent, "pe": k_pe}
+                if cache is not None:
+                    lat_all = cache.write_and_read(lat_all, positions)  # (B, S, C), (B, S, R)
+                if self.naive_prefill and naive_is_cheaper(c, t, lat_all["kv"].shape[1]):
+                    k, v = self.expand_latent(lat_all["kv"], lat_all["pe"])  # (B, S, H, Dqk), (B, S, H, Dv)
+                    out = ops.attention(q_full, k, v, positions, self.scale)
+                else:
+                    q_latent, w_uv = self._absorb_query(q_nope)
+                    o_latent = ops.mla_latent_attention(
+                        q_latent, q_pe, lat_all["kv"], lat_all["pe"], positions, self.scale
+                    )  # (B, T, H, C)
+                    out = torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, Dv)
         return self.par.all_reduce_(self.wo(out.flatten(2)))  # (B, T, D), summed over ranks' heads
 
 
@@ -356,18 +391,33 @@ class Transformer(nn.Module):
                 module.naive_prefill = on
 
     # ------------------------------------------------------------ caches
-    def new_cache(self, max_batch: int, max_len: int) -> ModelCache:
-        """Allocate caches for ``max_batch`` rows of ``max_len`` positions (zeros, compute dtype)."""
+    def new_cache(self, max_batch: int, max_len: int, page_size: int | None = None, page_seed: int = 0) -> ModelCache:
+        """Allocate caches for ``max_batch`` rows of ``max_len`` positions (zeros, compute dtype).
 
-        def alloc(attn: MLA) -> LayerCache:
-            dev, dt = self.embed.device, self.embed.dtype
+        The absorbed form's are paged: each row owns ``ceil(max_len / page_size)`` pages (page_size
+        default BuildOptions.page_size) drawn from a pool shuffled with ``page_seed``. The naive
+        form's per-head K/V strips are contiguous ``(max_batch, max_len, H, ...)``.
+        """
+        dev, dt = self.embed.device, self.embed.dtype
+        page_size = page_size or self.opts.page_size
+        if page_size < 1:
+            raise Dsv3Error(f"page_size {page_size} must be at least 1")
+        paged = self.opts.attn_impl != "naive"
+        table = page_table(max_batch, max_len, page_size, page_seed, dev) if paged else None
+
+        def alloc(attn: MLA):
+            shapes = attn.cache_shapes()
+            if paged:
+                width = shapes["kv"][0] + shapes["pe"][0]
+                return PagedLayerCache(
+                    torch.zeros((table.numel(), page_size, width), dtype=dt, device=dev), shapes["kv"][0]
+                )
             return LayerCache(
-                {k: torch.zeros((max_batch, max_len, *s), dtype=dt, device=dev) for k, s in attn.cache_shapes().items()}
+                {k: torch.zeros((max_batch, max_len, *s), dtype=dt, device=dev) for k, s in shapes.items()}
             )
 
-        return ModelCache(
-            [alloc(layer.attn) for layer in self.layers], [alloc(m.block.attn) for m in self.mtp], max_batch, max_len
-        )
+        main, mtp = [alloc(layer.attn) for layer in self.layers], [alloc(m.block.attn) for m in self.mtp]
+        return ModelCache(main, mtp, max_batch, max_len, table, page_size if paged else 0)
 
     def rope(self, positions: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) -> cos, sin (B, T, R/2).
@@ -414,7 +464,7 @@ class Transformer(nn.Module):
         elif positions.numel():
             length = int(positions.max()) + 1
         if cache is not None:
-            cache = cache.view(rows, length)
+            cache = cache.view(rows, length, positions)
         cos, sin = self.rope(positions, length)
         x = vocab_parallel_embedding(self._embedding, tokens, self.embed, self.par)  # (B, T, D)
         for i, layer in enumerate(self.layers):
@@ -440,5 +490,5 @@ class Transformer(nn.Module):
         """
         length = int(positions.max()) + 1 if positions.numel() else 0
         cos, sin = self.rope(positions, length)
-        layer_cache = None if cache is None else cache.mtp[depth].view(rows, length)
+        layer_cache = None if cache is None else cache.view(rows, length, positions).mtp[depth]
         return self.mtp[depth](hidden, next_tokens, positions, cos, sin, layer_cache)

@@ -98,7 +98,10 @@ class FunctionalLayerCache:
     """Stands in for ``LayerCache`` during export: writes out of place and returns the whole buffer.
 
     tensors: ``kv (B, S, C)``, ``pe (B, S, R)``; after the forward they hold the updated copies.
+    The export keeps this contiguous layout (not the paged one of ``Transformer.new_cache``).
     """
+
+    paged = False
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         self.tensors = tensors
@@ -117,7 +120,7 @@ class _Caches:
     def __init__(self, layers: list[FunctionalLayerCache]):
         self.main = layers
 
-    def view(self, rows=None, length=None) -> _Caches:
+    def view(self, rows=None, length=None, positions=None) -> _Caches:
         return self  # export traces one full-length step: the whole buffer is read back
 
 

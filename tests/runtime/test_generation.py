@@ -94,7 +94,8 @@ class _CountingOps:
     """An operator table that counts calls of the two attention operators."""
 
     def __init__(self, ops):
-        self._ops, self.calls = ops, {"attention": 0, "mla_latent_attention": 0}
+        self._ops = ops
+        self.calls = {"attention": 0, "mla_latent_attention": 0, "mla_paged_attention": 0, "paged_cache_write": 0}
 
     def __getattr__(self, name):
         op = getattr(self._ops, name)
@@ -110,7 +111,9 @@ class _CountingOps:
 
 @pytest.mark.parametrize("naive_prefill", [True, False])
 def test_absorbed_prefill_form_follows_the_cost_rule(tiny_ckpt, naive_prefill):
-    """With a latent cache, a 10-token prompt attends in the naive form; each decode step stays latent."""
+    """With a latent cache, a 10-token prompt attends in the naive form; each decode step stays latent.
+
+    Every forward writes the paged latent cache and, when latent, attends through its pages."""
     engine = _load(tiny_ckpt, "absorb" if naive_prefill else "absorb-latent")
     cfg, layers = engine.cfg, engine.cfg.num_hidden_layers
     assert naive_is_cheaper(cfg, 10, 10) and not naive_is_cheaper(cfg, 1, 11)
@@ -121,7 +124,13 @@ def test_absorbed_prefill_form_follows_the_cost_rule(tiny_ckpt, naive_prefill):
     steps = len(out.token_ids) - 1  # forwards after the prefill
     assert steps >= 1
     prefill_naive = layers if naive_prefill else 0
-    assert counting.calls == {"attention": prefill_naive, "mla_latent_attention": layers * (steps + 1) - prefill_naive}
+    forwards = layers * (steps + 1)
+    assert counting.calls == {
+        "attention": prefill_naive,
+        "mla_latent_attention": 0,
+        "mla_paged_attention": forwards - prefill_naive,
+        "paged_cache_write": forwards,
+    }
 
 
 def test_greedy_follows_the_full_forward_argmax(engines):

@@ -89,14 +89,19 @@ def test_stale_cache_entries_past_a_position_are_never_read(tiny_ckpt, attn_impl
     """Rolling back is resetting a row's position: garbage past it must not change any output."""
     model = dsv3.load(tiny_ckpt, dtype="float32", attn_impl=attn_impl).model
     tokens = torch.tensor([[0, 5, 9, 13, 20, 31]])
-    clean = model.new_cache(1, 16)
-    dirty = model.new_cache(1, 16)
+    clean = model.new_cache(1, 16, page_size=4)  # pages of 4: the garbage spans pages (absorbed form)
+    dirty = model.new_cache(1, 16, page_size=4)
     with torch.no_grad():
         model(tokens[:, :4], torch.arange(4).unsqueeze(0), clean)
         model(tokens[:, :4], torch.arange(4).unsqueeze(0), dirty)
-        for layer in dirty.main + dirty.mtp:
-            for buf in layer.tensors.values():
-                buf[:, 4:].normal_(0.0, 10.0)  # as if rejected drafts had been written there
+        for layer in dirty.main + dirty.mtp:  # as if rejected drafts had been written at positions 4..
+            if layer.paged:
+                j = torch.arange(4, 16)
+                page, size = dirty.block_table[0, j // 4].long(), layer.pages.shape[1]
+                layer.pages[page, j % size] = torch.randn(12, layer.pages.shape[2]) * 10.0
+            else:
+                for buf in layer.tensors.values():
+                    buf[:, 4:].normal_(0.0, 10.0)
         pos = torch.tensor([[4, 5]])
         a = model(tokens[:, 4:], pos, clean)
         b = model(tokens[:, 4:], pos, dirty)
@@ -248,7 +253,7 @@ def test_two_mtp_modules_keep_the_training_positions(tmp_path):
             n = tokens.shape[1] - 1 - layer
             c = model.mtp_forward(layer, c[:, :n], tokens[:, layer + 1 :], torch.arange(n).unsqueeze(0), fresh)
             verified = int(pos) - layer - 1  # chain starts whose tokens t+1 .. t+layer+1 are all verified
-            for name, got in spec.cache.mtp[layer].tensors.items():
-                want = fresh.mtp[layer].tensors[name]
+            for name, got in spec.cache.entries(spec.cache.mtp[layer]).items():
+                want = fresh.entries(fresh.mtp[layer])[name]
                 err = float((got[0, :verified] - want[0, :verified]).abs().max())
                 assert err <= 1e-5 * float(want[0, :verified].abs().max()), (layer, name, err)

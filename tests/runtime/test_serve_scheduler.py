@@ -68,8 +68,8 @@ def test_forward_with_cache_rows_matches_rows_zero_to_b(engine):
     torch.testing.assert_close(got, want, rtol=0, atol=0)  # same arithmetic, only the cache rows differ
     torch.testing.assert_close(got_next, nxt, rtol=0, atol=0)
     for layer, plain in zip(cache.main, plain_cache.main, strict=True):
-        for name, buf in layer.tensors.items():
-            torch.testing.assert_close(buf[rows, :5], plain.tensors[name][:, :5], rtol=0, atol=0)
+        for name, buf in cache.entries(layer).items():
+            torch.testing.assert_close(buf[rows, :5], plain_cache.entries(plain)[name][:, :5], rtol=0, atol=0)
             assert not buf[[0, 2, 4]].any()  # the other slots are untouched
 
 
