@@ -168,3 +168,18 @@ def test_slot_mapping_writes_a_repeated_position_once_and_attends_per_token():
     consecutive = paged_step(table, 4, torch.tensor([[2, 3], [6, 7]]), None)
     assert not consecutive.per_token and consecutive.seq_lens.tolist() == [4, 8]
     assert consecutive.slot_mapping.tolist() == [22, 23, 30, 31]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_forward_at_repeated_and_scattered_positions_matches_contiguous(model, seed):
+    """Rows whose new tokens are not their last T positions (a repeated one, gaps, rewrites of earlier
+    entries): every query still sees exactly the keys up to its own position."""
+    prompt = torch.tensor([[0, 5, 9, 12, 40, 41, 7, 3, 8, 60], [0, 33, 2, 17, 4, 4, 9, 1, 2, 3]])
+    tokens, positions = torch.tensor([[11, 11, 13], [21, 22, 23]]), torch.tensor([[6, 6, 7], [3, 5, 9]])
+    out = []
+    for cache in (model.new_cache(2, 16, page_size=4, page_seed=seed), contiguous_cache(model, 2, 16)):
+        with torch.inference_mode():
+            model(prompt, torch.arange(10).expand(2, 10), cache)
+            out.append(model.logits(model(tokens, positions, cache)))
+    err, scale = float((out[0] - out[1]).abs().max()), float(out[1].abs().max())
+    assert err <= REL_TOL * scale, f"max |diff| {err:.3g} vs logit scale {scale:.3g}"

@@ -14,6 +14,7 @@ world sizes 2 and 4; both with an MTP layer, decoded with and without ``mtp`` sp
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -75,6 +76,16 @@ def run_cases(engine) -> dict:
             hidden = model(tokens, pos)
             h = model.mtp_forward(0, hidden[:, :-1], tokens[:, 1:], pos[:, 1:])
             out["mtp_logits"] = model.mtp[0].logits(h)[0].tolist()
+    # the paged latent cache with pages of 4 positions (rows span several pages of a shuffled pool)
+    default = model.opts
+    model.opts = dataclasses.replace(default, page_size=4)
+    try:
+        out["greedy_pages4"] = [c.token_ids for c in engine.generate(PROMPTS, NEW_TOKENS, temperature=0.0)]
+        if len(model.mtp):
+            mtp = engine.generate(PROMPTS, NEW_TOKENS, 0.0, mtp=MTP_DRAFTS)
+            out["greedy_mtp_pages4"] = [c.token_ids for c in mtp]
+    finally:
+        model.opts = default
     return out
 
 
@@ -169,6 +180,7 @@ def test_n_processes_give_the_tokens_of_one(world, ckpts, reference, tmp_path):
             where = f"{kind} checkpoint, rank {rank} of {world}"
             assert got["greedy"] == ref["greedy"], where
             assert got["greedy_mtp"] == ref["greedy"], f"{where}, --mtp {MTP_DRAFTS}"
+            assert got["greedy_pages4"] == got["greedy_mtp_pages4"] == ref["greedy"], f"{where}, pages of 4"
             assert got["sampled"] == ref["sampled"], f"{where}, sampled with seed 7"
             assert got["unseeded"] == per_rank[0]["unseeded"], f"{where}: ranks sampled different tokens"
             for key in ("logits", "mtp_logits"):
