@@ -27,8 +27,11 @@ class LayerCache:
         self.rows = rows  # (B,) int64 cache rows (slots) that batch rows 0..B-1 use; None: rows 0..B-1
         self.length = length  # entries to read back (max position + 1); None: computed per write
 
-    def view(self, rows: torch.Tensor | None = None, length: int | None = None, step: PagedStep | None = None):
-        """The same storage seen through cache rows ``rows (B,)`` (distinct; default this view's) and a read length."""
+    def view(
+        self, rows: torch.Tensor | None = None, length: int | None = None, step: PagedStep | None = None
+    ) -> LayerCache:
+        """The same storage seen through cache rows ``rows (B,)`` (distinct; default this view's) and a
+        read length (``step`` is for paged layers: unused here)."""
         return LayerCache(self.tensors, self.rows if rows is None else rows, length)
 
     def write_and_read(self, new: dict[str, torch.Tensor], positions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,7 +92,10 @@ class PagedLayerCache:
     def pages(self) -> torch.Tensor:
         return self.tensors["latent"]
 
-    def view(self, rows=None, length: int | None = None, step: PagedStep | None = None) -> PagedLayerCache:
+    def view(
+        self, rows: torch.Tensor | None = None, length: int | None = None, step: PagedStep | None = None
+    ) -> PagedLayerCache:
+        """The same pages for one forward: ``step`` (computed from ``rows`` by ModelCache.view) and a read length."""
         return PagedLayerCache(self.pages, self.kv_dim, step, length)
 
     def gather(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +105,9 @@ class PagedLayerCache:
         entries = self.pages[self.step.rows_table[:, j // page_size], j % page_size]  # (B, S, C + R)
         return entries[..., : self.kv_dim], entries[..., self.kv_dim :]
 
-    def entries(self, rows: torch.Tensor | list[int] | None = None, table: torch.Tensor | None = None) -> dict:
-        """Every position of cache rows ``rows`` (default all) through ``table`` (B_all, M):
-        ``{"kv": (B, max_len, C), "pe": (B, max_len, R)}`` (copies)."""
+    def entries(self, rows: torch.Tensor | list[int] | None, table: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every position of cache rows ``rows`` (default all) through the block table ``table (max_batch, M)``:
+        ``{"kv": (B, M * page_size, C), "pe": (B, M * page_size, R)}`` (copies)."""
         table = table if rows is None else table[rows]
         page_size, m = self.pages.shape[1], table.shape[1]
         j = torch.arange(m * page_size, device=self.pages.device)

@@ -399,7 +399,7 @@ class Transformer(nn.Module):
         form's per-head K/V strips are contiguous ``(max_batch, max_len, H, ...)``.
         """
         dev, dt = self.embed.device, self.embed.dtype
-        page_size = page_size or self.opts.page_size
+        page_size = self.opts.page_size if page_size is None else page_size
         if page_size < 1:
             raise Dsv3Error(f"page_size {page_size} must be at least 1")
         paged = self.opts.attn_impl != "naive"
