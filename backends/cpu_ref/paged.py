@@ -34,6 +34,8 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch
     pages = block_table[:, j // page_size].long()  # (B, S) page of each position
     pages = pages.masked_fill(~valid, 0)  # a page index that exists, for positions we then zero
     entries = cache[pages, (j % page_size).view(1, s)]  # (B, S, D)
+    if bool(valid.all()):  # every row as long as the longest (a batch decoding in step): nothing to zero
+        return entries
     return entries.masked_fill(~valid.unsqueeze(-1), 0)  # masked_fill, not a product: stale NaN stays out
 
 
