@@ -2,7 +2,8 @@
 
 Endpoints: ``GET /health`` (no key needed; slot usage and counters), ``GET /v1/models``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``"stream": true`` as
-server-sent events ending in ``data: [DONE]``). Errors are OpenAI's JSON shape with a 4xx status
+server-sent events ending in ``data: [DONE]``), ``POST /tokenize``, ``POST /detokenize``,
+``GET /tokenizer_info`` and ``GET /version`` (no key needed). Errors are OpenAI's JSON shape with a 4xx status
 for the client's mistakes. Token ids travel from the scheduler thread to each request's asyncio
 queue; text is decoded on the event loop. A request whose client goes away is cancelled, which
 frees its slot before the next decode step.
@@ -28,18 +29,21 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ... import __version__
 from ..engine import Engine
 from .protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
     messages_of,
     parse,
     parse_json,
     prompts_of,
     stops_of,
 )
-from .scheduler import Event, Scheduler, SchedulerBusy
+from .scheduler import Event, Scheduler, SchedulerBusy, TokenLogprob
 from .scheduler import Request as GenRequest
 from .text import TextStream, first_stop
 
@@ -72,6 +76,9 @@ class _Job:
     stream: bool
     include_usage: bool
     return_token_ids: bool
+    logprobs: int | None = None  # top-k per token (None: no logprobs)
+    echo: bool = False
+    prompt_texts: list[str] = field(default_factory=list)  # what echo puts before each completion
 
 
 @dataclass(eq=False)
@@ -79,6 +86,8 @@ class _Choice:
     req: GenRequest
     text: TextStream
     ids: list[int] = field(default_factory=list)
+    lps: list[TokenLogprob] = field(default_factory=list)  # one per id when logprobs were asked
+    prompt_lps: tuple[TokenLogprob, ...] = ()
     finish: str | None = None
     error: str | None = None
 
@@ -102,7 +111,15 @@ class _Run:
         self.choices = []
         for i, (prompt, max_tokens) in enumerate(zip(job.prompts, job.max_tokens, strict=True)):
             req = GenRequest(
-                prompt, max_tokens, partial(self._push, i), job.temperature, job.top_p, job.seed, job.stop_ids
+                prompt,
+                max_tokens,
+                partial(self._push, i),
+                job.temperature,
+                job.top_p,
+                job.seed,
+                job.stop_ids,
+                logprobs=job.logprobs,
+                prompt_logprobs=job.echo and job.logprobs is not None,
             )
             self.choices.append(_Choice(req, TextStream(engine.decode, job.stop)))
 
@@ -128,8 +145,8 @@ class _Run:
             await asyncio.sleep(self.poll_s)
         self.queue.put_nowait(_GONE)
 
-    async def updates(self, request: Request) -> AsyncIterator[tuple[int, str, tuple[int, ...]]]:
-        """(choice index, text delta, new token ids) until every choice is done; cancels what is left on exit."""
+    async def updates(self, request: Request) -> AsyncIterator[tuple[int, str, Event]]:
+        """(choice index, text delta, its event) until every choice is done; cancels what is left on exit."""
         watcher = asyncio.create_task(self._watch(request))
         try:
             while not all(c.done for c in self.choices):
@@ -142,6 +159,9 @@ class _Run:
                 if c.done:  # events already in flight when a stop string ended it
                     continue
                 c.ids.extend(ev.tokens)
+                c.lps.extend(ev.logprobs)
+                if ev.prompt_logprobs is not None:
+                    c.prompt_lps = ev.prompt_logprobs
                 delta, stopped = c.text.add(ev.tokens)
                 if stopped:
                     c.finish = "stop"
@@ -151,7 +171,7 @@ class _Run:
                 elif ev.finish_reason is not None:
                     delta += c.text.finish()
                     c.finish = "stop" if c.text.stopped else ev.finish_reason
-                yield i, delta, ev.tokens
+                yield i, delta, ev
         finally:
             watcher.cancel()
             self.cancel()
@@ -220,7 +240,7 @@ def _job(
                 "context_length_exceeded",
             )
         budget = requested if requested is not None else min(default_tokens, settings.max_tokens_limit, room)
-        if budget < 1:
+        if budget < 1 and requested != 0:  # 0 was asked for: echo, only the prompt scored
             raise APIError(
                 400,
                 f"the prompt has {n} tokens and leaves no room to generate within the model's "
@@ -240,7 +260,36 @@ def _job(
         bool(req.stream),
         bool(req.stream and req.stream_options and req.stream_options.include_usage),
         bool(req.return_token_ids),
+        getattr(req, "logprobs", None) if isinstance(req, CompletionRequest) else None,
+        bool(getattr(req, "echo", False)),
     )
+
+
+def _logprobs(engine: Engine, entries: list[tuple[int, TokenLogprob | None]], offset: int) -> tuple[dict, int]:
+    """OpenAI's completions logprobs for (token id, its logprob or None) entries, text offsets from ``offset``.
+
+    Tokens are shown as each id decoded alone; ``text_offset`` adds up those pieces' lengths.
+    """
+    tokens, values, tops, offsets = [], [], [], []
+    for t, lp in entries:
+        piece = engine.decode([t])
+        tokens.append(piece)
+        offsets.append(offset)
+        offset += len(piece)
+        values.append(None if lp is None else lp.logprob)
+        if lp is None:
+            tops.append(None)
+            continue
+        top: dict[str, float] = {}
+        for tid, v in lp.top:  # best first; two ids decoding alike keep the better one
+            top.setdefault(engine.decode([tid]), v)
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def _prompt_entries(prompt: list[int], lps: tuple[TokenLogprob, ...]) -> list[tuple[int, TokenLogprob | None]]:
+    """A prompt's tokens with their logprobs; the first token has none (nothing before it predicts it)."""
+    return list(zip(prompt, (None, *lps), strict=True))
 
 
 def _chat_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
@@ -264,14 +313,20 @@ def _body(run: _Run, head: dict, chat: bool) -> dict:
     if err is not None:
         raise err
     choices = []
+    job = run.job
     for i, c in enumerate(run.choices):
         text = run.final_text(c)
         choice: dict = {"index": i}
+        logprobs = None
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
-            choice["text"] = text
-        choice |= {"logprobs": None, "finish_reason": c.finish}
+            prompt_text = job.prompt_texts[i] if job.echo else ""
+            choice["text"] = prompt_text + text
+            if job.logprobs is not None:
+                entries = _prompt_entries(c.req.prompt, c.prompt_lps) if job.echo else []
+                logprobs = _logprobs(run.engine, entries + list(zip(c.ids, c.lps, strict=True)), 0)[0]
+        choice |= {"logprobs": logprobs, "finish_reason": c.finish}
         if run.job.return_token_ids:
             choice["token_ids"] = c.ids
         choices.append(choice)
@@ -281,13 +336,26 @@ def _body(run: _Run, head: dict, chat: bool) -> dict:
 async def _stream_events(request: Request, run: _Run, head: dict, chat: bool) -> AsyncIterator[str]:
     """Server-sent events: OpenAI chunks as tokens arrive, the usage chunk if asked, then ``[DONE]``."""
 
-    def chunk(i: int, text: str | None, finish: str | None, ids: tuple[int, ...] | None = None) -> str:
+    job = run.job
+    offsets = [0] * len(run.choices)  # text_offset so far, per choice
+    echoed = [not job.echo] * len(run.choices)
+
+    def chunk(
+        i: int,
+        text: str | None,
+        finish: str | None,
+        ids: tuple[int, ...] | None = None,
+        entries: list[tuple[int, TokenLogprob | None]] | None = None,
+    ) -> str:
         if chat:
             delta = {} if text is None else {"content": text}
             choice = {"index": i, "delta": delta}
         else:
             choice = {"index": i, "text": text or ""}
-        choice |= {"logprobs": None, "finish_reason": finish}
+        logprobs = None
+        if entries is not None and job.logprobs is not None:
+            logprobs, offsets[i] = _logprobs(run.engine, entries, offsets[i])
+        choice |= {"logprobs": logprobs, "finish_reason": finish}
         if ids is not None:
             choice["token_ids"] = list(ids)
         return _sse({**head, "choices": [choice]})
@@ -297,13 +365,17 @@ async def _stream_events(request: Request, run: _Run, head: dict, chat: bool) ->
             role = {"role": "assistant", "content": ""}
             for i in range(len(run.choices)):
                 yield _sse({**head, "choices": [{"index": i, "delta": role, "logprobs": None, "finish_reason": None}]})
-        async for i, delta, ids in run.updates(request):
-            c = run.choices[i]
+        async for i, delta, ev in run.updates(request):
+            c, ids = run.choices[i], ev.tokens
             if c.error is not None:
                 yield _sse(APIError(500, c.error, type="server_error").body())
                 continue
-            if delta or (run.job.return_token_ids and ids):
-                yield chunk(i, delta, None, ids if run.job.return_token_ids else None)
+            if not echoed[i]:  # the prompt first, with its logprobs
+                echoed[i] = True
+                yield chunk(i, job.prompt_texts[i], None, None, _prompt_entries(c.req.prompt, c.prompt_lps))
+            if delta or (ids and (job.return_token_ids or job.logprobs is not None)):
+                entries = list(zip(ids, ev.logprobs, strict=True)) if job.logprobs is not None else None
+                yield chunk(i, delta, None, ids if job.return_token_ids else None, entries)
             if c.finish is not None:
                 yield chunk(i, None if chat else "", c.finish)
         if run.disconnected:
@@ -432,12 +504,64 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         req = parse(CompletionRequest, await read_json(request))
         check_model(req.model)
         vocab = engine.cfg.vocab_size
+        given = prompts_of(req.prompt)
         prompts = [
-            _check_ids(engine.encode(p, chat=False) if isinstance(p, str) else p, "prompt", vocab)
-            for p in prompts_of(req.prompt)
+            _check_ids(engine.encode(p, chat=False) if isinstance(p, str) else p, "prompt", vocab) for p in given
         ]
+        if scheduler.mtp and req.logprobs is not None:
+            raise APIError(400, "'logprobs' is not supported with speculative decoding (--mtp)", "logprobs")
+        if scheduler.mtp and req.max_tokens == 0:
+            raise APIError(400, "'max_tokens': 0 is not supported with speculative decoding (--mtp)", "max_tokens")
         job = _job(req, prompts, "prompt", settings.default_completion_tokens, settings, engine.eos_ids)
+        if job.echo:
+            job.prompt_texts = [
+                p if isinstance(p, str) else engine.decode(ids) for p, ids in zip(given, prompts, strict=True)
+            ]
         return await respond(request, job, chat=False)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict:
+        check_auth(request)
+        req = parse(TokenizeRequest, await read_json(request))
+        if req.model is not None:
+            check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' (a string) and 'messages'", "prompt")
+        if req.prompt is not None:
+            ids = engine.encode(prompts_of(req.prompt)[0], chat=False)
+        else:
+            ids = _chat_ids(engine, messages_of(req.messages))
+        return {"tokens": ids, "count": len(ids), "max_model_len": settings.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict:
+        check_auth(request)
+        req = parse(DetokenizeRequest, await read_json(request))
+        if req.model is not None:
+            check_model(req.model)
+        bad = next((t for t in req.tokens if not 0 <= t < engine.cfg.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"'tokens' has token id {bad}, outside the vocabulary", "tokens")
+        return {"prompt": engine.decode(req.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> dict:
+        check_auth(request)
+        tok = engine.tokenizer
+        if tok is None:
+            raise APIError(404, "this model has no tokenizer", code="not_found")
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "pad_token": tok.pad_token,
+            "model_max_length": settings.max_model_len,
+            "chat_template": getattr(tok, "chat_template", None),
+        }
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

@@ -3,7 +3,7 @@
 Scalars are checked by pydantic in strict mode (``"max_tokens": "5"`` is an error, not 5);
 ``prompt``, ``stop`` and ``messages`` have several legal shapes and are checked here, so an error
 names the field and what it should be. Unknown fields are ignored; known ones that this server
-does not implement (``n > 1``, logprobs, penalties, tools...) are refused rather than ignored.
+does not implement (``n > 1``, chat logprobs, penalties, tools...) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..generate import SamplingError, SamplingParams
 from ..text import check_text
 
 MAX_STOP_STRINGS = 16
+MAX_LOGPROBS = 20  # OpenAI's cap on /v1/completions' top logprobs
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest a few levels; deeper ones would exhaust the recursion limit downstream
 
 
@@ -76,10 +77,26 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: Any
+    max_tokens: Annotated[int, Field(strict=True, ge=0)] | None = None  # 0: with echo, only score the prompt
     echo: StrictBool | None = False
     suffix: StrictStr | None = None
     best_of: PositiveInt | None = None
-    logprobs: Annotated[int, Field(strict=True, ge=0)] | None = None
+    logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: Any = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: StrictStr | None = None
+    tokens: list[Annotated[int, Field(strict=True)]]
 
 
 class ChatRequest(_Common):
@@ -122,6 +139,8 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         if err["type"] == "missing":
             raise APIError(400, f"missing required field '{param}'", param) from None
         raise APIError(400, f"'{param}': {err['msg']} (got {err.get('input')!r})"[:500], param) from None
+    if not isinstance(req, (CompletionRequest, ChatRequest)):
+        return req
     temperature, top_p = (1.0 if v is None else v for v in (req.temperature, req.top_p))
     try:
         SamplingParams(1, temperature, top_p, req.seed).validate()
@@ -135,15 +154,15 @@ def parse(model: type[BaseModel], data: Any) -> Any:
     if req.logit_bias:
         raise APIError(400, "'logit_bias' is not supported", "logit_bias")
     if isinstance(req, CompletionRequest):
-        if req.echo:
-            raise APIError(400, "'echo' is not supported", "echo")
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "'max_tokens' may be 0 only with 'echo': true (to score the prompt)", "max_tokens")
         if req.suffix:
             raise APIError(400, "'suffix' is not supported", "suffix")
         if req.best_of not in (None, 1):
             raise APIError(400, "only best_of=1 is supported", "best_of")
-        if req.logprobs:
-            raise APIError(400, "'logprobs' is not supported", "logprobs")
     else:
+        if (req.model_extra or {}).get("echo"):
+            raise APIError(400, "'echo' is only supported by /v1/completions", "echo")
         if req.logprobs or req.top_logprobs:
             raise APIError(400, "'logprobs' is not supported", "logprobs")
         if req.tools:

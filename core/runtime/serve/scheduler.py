@@ -45,6 +45,28 @@ from ..speculative import RowSampler, SpecDecoder
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's raw distribution (log_softmax of its float32 logits,
+    before temperature and top-p), and the ``top`` most likely (token id, log-probability), best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: torch.Tensor, chosen: list[int], k: int) -> list[TokenLogprob]:
+    """logits (N, V) float32 and one chosen token per row -> its log-probability and the top ``k``."""
+    lp = logits.float().log_softmax(-1)
+    picked = lp.gather(-1, torch.tensor(chosen, device=lp.device).unsqueeze(-1))[:, 0].tolist()
+    if k == 0:
+        return [TokenLogprob(v) for v in picked]
+    vals, ids = lp.topk(k, dim=-1)
+    return [
+        TokenLogprob(v, tuple(zip(i, t, strict=True)))
+        for v, i, t in zip(picked, ids.tolist(), vals.tolist(), strict=True)
+    ]
+
+
+@dataclass(frozen=True)
 class Event:
     """What a request hears from the scheduler: new token ids, then (once) how it finished.
 
@@ -55,6 +77,8 @@ class Event:
     tokens: tuple[int, ...] = ()
     finish_reason: str | None = None
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token in ``tokens`` when the request asked for them
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # prompt tokens 1.. (once, with the first event)
 
     @property
     def finished(self) -> bool:
@@ -77,6 +101,8 @@ class Request:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: frozenset[int] = frozenset()
+    logprobs: int | None = None  # top-k log-probabilities per generated token (None: none)
+    prompt_logprobs: bool = False  # also the prompt's (needs ``logprobs``); max_tokens may then be 0
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
 
@@ -94,6 +120,7 @@ class _Active:
     generated: int
     generator: torch.Generator | None
     prefilled: int = 0  # prompt tokens already in the cache
+    prompt_lps: list[TokenLogprob] = field(default_factory=list)  # for the prompt tokens 1 .. prefilled
 
 
 class Scheduler:
@@ -295,14 +322,29 @@ class Scheduler:
         n, start = len(req.prompt), a.prefilled
         tokens = torch.tensor([req.prompt[start:stop]], dtype=torch.long, device=device)  # (1, T)
         positions = torch.arange(start, stop, device=device).unsqueeze(0)  # (1, T)
-        hidden = self.model(tokens, positions, self._cache, rows=self._rows([a.slot]))[:, -1]  # (1, D)
+        hidden = self.model(tokens, positions, self._cache, rows=self._rows([a.slot]))[0]  # (T, D)
+        if req.prompt_logprobs:  # position p's logits score prompt token p + 1
+            scored = req.prompt[start + 1 : stop + 1]
+            logits = self.model.logits(hidden[: len(scored)])
+            a.prompt_lps += token_logprobs(logits, scored, req.logprobs or 0)
+        hidden = hidden[-1:]  # (1, D)
         self.counters["prefill_tokens"] += stop - start
         a.prefilled = stop
         if stop < n:
             return
         a.pos = n
+        if req.max_tokens == 0:  # only the prompt is scored
+            with self._cond:
+                self._prefilling.remove(a)
+                heapq.heappush(self._free, a.slot)
+            self.counters["finished"] += 1
+            if not req.cancelled:
+                req.sink(Event((), "length", prompt_logprobs=tuple(a.prompt_lps)))
+            return
         self._activate(a)
-        self._advance([a], [[t] for t in self._sample(self.model.logits(hidden), [a])])
+        logits = self.model.logits(hidden)
+        tokens = self._sample(logits, [a])
+        self._advance([a], [[t] for t in tokens], self._logprobs(logits, [a], tokens))
 
     def _prefill_mtp(self, a: _Active, stop: int) -> None:
         """As ``_prefill``, through the speculative decoder (which also fills the MTP caches)."""
@@ -348,7 +390,19 @@ class Scheduler:
         self.peak_batch = max(self.peak_batch, len(rows))
         for a in rows:
             a.pos += 1
-        self._advance(rows, [[t] for t in self._sample(self.model.logits(hidden), rows)])
+        logits = self.model.logits(hidden)
+        tokens = self._sample(logits, rows)
+        self._advance(rows, [[t] for t in tokens], self._logprobs(logits, rows, tokens))
+
+    def _logprobs(self, logits: torch.Tensor, rows: list[_Active], tokens: list[int]) -> list[list[TokenLogprob]]:
+        """Per row, the log-probability of its sampled token (the logits it was drawn from), if it asked."""
+        out: list[list[TokenLogprob]] = [[] for _ in rows]
+        for k in {a.req.logprobs for a in rows if a.req.logprobs is not None}:
+            idx = [i for i, a in enumerate(rows) if a.req.logprobs == k]
+            lps = token_logprobs(logits[idx], [tokens[i] for i in idx], k)
+            for i, lp in zip(idx, lps, strict=True):
+                out[i] = [lp]
+        return out
 
     def _sample(self, logits: torch.Tensor, rows: list[_Active]) -> list[int]:
         """logits (B, V) fp32 -> one token per row; seeded rows draw alone with their own generator."""
@@ -358,10 +412,12 @@ class Scheduler:
         generators = [a.generator for a in rows]
         return sample_rows(self.model.ops.sample, logits, temperature, top_p, generators, self._shared_gen).tolist()
 
-    def _advance(self, rows: list[_Active], tokens: list[list[int]]) -> None:
+    def _advance(
+        self, rows: list[_Active], tokens: list[list[int]], logprobs: list[list[TokenLogprob]] | None = None
+    ) -> None:
         """Hand each row its new tokens (one event per row), the first going at ``a.pos``; finish rows at a
         stop token, max_tokens or the end of the slot. ``a.pos`` ends at the newest token's position."""
-        for a, new in zip(rows, tokens, strict=True):
+        for j, (a, new) in enumerate(zip(rows, tokens, strict=True)):
             finish, sent = None, []
             for i, t in enumerate(new):
                 if i:
@@ -377,7 +433,11 @@ class Scheduler:
                     break
             self.counters["tokens"] += len(sent)
             if not a.req.cancelled:
-                a.req.sink(Event(tuple(sent), finish))
+                lps = tuple(logprobs[j][: len(sent)]) if logprobs else ()
+                first = a.generated == len(sent) and a.req.prompt_logprobs
+                a.req.sink(
+                    Event(tuple(sent), finish, logprobs=lps, prompt_logprobs=tuple(a.prompt_lps) if first else None)
+                )
             if finish is not None:
                 self.counters["finished"] += 1
                 with self._cond:

@@ -1,0 +1,203 @@
+"""``logprobs`` and ``echo`` on /v1/completions, and the tokenizer endpoints (what lm-evaluation-harness's
+``local-completions`` model uses for loglikelihood tasks), against a float32 server started here.
+
+Every log-probability is checked against ``log_softmax`` of :meth:`Engine.logits` over the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi", reason="dsv3 serve needs the 'serve' extra (fastapi, uvicorn)")
+httpx = pytest.importorskip("httpx", reason="the serving tests need httpx")
+pytest.importorskip("openai", reason="the serving tests use the openai client")
+
+import dsv3  # noqa: E402
+from tests.runtime import test_serve  # noqa: E402
+from tests.runtime.test_serve import KEY, NAME, PROMPTS, WAIT_S, _post  # noqa: E402
+
+ckpt, engine, server = test_serve.ckpt, test_serve.engine, test_serve.server  # its module-scoped fixtures
+
+# The server and the reference both run the float32 model; they differ only in how the work is split
+# (cached prefill/decode in a batch vs one uncached forward), which moves fp32 logits by ~1e-6.
+TOL = 1e-4
+
+
+def _ref_logprobs(engine, ids: list[int]):
+    """log_softmax of the full-sequence logits, (T, V): row t scores token t + 1."""
+    return engine.logits([ids])[0].log_softmax(-1)
+
+
+def _complete(url: str, **body) -> dict:
+    r = _post(url, "/v1/completions", {"model": NAME, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_echo_with_max_tokens_0_scores_every_prompt_token(engine, server):
+    out = _complete(server[0], prompt=PROMPTS, echo=True, logprobs=3, max_tokens=0, temperature=0)
+    assert out["usage"]["completion_tokens"] == 0
+    assert len(out["choices"]) == len(PROMPTS)
+    for prompt, choice in zip(PROMPTS, out["choices"], strict=True):
+        ids = engine.encode(prompt, chat=False)
+        ref = _ref_logprobs(engine, ids)
+        lp = choice["logprobs"]
+        assert choice["text"] == prompt and choice["finish_reason"] == "length"
+        assert lp["tokens"] == [engine.decode([t]) for t in ids]
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        assert lp["text_offset"][0] == 0
+        for t in range(1, len(ids)):
+            assert abs(lp["token_logprobs"][t] - ref[t - 1, ids[t]].item()) <= TOL, (prompt, t)
+            top = lp["top_logprobs"][t]
+            values = list(top.values())
+            assert len(top) == 3 and values == sorted(values, reverse=True)
+            best = ref[t - 1].topk(3)
+            assert list(top) == [engine.decode([i]) for i in best.indices.tolist()]
+            assert all(abs(a - b) <= TOL for a, b in zip(values, best.values.tolist(), strict=True))
+
+
+def test_prompt_logprobs_are_the_same_with_chunked_prefill(engine):
+    """A prompt prefilled 3 tokens per loop is scored chunk by chunk; the scores do not change."""
+    prompt = PROMPTS[4]
+    ids = engine.encode(prompt, chat=False)
+    assert len(ids) > 6  # several chunks
+    ref = _ref_logprobs(engine, ids)
+    with test_serve.serving(engine) as (url, scheduler):
+        scheduler.prefill_chunk = 3  # read at every loop
+        lp = _complete(url, prompt=prompt, echo=True, logprobs=1, max_tokens=0)["choices"][0]["logprobs"]
+        assert scheduler.counters["prefill_tokens"] == len(ids)
+        h = test_serve.wait_for(url, lambda h: h["slots_used"] == 0, "the scored prompt's slot to be free")
+        assert h["finished"] == 1 and h["tokens"] == 0  # scored, nothing generated
+    assert len(lp["token_logprobs"]) == len(ids)
+    for t in range(1, len(ids)):
+        assert abs(lp["token_logprobs"][t] - ref[t - 1, ids[t]].item()) <= TOL, t
+
+
+def test_token_id_prompt_echo_gives_the_decoded_prompt(engine, server):
+    ids = engine.encode(PROMPTS[0], chat=False)
+    out = _complete(server[0], prompt=ids, echo=True, logprobs=0, max_tokens=0)
+    choice = out["choices"][0]
+    assert choice["text"] == engine.decode(ids)
+    assert choice["logprobs"]["top_logprobs"][1:] == [{}] * (len(ids) - 1)  # logprobs 0: no alternatives
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_greedy_generated_logprobs_are_the_step_logits(engine, server, echo):
+    prompt = PROMPTS[1]
+    ids = engine.encode(prompt, chat=False)
+    out = _complete(
+        server[0],
+        prompt=prompt,
+        max_tokens=6,
+        temperature=0,
+        logprobs=2,
+        echo=echo,
+        ignore_eos=True,
+        return_token_ids=True,
+    )
+    choice = out["choices"][0]
+    gen = choice["token_ids"]
+    lp = choice["logprobs"]
+    skip = len(ids) if echo else 0
+    assert len(lp["token_logprobs"]) == skip + len(gen) == skip + 6
+    if echo:
+        assert choice["text"].startswith(prompt)
+    ref = _ref_logprobs(engine, ids + gen)
+    for k, t in enumerate(gen):
+        row = ref[len(ids) + k - 1]
+        assert abs(lp["token_logprobs"][skip + k] - row[t].item()) <= TOL, k
+        top = lp["top_logprobs"][skip + k]
+        assert len(top) == 2 and list(top.values()) == sorted(top.values(), reverse=True)
+        assert lp["tokens"][skip + k] == engine.decode([t]) == next(iter(top))  # greedy: the chosen is the best
+    offsets = lp["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+def _stream(url: str, body: dict) -> list[dict]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chunks = []
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=WAIT_S) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    return chunks
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_join_to_the_non_streamed_ones(server, echo):
+    body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 5, "temperature": 0, "logprobs": 2, "echo": echo}
+    whole = _complete(server[0], **body)["choices"][0]
+    joined = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    text = ""
+    for c in _stream(server[0], {**body, "stream": True}):
+        choice = c["choices"][0]
+        text += choice["text"]
+        if choice["logprobs"] is not None:
+            for key in joined:
+                joined[key] += choice["logprobs"][key]
+    assert text == whole["text"]
+    ref = whole["logprobs"]
+    assert joined["tokens"] == ref["tokens"] and joined["text_offset"] == ref["text_offset"]
+    for a, b in zip(joined["token_logprobs"], ref["token_logprobs"], strict=True):
+        assert (a is None and b is None) or abs(a - b) <= TOL
+    assert [None if t is None else list(t) for t in joined["top_logprobs"]] == [
+        None if t is None else list(t) for t in ref["top_logprobs"]
+    ]
+
+
+def test_tokenize_round_trips_through_detokenize(engine, server):
+    url = server[0]
+    for prompt in PROMPTS:
+        r = _post(url, "/tokenize", {"model": NAME, "prompt": prompt})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["tokens"] == engine.encode(prompt, chat=False)
+        assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 64
+        back = _post(url, "/detokenize", {"tokens": body["tokens"]}).json()
+        assert back == {"prompt": engine.decode(body["tokens"])}
+        assert engine.encode(back["prompt"], chat=False) == body["tokens"]
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    body = _post(url, "/tokenize", {"messages": messages}).json()
+    assert body["tokens"] == engine.encode_chat(messages)
+
+
+def test_version_and_tokenizer_info(engine, server):
+    url = server[0]
+    assert httpx.get(url + "/version", timeout=WAIT_S).json() == {"version": dsv3.__version__}
+    assert httpx.get(url + "/tokenizer_info", timeout=WAIT_S).status_code == 401  # the key is needed
+    info = httpx.get(url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}, timeout=WAIT_S).json()
+    assert info["eos_token"] == engine.tokenizer.eos_token
+    assert info["chat_template"] == engine.tokenizer.chat_template and info["model_max_length"] == 64
+
+
+BAD = [
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": -1}, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": True}, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "echo": "yes"}, "echo"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo"),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+        "logprobs",
+    ),
+    ("/tokenize", {"model": NAME}, "prompt"),
+    ("/tokenize", {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "prompt"),
+    ("/tokenize", {"prompt": 5}, "prompt"),
+    ("/tokenize", {"model": "gpt-4", "prompt": "hi"}, "model"),
+    ("/detokenize", {"tokens": [1, 10_000]}, "tokens"),
+    ("/detokenize", {"tokens": "1 2"}, "tokens"),
+    ("/detokenize", {}, "tokens"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), BAD)
+def test_bad_logprobs_echo_and_tokenizer_requests_are_400_naming_the_field(server, path, body, param):
+    r = _post(server[0], path, body)
+    expected = 404 if param == "model" else 400
+    assert r.status_code == expected, r.text
+    assert r.json()["error"]["param"] == param
