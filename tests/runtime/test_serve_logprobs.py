@@ -201,3 +201,35 @@ def test_bad_logprobs_echo_and_tokenizer_requests_are_400_naming_the_field(serve
     expected = 404 if param == "model" else 400
     assert r.status_code == expected, r.text
     assert r.json()["error"]["param"] == param
+
+
+def test_loglikelihood_as_lm_eval_local_completions_asks_for_it(engine, server):
+    """lm-eval's request for a (context, continuation) pair: the joined token ids, ``max_tokens`` 1,
+    ``logprobs`` 1, ``echo``; it sums ``token_logprobs[ctxlen:-1]`` and calls the continuation greedy when
+    each of those equals the best of its ``top_logprobs``."""
+    url = server[0]
+    context = engine.encode(PROMPTS[0], chat=False)
+    for continuation in (" is big", " ran"):
+        cont = _post(url, "/tokenize", {"prompt": continuation, "add_special_tokens": False}).json()["tokens"]
+        assert cont
+        ids = context + cont
+        body = {"prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+        lp = _complete(url, **body)["choices"][0]["logprobs"]
+        ctxlen = len(context)
+        got = lp["token_logprobs"][ctxlen:-1]
+        ref_all = _ref_logprobs(engine, ids)
+        ref = [ref_all[t - 1, ids[t]].item() for t in range(ctxlen, len(ids))]
+        assert len(got) == len(cont) and abs(sum(got) - sum(ref)) <= TOL * len(cont)
+        greedy = all(v == max(top.values()) for v, top in zip(got, lp["top_logprobs"][ctxlen:-1], strict=True))
+        ref_greedy = all(ref_all[t - 1].argmax().item() == ids[t] for t in range(ctxlen, len(ids)))
+        assert greedy == ref_greedy
+
+
+def test_tokenize_without_special_tokens_leaves_out_bos(engine, server):
+    """lm-eval's remote tokenizer finds the EOS id as the first token of ``/tokenize`` of the EOS text."""
+    url = server[0]
+    with_bos = _post(url, "/tokenize", {"prompt": PROMPTS[1]}).json()["tokens"]
+    plain = _post(url, "/tokenize", {"prompt": PROMPTS[1], "add_special_tokens": False}).json()["tokens"]
+    assert engine.tokenizer.bos_token_id is not None and with_bos == [engine.tokenizer.bos_token_id] + plain
+    eos = _post(url, "/tokenize", {"prompt": engine.tokenizer.eos_token, "add_special_tokens": False}).json()
+    assert eos["tokens"][0] == engine.tokenizer.eos_token_id

@@ -287,6 +287,13 @@ def _logprobs(engine: Engine, entries: list[tuple[int, TokenLogprob | None]], of
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
 
 
+def _plain_ids(engine: Engine, text: str) -> list[int]:
+    """The text's token ids alone, without the BOS token that a completion prompt starts with."""
+    if engine.tokenizer is None:
+        raise APIError(400, "this model has no tokenizer; send token ids", "prompt")
+    return list(engine.tokenizer.encode(text, add_special_tokens=False))
+
+
 def _prompt_entries(prompt: list[int], lps: tuple[TokenLogprob, ...]) -> list[tuple[int, TokenLogprob | None]]:
     """A prompt's tokens with their logprobs; the first token has none (nothing before it predicts it)."""
     return list(zip(prompt, (None, *lps), strict=True))
@@ -528,7 +535,8 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' (a string) and 'messages'", "prompt")
         if req.prompt is not None:
-            ids = engine.encode(prompts_of(req.prompt)[0], chat=False)
+            text = prompts_of(req.prompt)[0]
+            ids = engine.encode(text, chat=False) if req.add_special_tokens else _plain_ids(engine, text)
         else:
             ids = _chat_ids(engine, messages_of(req.messages))
         return {"tokens": ids, "count": len(ids), "max_model_len": settings.max_model_len}

@@ -90,6 +90,7 @@ class TokenizeRequest(BaseModel):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: Any = None
+    add_special_tokens: StrictBool = True  # for a prompt: False leaves out the BOS token /v1/completions adds
 
 
 class DetokenizeRequest(BaseModel):
