@@ -7,6 +7,7 @@ Every log-probability is checked against ``log_softmax`` of :meth:`Engine.logits
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -45,7 +46,7 @@ def test_echo_with_max_tokens_0_scores_every_prompt_token(engine, server):
         ref = _ref_logprobs(engine, ids)
         lp = choice["logprobs"]
         assert choice["text"] == prompt and choice["finish_reason"] == "length"
-        assert lp["tokens"] == [engine.decode([t]) for t in ids]
+        assert lp["tokens"] == [engine.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
         assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
         assert lp["text_offset"][0] == 0
         for t in range(1, len(ids)):
@@ -54,7 +55,7 @@ def test_echo_with_max_tokens_0_scores_every_prompt_token(engine, server):
             values = list(top.values())
             assert len(top) == 3 and values == sorted(values, reverse=True)
             best = ref[t - 1].topk(3)
-            assert list(top) == [engine.decode([i]) for i in best.indices.tolist()]
+            assert list(top) == [engine.tokenizer.decode([i], skip_special_tokens=False) for i in best.indices.tolist()]
             assert all(abs(a - b) <= TOL for a, b in zip(values, best.values.tolist(), strict=True))
 
 
@@ -110,7 +111,9 @@ def test_greedy_generated_logprobs_are_the_step_logits(engine, server, echo):
         assert abs(lp["token_logprobs"][skip + k] - row[t].item()) <= TOL, k
         top = lp["top_logprobs"][skip + k]
         assert len(top) == 2 and list(top.values()) == sorted(top.values(), reverse=True)
-        assert lp["tokens"][skip + k] == engine.decode([t]) == next(iter(top))  # greedy: the chosen is the best
+        assert (
+            lp["tokens"][skip + k] == engine.tokenizer.decode([t], skip_special_tokens=False) == next(iter(top))
+        )  # greedy: the chosen is the best
     offsets = lp["text_offset"]
     assert offsets == sorted(offsets) and offsets[0] == 0
 
@@ -233,3 +236,42 @@ def test_tokenize_without_special_tokens_leaves_out_bos(engine, server):
     assert engine.tokenizer.bos_token_id is not None and with_bos == [engine.tokenizer.bos_token_id] + plain
     eos = _post(url, "/tokenize", {"prompt": engine.tokenizer.eos_token, "add_special_tokens": False}).json()
     assert eos["tokens"][0] == engine.tokenizer.eos_token_id
+
+
+def test_requests_with_different_logprobs_in_one_batch(engine, server):
+    """Rows asking for different top-k (or none) decode in the same steps; each gets its own."""
+    # max_tokens 4 each: the three queued behind the held first row share its remaining steps
+    url, scheduler = server
+    asks = [None, 0, 2, 5]
+    prompts = PROMPTS[:4]
+    with ThreadPoolExecutor(len(asks)) as pool, test_serve.held(scheduler) as gate:
+        body = {"max_tokens": 4, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        futures = [
+            pool.submit(_complete, url, prompt=p, logprobs=k, **body) for p, k in zip(prompts, asks, strict=True)
+        ]
+        # the first one's decode is held, so the other three are queued and join its batch after it
+        test_serve.wait_for(url, lambda h: h["slots_used"] + h["waiting"] == 4, "all four to be in")
+        gate.set()
+        outs = [f.result(WAIT_S)["choices"][0] for f in futures]
+    for prompt, k, choice in zip(prompts, asks, outs, strict=True):
+        if k is None:
+            assert choice["logprobs"] is None
+            continue
+        ids, gen = engine.encode(prompt, chat=False), choice["token_ids"]
+        ref = _ref_logprobs(engine, ids + gen)
+        lp = choice["logprobs"]
+        assert [len(t) for t in lp["top_logprobs"]] == [k] * len(gen)
+        for j, t in enumerate(gen):
+            assert abs(lp["token_logprobs"][j] - ref[len(ids) + j - 1, t].item()) <= TOL, (k, j)
+
+
+def test_logprobs_and_max_tokens_0_are_refused_with_mtp(engine):
+    """Speculative decoding samples inside the verifier, so the server refuses to score there."""
+    with test_serve.serving(engine) as (url, scheduler):
+        scheduler.mtp = 1  # only the app's check reads it: the refused requests never reach the scheduler
+        try:
+            for body, param in (({"logprobs": 1}, "logprobs"), ({"echo": True, "max_tokens": 0}, "max_tokens")):
+                r = _post(url, "/v1/completions", {"model": NAME, "prompt": "hi", **body})
+                assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        finally:
+            scheduler.mtp = 0

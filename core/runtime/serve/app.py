@@ -268,23 +268,30 @@ def _job(
 def _logprobs(engine: Engine, entries: list[tuple[int, TokenLogprob | None]], offset: int) -> tuple[dict, int]:
     """OpenAI's completions logprobs for (token id, its logprob or None) entries, text offsets from ``offset``.
 
-    Tokens are shown as each id decoded alone; ``text_offset`` adds up those pieces' lengths.
+    Tokens are shown as each id decoded alone, special tokens included; ``text_offset`` adds up the
+    lengths of the pieces as the text shows them (special tokens: none).
     """
     tokens, values, tops, offsets = [], [], [], []
     for t, lp in entries:
-        piece = engine.decode([t])
-        tokens.append(piece)
+        tokens.append(_token_str(engine, t))
         offsets.append(offset)
-        offset += len(piece)
+        offset += len(engine.decode([t])) if engine.tokenizer is not None else 0
         values.append(None if lp is None else lp.logprob)
         if lp is None:
             tops.append(None)
             continue
         top: dict[str, float] = {}
-        for tid, v in lp.top:  # best first; two ids decoding alike keep the better one
-            top.setdefault(engine.decode([tid]), v)
+        for tid, v in lp.top:  # best first; two ids shown alike keep the better one
+            top.setdefault(_token_str(engine, tid), v)
         tops.append(top)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
+def _token_str(engine: Engine, t: int) -> str:
+    """A token as logprobs show it: decoded alone, special tokens included (so EOS is not ``""``)."""
+    if engine.tokenizer is None:
+        return f"token_id:{t}"
+    return engine.tokenizer.decode([t], skip_special_tokens=False)
 
 
 def _plain_ids(engine: Engine, text: str) -> list[int]:
