@@ -76,6 +76,13 @@ def test_prompt_logprobs_are_the_same_with_chunked_prefill(engine):
         assert abs(lp["token_logprobs"][t] - ref[t - 1, ids[t]].item()) <= TOL, t
 
 
+def test_a_one_token_prompt_has_nothing_to_score(engine, server):
+    bos = engine.tokenizer.bos_token_id
+    choice = _complete(server[0], prompt=[bos], echo=True, logprobs=2, max_tokens=0)["choices"][0]
+    assert choice["logprobs"]["token_logprobs"] == [None] and choice["logprobs"]["top_logprobs"] == [None]
+    assert choice["finish_reason"] == "length"
+
+
 def test_token_id_prompt_echo_gives_the_decoded_prompt(engine, server):
     ids = engine.encode(PROMPTS[0], chat=False)
     out = _complete(server[0], prompt=ids, echo=True, logprobs=0, max_tokens=0)

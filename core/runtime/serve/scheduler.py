@@ -56,10 +56,10 @@ class TokenLogprob:
 def token_logprobs(logits: torch.Tensor, chosen: list[int], k: int) -> list[TokenLogprob]:
     """logits (N, V) float32 and one chosen token per row -> its log-probability and the top ``k``."""
     lp = logits.float().log_softmax(-1)
-    picked = lp.gather(-1, torch.tensor(chosen, device=lp.device).unsqueeze(-1))[:, 0].tolist()
+    picked = lp.gather(-1, torch.tensor(chosen, dtype=torch.long, device=lp.device).unsqueeze(-1))[:, 0].tolist()
     if k == 0:
         return [TokenLogprob(v) for v in picked]
-    vals, ids = lp.topk(k, dim=-1)
+    vals, ids = lp.topk(min(k, lp.shape[-1]), dim=-1)  # a vocabulary smaller than k: all of it
     return [
         TokenLogprob(v, tuple(zip(i, t, strict=True)))
         for v, i, t in zip(picked, ids.tolist(), vals.tolist(), strict=True)
@@ -323,8 +323,8 @@ class Scheduler:
         tokens = torch.tensor([req.prompt[start:stop]], dtype=torch.long, device=device)  # (1, T)
         positions = torch.arange(start, stop, device=device).unsqueeze(0)  # (1, T)
         hidden = self.model(tokens, positions, self._cache, rows=self._rows([a.slot]))[0]  # (T, D)
-        if req.prompt_logprobs:  # position p's logits score prompt token p + 1
-            scored = req.prompt[start + 1 : stop + 1]
+        scored = req.prompt[start + 1 : stop + 1] if req.prompt_logprobs else []
+        if scored:  # position p's logits score prompt token p + 1
             logits = self.model.logits(hidden[: len(scored)])
             a.prompt_lps += token_logprobs(logits, scored, req.logprobs or 0)
         hidden = hidden[-1:]  # (1, D)
