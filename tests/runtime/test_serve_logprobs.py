@@ -17,7 +17,7 @@ pytest.importorskip("openai", reason="the serving tests use the openai client")
 
 import dsv3  # noqa: E402
 from tests.runtime import test_serve  # noqa: E402
-from tests.runtime.test_serve import KEY, NAME, PROMPTS, WAIT_S, _post  # noqa: E402
+from tests.runtime.test_serve import KEY, NAME, PROMPTS, WAIT_S, _post, health  # noqa: E402
 
 ckpt, engine, server = test_serve.ckpt, test_serve.engine, test_serve.server  # its module-scoped fixtures
 
@@ -282,3 +282,32 @@ def test_logprobs_and_max_tokens_0_are_refused_with_mtp(engine):
                 assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
         finally:
             scheduler.mtp = 0
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_dsv3_serve_command_scores_prompts(ckpt, engine, ranks):
+    """``dsv3 serve --dtype float32`` (and under torchrun, where rank 1 replays the prompt's logits call):
+    prompt and greedy logprobs equal Engine.logits', with chunked prefill."""
+    proc, lines, _ = test_serve._launch_serve(ckpt, "--port", "0", "--prefill-chunk", "3", ranks=ranks)
+    try:
+        url = test_serve._serving_url(
+            lines, "with .*tensor parallel over 2 processes" if ranks > 1 else "with continuous batching"
+        )
+        body = {"echo": True, "logprobs": 2, "max_tokens": 3, "temperature": 0, "return_token_ids": True}
+        out = _complete(url, prompt=PROMPTS[:3], ignore_eos=True, **body)
+        for prompt, choice in zip(PROMPTS[:3], out["choices"], strict=True):
+            ids = engine.encode(prompt, chat=False)
+            seq = ids + choice["token_ids"]
+            ref = _ref_logprobs(engine, seq)
+            got = choice["logprobs"]["token_logprobs"]
+            assert got[0] is None and len(got) == len(ids) + 3
+            for t in range(1, len(seq)):
+                assert abs(got[t] - ref[t - 1, seq[t]].item()) <= TOL, (prompt, t)
+        assert health(url)["slots_used"] == 0
+    finally:
+        if ranks > 1:
+            assert test_serve._stop_group(proc) == []
+        else:
+            proc.terminate()
+            proc.wait(WAIT_S)
