@@ -16,6 +16,11 @@ Sampling is per row: greedy rows and unseeded rows share one ``dsv3_op_sample`` 
 a seed is drawn alone with its own generator, so a seeded request draws exactly what
 ``dsv3 run --seed`` draws for that prompt alone.
 
+A request may ask for log-probabilities (``logprobs``: top-k): each sampled token's comes from the
+logits it was drawn from; with ``prompt_logprobs`` its prompt is scored by its own prefill (the logits
+at every prompt position, chunk by chunk), and ``max_tokens=0`` then ends it without sampling. Plain
+decoding only: with ``mtp`` the server refuses these requests.
+
 With ``mtp=K`` (speculative decoding with the checkpoint's MTP module) the same loop runs
 :class:`dsv3.runtime.speculative.SpecDecoder` steps instead of plain decode steps: every active slot drafts
 K tokens, one main-model forward verifies them all, and each slot streams its accepted drafts plus
