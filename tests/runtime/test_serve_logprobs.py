@@ -1,4 +1,4 @@
-"""``logprobs`` and ``echo`` on /v1/completions, and the tokenizer endpoints (what lm-evaluation-harness's
+"""``logprobs`` and ``echo`` on /v1/completions, chat's ``logprobs`` / ``top_logprobs``, and the tokenizer endpoints (what lm-evaluation-harness's
 ``local-completions`` model uses for loglikelihood tasks), against a float32 server started here.
 
 Every log-probability is checked against ``log_softmax`` of :meth:`Engine.logits` over the same tokens.
@@ -19,7 +19,7 @@ import dsv3  # noqa: E402
 from tests.runtime import test_serve  # noqa: E402
 from tests.runtime.test_serve import KEY, NAME, PROMPTS, WAIT_S, _post, health  # noqa: E402
 
-ckpt, engine, server = test_serve.ckpt, test_serve.engine, test_serve.server  # its module-scoped fixtures
+ckpt, engine, server, client = test_serve.ckpt, test_serve.engine, test_serve.server, test_serve.client  # its fixtures
 
 # The server and the reference both run the float32 model; they differ only in how the work is split
 # (cached prefill/decode in a batch vs one uncached forward), which moves fp32 logits by ~1e-6.
@@ -125,10 +125,10 @@ def test_greedy_generated_logprobs_are_the_step_logits(engine, server, echo):
     assert offsets == sorted(offsets) and offsets[0] == 0
 
 
-def _stream(url: str, body: dict) -> list[dict]:
+def _stream(url: str, body: dict, path: str = "/v1/completions") -> list[dict]:
     headers = {"Authorization": f"Bearer {KEY}"}
     chunks = []
-    with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=WAIT_S) as r:
+    with httpx.stream("POST", url + path, json=body, headers=headers, timeout=WAIT_S) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -192,8 +192,23 @@ BAD = [
     ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "echo": True}, "echo"),
     (
         "/v1/chat/completions",
-        {"model": NAME, "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+        {"model": NAME, "messages": [{"role": "user", "content": "x"}], "logprobs": 1},
         "logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+        "top_logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "x"}], "logprobs": False, "top_logprobs": 0},
+        "top_logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+        "top_logprobs",
     ),
     ("/tokenize", {"model": NAME}, "prompt"),
     ("/tokenize", {"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "prompt"),
@@ -280,8 +295,85 @@ def test_logprobs_and_max_tokens_0_are_refused_with_mtp(engine):
             for body, param in (({"logprobs": 1}, "logprobs"), ({"echo": True, "max_tokens": 0}, "max_tokens")):
                 r = _post(url, "/v1/completions", {"model": NAME, "prompt": "hi", **body})
                 assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            messages = [{"role": "user", "content": "hi"}]
+            r = _post(url, "/v1/chat/completions", {"model": NAME, "messages": messages, "logprobs": True})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
         finally:
             scheduler.mtp = 0
+
+
+def _chat(url: str, **body) -> dict:
+    r = _post(url, "/v1/chat/completions", {"model": NAME, **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _shown(engine, t: int) -> str:
+    return engine.tokenizer.decode([t], skip_special_tokens=False)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_greedy_chat_logprobs_are_the_step_logits(engine, server, k):
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    ids = engine.encode_chat(messages)
+    body = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True, "logprobs": True}
+    choice = _chat(server[0], messages=messages, top_logprobs=k, **body)["choices"][0]
+    gen = choice["token_ids"]
+    content = choice["logprobs"]["content"]
+    assert len(gen) == len(content) == 6
+    ref = _ref_logprobs(engine, ids + gen)
+    for j, (t, entry) in enumerate(zip(gen, content, strict=True)):
+        row = ref[len(ids) + j - 1]
+        assert entry["token"] == _shown(engine, t) and entry["bytes"] == list(entry["token"].encode("utf-8"))
+        assert abs(entry["logprob"] - row[t].item()) <= TOL, j
+        top = entry["top_logprobs"]
+        assert len(top) == k
+        if k == 0:
+            continue
+        values = [e["logprob"] for e in top]
+        assert values == sorted(values, reverse=True) and top[0]["token"] == entry["token"]  # greedy: the best
+        best = row.topk(k)
+        assert [e["token"] for e in top] == [_shown(engine, i) for i in best.indices.tolist()]
+        assert all(e["bytes"] == list(e["token"].encode("utf-8")) for e in top)
+        assert all(abs(a - b) <= TOL for a, b in zip(values, best.values.tolist(), strict=True))
+
+
+def test_chat_without_logprobs_has_none(server):
+    choice = _chat(server[0], messages=[{"role": "user", "content": "hi"}], max_tokens=2)["choices"][0]
+    assert choice["logprobs"] is None
+
+
+def test_streamed_chat_logprobs_join_to_the_non_streamed_ones(server):
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    body = {"model": NAME, "messages": messages, "max_tokens": 5, "temperature": 0, "logprobs": True}
+    body |= {"top_logprobs": 2, "ignore_eos": True}
+    whole = _chat(server[0], **body)["choices"][0]
+    text, joined = "", []
+    for c in _stream(server[0], {**body, "stream": True}, "/v1/chat/completions"):
+        choice = c["choices"][0]
+        text += choice["delta"].get("content", "")
+        if choice["logprobs"] is not None:
+            joined += choice["logprobs"]["content"]
+    assert text == whole["message"]["content"]
+    ref = whole["logprobs"]["content"]
+    assert len(joined) == len(ref) == 5
+    for a, b in zip(joined, ref, strict=True):
+        assert a["token"] == b["token"] and a["bytes"] == b["bytes"] and abs(a["logprob"] - b["logprob"]) <= TOL
+        assert [e["token"] for e in a["top_logprobs"]] == [e["token"] for e in b["top_logprobs"]]
+
+
+def test_openai_client_reads_chat_logprobs(engine, client):
+    messages = [{"role": "user", "content": PROMPTS[1]}]
+    r = client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=3, temperature=0, logprobs=True, top_logprobs=2
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 3
+    ref = _ref_logprobs(engine, engine.encode_chat(messages))[-1]
+    first = content[0]
+    assert first.token == _shown(engine, ref.argmax().item()) and abs(first.logprob - ref.max().item()) <= TOL
+    assert [t.token for t in first.top_logprobs] == [_shown(engine, i) for i in ref.topk(2).indices.tolist()]
+    assert first.bytes == list(first.token.encode("utf-8"))
 
 
 @pytest.mark.e2e

@@ -260,9 +260,30 @@ def _job(
         bool(req.stream),
         bool(req.stream and req.stream_options and req.stream_options.include_usage),
         bool(req.return_token_ids),
-        getattr(req, "logprobs", None) if isinstance(req, CompletionRequest) else None,
+        _top_k(req),
         bool(getattr(req, "echo", False)),
     )
+
+
+def _top_k(req: CompletionRequest | ChatRequest) -> int | None:
+    """How many top logprobs each token gets (None: no logprobs): completions' ``logprobs``, chat's ``top_logprobs``."""
+    if isinstance(req, CompletionRequest):
+        return req.logprobs
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def _chat_logprobs(engine: Engine, entries: list[tuple[int, TokenLogprob]]) -> dict:
+    """OpenAI's chat logprobs, ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}, ...]}``.
+
+    ``token`` is the id decoded alone (special tokens included) and ``bytes`` its UTF-8, so a token
+    holding part of a multi-byte character shows U+FFFD, not its raw bytes.
+    """
+
+    def one(t: int, v: float) -> dict:
+        s = _token_str(engine, t)
+        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+
+    return {"content": [one(t, lp.logprob) | {"top_logprobs": [one(i, v) for i, v in lp.top]} for t, lp in entries]}
 
 
 def _logprobs(engine: Engine, entries: list[tuple[int, TokenLogprob | None]], offset: int) -> tuple[dict, int]:
@@ -334,6 +355,8 @@ def _body(run: _Run, head: dict, chat: bool) -> dict:
         logprobs = None
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if job.logprobs is not None:
+                logprobs = _chat_logprobs(run.engine, list(zip(c.ids, c.lps, strict=True)))
         else:
             prompt_text = job.prompt_texts[i] if job.echo else ""
             choice["text"] = prompt_text + text
@@ -368,7 +391,10 @@ async def _stream_events(request: Request, run: _Run, head: dict, chat: bool) ->
             choice = {"index": i, "text": text or ""}
         logprobs = None
         if entries is not None and job.logprobs is not None:
-            logprobs, offsets[i] = _logprobs(run.engine, entries, offsets[i])
+            if chat:
+                logprobs = _chat_logprobs(run.engine, entries)
+            else:
+                logprobs, offsets[i] = _logprobs(run.engine, entries, offsets[i])
         choice |= {"logprobs": logprobs, "finish_reason": finish}
         if ids is not None:
             choice["token_ids"] = list(ids)
@@ -584,6 +610,8 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         req = parse(ChatRequest, await read_json(request))
         check_model(req.model)
         ids = _check_ids(_chat_ids(engine, messages_of(req.messages)), "messages", engine.cfg.vocab_size)
+        if scheduler.mtp and req.logprobs:
+            raise APIError(400, "'logprobs' is not supported with speculative decoding (--mtp)", "logprobs")
         job = _job(req, [ids], "messages", settings.max_tokens_limit, settings, engine.eos_ids)
         return await respond(request, job, chat=True)
 

@@ -3,7 +3,7 @@
 Scalars are checked by pydantic in strict mode (``"max_tokens": "5"`` is an error, not 5);
 ``prompt``, ``stop`` and ``messages`` have several legal shapes and are checked here, so an error
 names the field and what it should be. Unknown fields are ignored; known ones that this server
-does not implement (``n > 1``, chat logprobs, penalties, tools...) are refused rather than ignored.
+does not implement (``n > 1``, penalties, tools...) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..generate import SamplingError, SamplingParams
 from ..text import check_text
 
 MAX_STOP_STRINGS = 16
-MAX_LOGPROBS = 20  # OpenAI's cap on /v1/completions' top logprobs
+MAX_LOGPROBS = 20  # OpenAI's cap on top logprobs (completions' logprobs, chat's top_logprobs)
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest a few levels; deeper ones would exhaust the recursion limit downstream
 
 
@@ -104,7 +104,7 @@ class ChatRequest(_Common):
     messages: Any
     max_completion_tokens: PositiveInt | None = None
     logprobs: StrictBool | None = False
-    top_logprobs: Annotated[int, Field(strict=True, ge=0)] | None = None
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list | None = None
     response_format: dict | None = None
 
@@ -164,8 +164,8 @@ def parse(model: type[BaseModel], data: Any) -> Any:
     else:
         if (req.model_extra or {}).get("echo"):
             raise APIError(400, "'echo' is only supported by /v1/completions", "echo")
-        if req.logprobs or req.top_logprobs:
-            raise APIError(400, "'logprobs' is not supported", "logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         if req.tools:
             raise APIError(400, "'tools' (function calling) is not supported", "tools")
         if req.response_format and req.response_format.get("type", "text") != "text":
