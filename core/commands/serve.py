@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import signal
@@ -71,6 +72,23 @@ def add_parser(sub):
         "requests (0: whole prompts)",
     )
     p.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="cache positions the page pool holds for all requests together (default: enough for every slot at "
+        "--max-model-len, capped at half the memory available after loading); requests are admitted while pages "
+        "are free, and the newest is preempted (recomputed later) when the pool runs out",
+    )
+    p.add_argument("--page-size", type=int, default=None, help="cache positions per page (default 64)")
+    p.add_argument(
+        "--enable-prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep prompts' full cache pages and reuse them for later prompts that start with the same tokens "
+        "(default on; --no-enable-prefix-caching turns it off)",
+    )
+    p.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="uvicorn logging"
     )
     return p
@@ -85,7 +103,15 @@ def _positive(args, *names: str) -> None:
 
 def main(args) -> int:
     _positive(
-        args, "max_batch", "max_model_len", "max_prompt_tokens", "max_tokens_limit", "max_request_bytes", "max_waiting"
+        args,
+        "max_batch",
+        "max_model_len",
+        "max_prompt_tokens",
+        "max_tokens_limit",
+        "max_request_bytes",
+        "max_waiting",
+        "max_total_tokens",
+        "page_size",
     )
     if args.mtp < 0:
         raise Dsv3Error("--mtp must be >= 0 (draft tokens per step)")
@@ -173,16 +199,33 @@ def _serve(args, parallel, uvicorn, ServeSettings, create_app, http_protocol) ->
             max_request_bytes=args.max_request_bytes,
             api_key=args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None,
         )
-        scheduler = Scheduler(model, args.max_batch, max_len, args.max_waiting, args.mtp, args.prefill_chunk)
+        slot_len = max_len + (args.mtp + 1 if args.mtp else 0)
+        per_token = cache_bytes(engine.model, 1, 1)
+        total = args.max_total_tokens or default_total_tokens(engine.model, per_token, args.max_batch * slot_len)
+        scheduler = Scheduler(
+            model,
+            args.max_batch,
+            max_len,
+            args.max_waiting,
+            args.mtp,
+            args.prefill_chunk,
+            max_total_tokens=total,
+            prefix_caching=args.enable_prefix_caching,
+            page_size=args.page_size,
+        )
         app = create_app(engine, scheduler, settings)
         host, port = sock.getsockname()[:2]
-        mib = cache_bytes(engine.model, scheduler.max_batch, max_len + (args.mtp + 1 if args.mtp else 0)) / 2**20
         mode = f"continuous batching with speculative decoding (mtp={args.mtp})" if args.mtp else "continuous batching"
         if parallel.distributed:
             mode += f", tensor parallel over {parallel.world_size} processes"
+        pool = scheduler.pool
+        mib = per_token * pool.num_pages * pool.page_size / 2**20
+        cache = f"{pool.num_pages} pages of {pool.page_size}" if scheduler.paged else "contiguous rows"
+        prefix = "prefix caching on" if pool.prefix_caching else "prefix caching off"
         print(
             f"dsv3: serving '{settings.model_name}' on http://{args.host}:{port}/v1 with {mode}: "
-            f"{scheduler.max_batch} slots x {max_len} positions ({mib:.1f} MiB of cache)",
+            f"{scheduler.max_batch} slots of up to {max_len} positions; cache of {scheduler.max_total_tokens} "
+            f"positions ({cache}, {per_token} bytes per position, {mib:.1f} MiB), {prefix}",
             file=sys.stderr,
         )
         if args.host not in LOOPBACK and settings.api_key is None:
@@ -224,6 +267,19 @@ def _stop_when_dead(scheduler, server) -> None:
         if server.should_exit:
             return
     server.should_exit = True
+
+
+def default_total_tokens(model, per_token: int, wanted: int) -> int:
+    """``wanted`` cache positions (every slot at full length), capped at half the memory available now
+    on the model's device (host memory on a CPU), and at least one page."""
+    import torch
+
+    device = model.embed.device
+    if device.type == "cpu":
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        free = torch.accelerator.get_memory_info(device)[0]
+    return max(1, min(wanted, free // 2 // max(per_token, 1)))
 
 
 def cache_bytes(model, max_batch: int, max_len: int) -> int:

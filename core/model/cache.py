@@ -185,6 +185,17 @@ class ModelCache:
         mtp = [c.view(rows, length, step) for c in self.mtp]
         return ModelCache(main, mtp, self.max_batch, self.max_len, self.block_table, self.page_size)
 
+    def set_pages(self, row: int, first: int, pages: list[int]) -> None:
+        """Block table entries ``first ..`` of cache row ``row`` become ``pages`` (page indices of every
+        layer). A no-op for unpaged caches (the naive form's rows are contiguous)."""
+        if self.block_table is None or not pages:
+            return
+        if first + len(pages) > self.block_table.shape[1]:
+            raise ValueError(
+                f"row {row}: pages {first}..{first + len(pages) - 1} past the block table's {self.block_table.shape[1]}"
+            )
+        self.block_table[row, first : first + len(pages)] = torch.tensor(pages, dtype=torch.int32)
+
     def entries(self, layer, rows: torch.Tensor | list[int] | None = None) -> dict[str, torch.Tensor]:
         """``layer`` (one of ``main``/``mtp``)'s entries of cache rows ``rows`` as contiguous
         ``(B, max_len, ...)`` tensors, whichever the layout (to compare caches in tests)."""

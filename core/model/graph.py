@@ -391,26 +391,43 @@ class Transformer(nn.Module):
                 module.naive_prefill = on
 
     # ------------------------------------------------------------ caches
-    def new_cache(self, max_batch: int, max_len: int, page_size: int | None = None, page_seed: int = 0) -> ModelCache:
+    def new_cache(
+        self,
+        max_batch: int,
+        max_len: int,
+        page_size: int | None = None,
+        page_seed: int = 0,
+        num_pages: int | None = None,
+    ) -> ModelCache:
         """Allocate caches for ``max_batch`` rows of ``max_len`` positions (zeros, compute dtype).
 
-        The absorbed form's are paged: each row owns ``ceil(max_len / page_size)`` pages (page_size
-        default BuildOptions.page_size) drawn from a pool shuffled with ``page_seed``. The naive
-        form's per-head K/V strips are contiguous ``(max_batch, max_len, H, ...)``.
+        The absorbed form's are paged (page_size default BuildOptions.page_size). Without ``num_pages``
+        each row owns ``ceil(max_len / page_size)`` pages drawn from a pool shuffled with ``page_seed``.
+        With ``num_pages`` the layers get that many pages and the block table starts empty (all
+        zeros): the caller hands rows their pages with :meth:`set_pages` before writing to them (the
+        server's page pool). The naive form's per-head K/V strips are contiguous ``(max_batch, max_len, H, ...)``
+        (``num_pages`` does not apply).
         """
         dev, dt = self.embed.device, self.embed.dtype
         page_size = self.opts.page_size if page_size is None else page_size
         if page_size < 1:
             raise Dsv3Error(f"page_size {page_size} must be at least 1")
+        if num_pages is not None and num_pages < 1:
+            raise Dsv3Error(f"num_pages {num_pages} must be at least 1")
         paged = self.opts.attn_impl != "naive"
-        table = page_table(max_batch, max_len, page_size, page_seed, dev) if paged else None
+        table = None
+        if paged and num_pages is None:
+            table = page_table(max_batch, max_len, page_size, page_seed, dev)
+            num_pages = table.numel()
+        elif paged:
+            table = torch.zeros((max_batch, -(-max_len // page_size)), dtype=torch.int32, device=dev)
 
         def alloc(attn: MLA):
             shapes = attn.cache_shapes()
             if paged:
                 width = shapes["kv"][0] + shapes["pe"][0]
                 return PagedLayerCache(
-                    torch.zeros((table.numel(), page_size, width), dtype=dt, device=dev), shapes["kv"][0]
+                    torch.zeros((num_pages, page_size, width), dtype=dt, device=dev), shapes["kv"][0]
                 )
             return LayerCache(
                 {k: torch.zeros((max_batch, max_len, *s), dtype=dt, device=dev) for k, s in shapes.items()}
@@ -418,6 +435,11 @@ class Transformer(nn.Module):
 
         main, mtp = [alloc(layer.attn) for layer in self.layers], [alloc(m.block.attn) for m in self.mtp]
         return ModelCache(main, mtp, max_batch, max_len, table, page_size if paged else 0)
+
+    def set_pages(self, cache: ModelCache, row: int, first: int, pages: list[int]) -> None:
+        """Cache row ``row``'s positions from ``first * page_size`` on live in ``pages`` (see
+        ``ModelCache.set_pages``); a model call so that tensor-parallel serving mirrors it to every rank."""
+        cache.set_pages(row, first, pages)
 
     def rope(self, positions: torch.Tensor, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) -> cos, sin (B, T, R/2).

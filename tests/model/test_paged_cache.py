@@ -48,9 +48,14 @@ def contiguous_cache(model, max_batch: int, max_len: int) -> ModelCache:
 def use_cache(monkeypatch, model, layout: str | int) -> None:
     """Make model.new_cache allocate ``layout``: "contiguous", or paged with that page seed (pages of 4)."""
     if layout == "contiguous":
-        monkeypatch.setattr(model, "new_cache", lambda b, n: contiguous_cache(model, b, n))
+        monkeypatch.setattr(model, "new_cache", lambda b, n, **_: contiguous_cache(model, b, n))
     else:
-        monkeypatch.setattr(model, "new_cache", lambda b, n: type(model).new_cache(model, b, n, 4, layout))
+
+        def paged(b, n, page_size=4, num_pages=None):  # the scheduler's pool: num_pages, handed out as needed
+            assert page_size == 4
+            return type(model).new_cache(model, b, n, 4, layout, num_pages=num_pages)
+
+        monkeypatch.setattr(model, "new_cache", paged)
 
 
 def decode_logits(model, cache: ModelCache, steps: int) -> tuple[list[torch.Tensor], list[list[int]]]:
@@ -117,10 +122,11 @@ def test_generate_and_mtp_speculative_tokens_match_contiguous(model, monkeypatch
 
 @pytest.mark.parametrize("mtp", [0, 2])
 def test_scheduler_chunked_prefill_matches_contiguous(model, monkeypatch, mtp):
-    """The server's scheduler (slots = cache rows) with 3-token prefill chunks over pages of 4."""
+    """The server's scheduler (slots = cache rows) with 3-token prefill chunks over pages of 4 that its page pool
+    hands out as the two requests grow (so their pages interleave)."""
 
     def run() -> list[list[int]]:
-        sched = Scheduler(model, max_batch=2, max_len=40, mtp=mtp, prefill_chunk=3)
+        sched = Scheduler(model, max_batch=2, max_len=40, mtp=mtp, prefill_chunk=3, page_size=4)
         tokens: list[list[int]] = [[], []]
         done = [threading.Event(), threading.Event()]
 

@@ -27,6 +27,7 @@ openai = pytest.importorskip("openai", reason="the serving tests use the openai 
 uvicorn = pytest.importorskip("uvicorn", reason="dsv3 serve needs the 'serve' extra (fastapi, uvicorn)")
 
 import dsv3  # noqa: E402
+from dsv3.commands.serve import cache_bytes  # noqa: E402
 from dsv3.runtime.serve import bind_socket  # noqa: E402
 from dsv3.runtime.serve.app import ServeSettings, create_app  # noqa: E402
 from dsv3.runtime.serve.scheduler import Scheduler  # noqa: E402
@@ -461,10 +462,14 @@ def test_requests_join_a_running_batch(engine, server, client):
 
 # ------------------------------------------------------------ the command line
 def test_dsv3_serve_command_with_mtp(ckpt, engine):
-    """`dsv3 serve --mtp 2` in a subprocess: greedy answers equal plain generation; /health says mtp mode."""
-    proc, lines, _ = _launch_serve(ckpt, "--port", "0", "--max-model-len", "64", "--mtp", "2")
+    """`dsv3 serve --mtp 2` in a subprocess, on a page pool of 96 positions: greedy answers equal plain generation;
+    the start-up line states the pool and its bytes; /health says mtp mode and counts pages."""
+    extra = ("--max-model-len", "64", "--mtp", "2", "--max-total-tokens", "96", "--page-size", "8")
+    proc, lines, _ = _launch_serve(ckpt, "--port", "0", *extra)
     try:
-        url = _serving_url(lines, "with continuous batching with speculative decoding")
+        url, line = _serving(lines, "with continuous batching with speculative decoding")
+        per_token = cache_bytes(engine.model, 1, 1)
+        assert f"cache of 96 positions (12 pages of 8, {per_token} bytes per position, " in line
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT_S)
         for p in PROMPTS[:2]:
             r = client.completions.create(model=NAME, prompt=p, max_tokens=10, temperature=0)
@@ -472,6 +477,7 @@ def test_dsv3_serve_command_with_mtp(ckpt, engine):
         h = health(url)
         assert h["mtp"] == 2 and h["finished"] == 2 and h["slots_used"] == 0
         assert h["drafts"] > 0 and 0 <= h["accepted_drafts"] <= h["drafts"]
+        assert h["pages_total"] == 12 and h["page_size"] == 8 and h["pages_used"] == 0 and h["prefix_caching"]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -484,6 +490,11 @@ def test_dsv3_serve_refuses_bad_limits_and_a_busy_port(ckpt, capsys):
     assert "--max-batch must be at least 1" in capsys.readouterr().err
     assert cli_main(["serve", "--ckpt-path", str(ckpt), "--prefill-chunk", "-1"]) == 2
     assert "--prefill-chunk must be >= 0" in capsys.readouterr().err
+    assert cli_main(["serve", "--ckpt-path", str(ckpt), "--page-size", "0"]) == 2
+    assert "--page-size must be at least 1" in capsys.readouterr().err
+    small = ["--port", "0", "--max-model-len", "64", "--max-total-tokens", "50", "--page-size", "8"]  # 7 pages
+    assert cli_main(["serve", "--ckpt-path", str(ckpt), *small]) == 2
+    assert "--max-total-tokens 50 cannot hold one request of --max-model-len 64" in capsys.readouterr().err
     busy = bind_socket("127.0.0.1", 0)
     try:
         assert cli_main(["serve", "--ckpt-path", str(ckpt), "--port", str(busy.getsockname()[1])]) == 2
@@ -514,11 +525,17 @@ def _launch_serve(ckpt, *extra: str, ranks: int = 1) -> tuple[subprocess.Popen, 
 
 def _serving_url(lines: queue.Queue, mode: str) -> str:
     """The URL of the start-up line "... on URL/v1 <mode>...", once /health says ok."""
+    return _serving(lines, mode)[0]
+
+
+def _serving(lines: queue.Queue, mode: str) -> tuple[str, str]:
+    """The URL and the whole start-up line "... on URL/v1 <mode>...", once /health says ok."""
     while True:
-        m = re.search(rf"on (http://\S+?)/v1 {mode}", lines.get(timeout=120))
+        line = lines.get(timeout=120)
+        m = re.search(rf"on (http://\S+?)/v1 {mode}", line)
         if m:
             wait_for(m.group(1), lambda h: h["status"] == "ok", "the server")
-            return m.group(1)
+            return m.group(1), line
 
 
 def _children(pid: int) -> list[int]:
@@ -559,9 +576,11 @@ def _stop_group(proc: subprocess.Popen) -> list[int]:
 @pytest.mark.e2e
 @pytest.mark.parametrize("mtp", ["0", "2"])
 def test_tensor_parallel_serving_under_torchrun(ckpt, engine, mtp):
-    """2 ranks (gloo): rank 0 serves and schedules, rank 1 replays every model call on its shard; concurrent
-    greedy answers (plain, and chunked prefill with MTP drafts) equal one process's generate()."""
-    proc, lines, _ = _launch_serve(ckpt, "--port", "0", "--mtp", mtp, "--prefill-chunk", "3", ranks=2)
+    """2 ranks (gloo): rank 0 serves and schedules, rank 1 replays every model call (and page assignment) on its
+    shard; concurrent greedy answers (plain, and chunked prefill with MTP drafts) equal one process's generate(),
+    on a pool of 10 pages of 4 that cannot hold the four requests at once (preemption)."""
+    pool = ["--max-model-len", "24", "--page-size", "4", "--max-total-tokens", "40"]
+    proc, lines, _ = _launch_serve(ckpt, "--port", "0", "--mtp", mtp, "--prefill-chunk", "3", *pool, ranks=2)
     try:
         url = _serving_url(lines, "with .*tensor parallel over 2 processes")
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=WAIT_S)

@@ -127,11 +127,19 @@ class MirroredModel:
     def _cache_id(self, cache: ModelCache | None) -> int:
         return -1 if cache is None else self._cache_ids[id(cache)]
 
-    def new_cache(self, max_batch: int, max_len: int) -> ModelCache:
-        self.channel.send("new_cache", {"max_batch": max_batch, "max_len": max_len}, [])
-        cache = self._run(self.model.new_cache, max_batch, max_len)
+    def new_cache(
+        self, max_batch: int, max_len: int, page_size: int | None = None, num_pages: int | None = None
+    ) -> ModelCache:
+        ints = {"max_batch": max_batch, "max_len": max_len, "page_size": page_size, "num_pages": num_pages}
+        self.channel.send("new_cache", ints, [])
+        cache = self._run(self.model.new_cache, max_batch, max_len, page_size=page_size, num_pages=num_pages)
         self._cache_ids[id(cache)] = len(self._cache_ids)
         return cache
+
+    def set_pages(self, cache: ModelCache, row: int, first: int, pages: list[int]) -> None:
+        table = torch.tensor(pages, dtype=torch.int64)
+        self.channel.send("set_pages", {"cache": self._cache_id(cache), "row": row, "first": first}, [table])
+        self._run(self.model.set_pages, cache, row, first, pages)
 
     def __call__(self, tokens, positions=None, cache: ModelCache | None = None, rows=None) -> torch.Tensor:
         self.channel.send("forward", {"cache": self._cache_id(cache)}, [tokens, positions, rows])
@@ -170,7 +178,13 @@ def follow(model: Transformer, par: ParallelContext) -> None:
         if op == "stop":
             return
         if op == "new_cache":
-            caches.append(model.new_cache(ints["max_batch"], ints["max_len"]))
+            caches.append(
+                model.new_cache(
+                    ints["max_batch"], ints["max_len"], page_size=ints.get("page_size"), num_pages=ints.get("num_pages")
+                )
+            )
+        elif op == "set_pages":
+            model.set_pages(cache, ints["row"], ints["first"], tensors[0].tolist())
         elif op == "forward":
             tokens, positions, rows = tensors
             model(tokens, positions, cache, rows=rows)

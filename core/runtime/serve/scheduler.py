@@ -1,12 +1,21 @@
-"""Continuous batching: one thread owns the model and a fixed pool of cache slots.
+"""Continuous batching: one thread owns the model, ``max_batch`` cache rows (slots) and a pool of cache pages.
 
-Each slot is one row of a :class:`~dsv3.model.cache.ModelCache` (``max_batch`` rows of ``max_len``
-positions). Caches are indexed by position and attention reads keys ``j <= query position``, so a
-freed slot is reused by starting the next request's positions at 0 again: stale entries past its
-position are never read and get overwritten.
+Each running request has a slot (a row of the :class:`~dsv3.model.cache.ModelCache`'s block table:
+up to ``max_len`` positions) and the pages its positions live in, taken from a
+:class:`~dsv3.runtime.serve.pages.PagePool` of ``max_total_tokens`` positions as it needs them:
+its prompt's pages when it is admitted, one more page whenever decoding crosses a page boundary.
+So memory is spent on tokens that exist, not on ``max_batch x max_len``. A request is admitted
+(first come, first served) when a slot is free and the pool has pages for its prompt. When a
+running request needs a page and none is left, the most recently admitted request is preempted:
+its pages are freed and it goes back to the front of the queue with what it generated so far;
+readmitted, it prefills its prompt and those tokens again (recompute) and goes on decoding,
+without sending a token twice. With prefix caching, a prompt's full pages stay cached after the
+request ends (until their pages are needed), and a later prompt starting with the same tokens
+reads them instead of prefilling them (see ``pages.py``); the naive attention form (contiguous
+rows, no pages) runs without it.
 
-The loop, between two decode steps: drop cancelled requests (their slots become free), admit
-waiting requests into free slots, prefill admitted prompts alone into their slots, at most
+The loop, between two decode steps: drop cancelled requests (their slots and pages become free), admit
+waiting requests, prefill admitted prompts alone into their slots, at most
 ``prefill_chunk`` prompt tokens per loop (chunked prefill: a long prompt is spread over several
 loops so running requests keep getting tokens; a request's first token is sampled when its whole
 prompt is in), then run ONE decode step over every active slot at its own position. A request
@@ -47,6 +56,7 @@ from ...model.cache import cache_rows
 from ...model.graph import Transformer
 from ..sampling import finite_logits, sample_rows
 from ..speculative import RowSampler, SpecDecoder
+from .pages import PagePool
 
 
 @dataclass(frozen=True)
@@ -118,14 +128,29 @@ class SchedulerBusy(Exception):
 
 @dataclass(eq=False)
 class _Active:
+    """A request's state from submission to its end (queued again as it is when preempted)."""
+
     req: Request
-    slot: int
-    pos: int  # where the pending token goes
-    token: int  # the newest sampled token, not yet seen by the model
-    generated: int
-    generator: torch.Generator | None
-    prefilled: int = 0  # prompt tokens already in the cache
+    slot: int = -1  # its cache row while admitted
+    pos: int = 0  # where the pending token goes
+    token: int = 0  # the newest sampled token, not yet seen by the model
+    generated: int = 0
+    generator: torch.Generator | None = None
+    prefilled: int = 0  # tokens of ``seq`` already in the cache
     prompt_lps: list[TokenLogprob] = field(default_factory=list)  # for the prompt tokens 1 .. prefilled
+    output: list[int] = field(default_factory=list)  # tokens sent so far
+    pages: list[int] = field(default_factory=list)  # its cache pages, in position order
+    registered: int = 0  # of them, how many are known to the prefix cache
+    keys: list[bytes] | None = None  # the prefix keys of ``seq``'s full pages
+
+    @property
+    def seq(self) -> list[int]:
+        """The tokens to prefill: the prompt, or after a preemption also what was sent but the newest."""
+        return self.req.prompt + self.output[:-1]
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.output)
 
 
 class Scheduler:
@@ -134,7 +159,10 @@ class Scheduler:
     max_batch: cache slots (rows decoded together); max_len: positions per slot;
     max_waiting: requests queued for a slot before ``submit`` refuses more; mtp: draft tokens per
     step for speculative decoding (0: plain continuous batching); prefill_chunk: prompt tokens
-    prefilled per loop, between two decode steps (0: every admitted prompt whole).
+    prefilled per loop, between two decode steps (0: every admitted prompt whole);
+    max_total_tokens: positions the page pool holds (default ``max_batch x`` a slot's positions:
+    never a preemption); prefix_caching: keep and reuse prompts' full pages (paged caches only);
+    page_size: positions per page (default the model's BuildOptions.page_size).
     """
 
     def __init__(
@@ -145,6 +173,9 @@ class Scheduler:
         max_waiting: int = 256,
         mtp: int = 0,
         prefill_chunk: int = 0,
+        max_total_tokens: int | None = None,
+        prefix_caching: bool = True,
+        page_size: int | None = None,
     ):
         self.model = model
         self.max_batch = max_batch
@@ -152,8 +183,25 @@ class Scheduler:
         if not isinstance(prefill_chunk, int) or prefill_chunk < 0:
             raise Dsv3Error(f"prefill_chunk must be an integer >= 0 (0: whole prompts); got {prefill_chunk!r}")
         self.prefill_chunk = prefill_chunk
+        self.slot_len = max_len + (mtp + 1 if mtp else 0)  # verification reads K + 1 positions past the last token
+        self.paged = model.opts.attn_impl != "naive"
+        page_size = (page_size or model.opts.page_size) if self.paged else self.slot_len
+        slot_pages = -(-self.slot_len // page_size)
+        if max_total_tokens is None or not self.paged:  # the naive form's rows are contiguous: slots are the pool
+            num_pages = max_batch * slot_pages
+        else:
+            num_pages = -(-max_total_tokens // page_size)
+            if num_pages < slot_pages:
+                raise Dsv3Error(
+                    f"--max-total-tokens {max_total_tokens} cannot hold one request of --max-model-len {max_len} "
+                    f"({slot_pages * page_size} positions in pages of {page_size}): raise it or lower --max-model-len"
+                )
+        # an MTP layer's entry at position t reads tokens t+1 .. t+D, so a cached page's key covers them too
+        lookahead = min(mtp, len(model.mtp)) if mtp else 0
+        self.pool = PagePool(num_pages, page_size, prefix_caching and self.paged, lookahead)
+        self.max_total_tokens = num_pages * page_size
         self._cond = threading.Condition()
-        self._waiting: collections.deque[Request] = collections.deque()
+        self._waiting: collections.deque[_Active] = collections.deque()
         self._free = list(range(self.max_batch))  # a heap: the lowest free slot is used first
         self._active: dict[int, _Active] = {}  # slot -> its request
         self._prefilling: collections.deque[_Active] = collections.deque()  # admitted, prompt not all in
@@ -189,7 +237,7 @@ class Scheduler:
                 raise SchedulerBusy("the server is shutting down")
             if len(self._waiting) >= self.max_waiting:
                 raise SchedulerBusy(f"the server is at capacity ({self.max_waiting} requests waiting)")
-            self._waiting.append(req)
+            self._waiting.append(_Active(req))
             self.counters["submitted"] += 1
             self._cond.notify_all()
 
@@ -217,9 +265,25 @@ class Scheduler:
             "prefilling": len(self._prefilling),
             "waiting": len(self._waiting),
             "max_model_len": self.max_len,
+            "max_total_tokens": self.max_total_tokens,
+            "prefix_caching": self.pool.prefix_caching,
+            **self.pool.stats(),
             "mtp": self.mtp,
             "peak_batch": self.peak_batch,
-            **{k: self.counters[k] for k in ("submitted", "finished", "cancelled", "errors", "tokens", "steps")},
+            **{
+                k: self.counters[k]
+                for k in (
+                    "submitted",
+                    "finished",
+                    "cancelled",
+                    "errors",
+                    "tokens",
+                    "steps",
+                    "preempted",
+                    "prefill_tokens",
+                    "prefix_hit_tokens",
+                )
+            },
         }
         if self.mtp:  # drafts made for running requests, and how many of them the main model accepted
             out.update({k: self.counters[k] for k in ("drafts", "accepted_drafts")})
@@ -229,11 +293,11 @@ class Scheduler:
     def _run(self) -> None:
         try:
             with torch.inference_mode():
-                if self.mtp:  # verification reads K + 1 positions past a request's last token
-                    self._cache = self.model.new_cache(self.max_batch, self.max_len + self.mtp + 1)
+                self._cache = self.model.new_cache(
+                    self.max_batch, self.slot_len, page_size=self.pool.page_size, num_pages=self.pool.num_pages
+                )
+                if self.mtp:
                     self._spec = SpecDecoder(self.model, self._cache, self.mtp)
-                else:
-                    self._cache = self.model.new_cache(self.max_batch, self.max_len)
                 self._loop()
         except BaseException as exc:  # keep /health honest if the thread itself dies
             self.fatal = f"{type(exc).__name__}: {exc}"
@@ -241,44 +305,108 @@ class Scheduler:
         finally:
             self._fail_all("the server is shutting down" if self.fatal is None else f"scheduler failed: {self.fatal}")
 
-    def _take_admissions(self) -> list[tuple[Request, int]] | None:
-        """Wait for work; drop cancelled requests; pair waiting requests with free slots. None: stop."""
+    def _take_admissions(self) -> bool:
+        """Wait for work; drop cancelled requests; admit waiting ones, first come first served, while a slot
+        is free and the pool has pages for the prompt (after its cached prefix). False: stop."""
         with self._cond:
             while not self._stopping and not self._waiting and not self._active and not self._prefilling:
                 self._cond.wait()
             if self._stopping:
-                return None
-            for slot in [s for s, a in self._active.items() if a.req.cancelled]:
-                self._release(slot)
+                return False
+            for a in [a for a in self._active.values() if a.req.cancelled]:
+                self._release(a)
             for a in [a for a in self._prefilling if a.req.cancelled]:
                 self._prefilling.remove(a)
-                heapq.heappush(self._free, a.slot)
-            if any(r.cancelled for r in self._waiting):
-                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+                self._release(a)
+            if any(a.req.cancelled for a in self._waiting):
+                self._waiting = collections.deque(a for a in self._waiting if not a.req.cancelled)
             admitted = []
-            while self._waiting and self._free:
-                admitted.append((self._waiting.popleft(), heapq.heappop(self._free)))
-            return admitted
+            while self._waiting and self._free and self._admit(self._waiting[0]):
+                a = self._waiting.popleft()
+                a.slot = heapq.heappop(self._free)
+                self._prefilling.append(a)
+                admitted.append(a)
+        for a in admitted:  # a model call (mirrored to the other ranks): outside the lock /health takes
+            self.model.set_pages(self._cache, a.slot, 0, a.pages)
+        return True
+
+    def _admit(self, a: _Active) -> bool:
+        """Give ``a`` the pages of its prefill: its cached prefix, then new ones. False: not enough pages."""
+        pool, seq = self.pool, a.seq
+        # the last `recompute` tokens are prefilled even when cached: the first sample needs their logits,
+        # and an MTP step's first window needs their hidden states
+        recompute = self._spec.window if self.mtp else 1
+        if pool.prefix_caching and a.keys is None:
+            a.keys = pool.keys(seq)
+        limit = max(0, len(seq) - recompute) // pool.page_size
+        cached = pool.match(a.keys, limit) if pool.prefix_caching else []
+        if pool.prefix_caching and len(cached) < min(limit, len(a.keys)) and a.keys[len(cached)] in self._writing():
+            pool.release(cached)  # an admitted prompt is prefilling the next page: wait and read it instead
+            return False
+        fresh = pool.allocate(pool.pages_for(len(seq)) - len(cached))
+        if fresh is None:
+            pool.release(cached)
+            return False
+        pool.hit_pages += len(cached)
+        a.pages, a.registered = cached + fresh, len(cached)
+        a.prefilled = len(cached) * pool.page_size
+        self.counters["prefix_hit_tokens"] += a.prefilled
+        return True
+
+    def _writing(self) -> set[bytes]:
+        """Prefix keys of the pages that requests still prefilling will register."""
+        return {key for a in self._prefilling if a.keys for key in a.keys[a.registered :]}
+
+    def _make_room(self, rows: list[_Active]) -> list[_Active]:
+        """Give each decoding row the pages its next step writes (``pos .. pos + K``), preempting the most
+        recently admitted requests while the pool is short. Returns the rows still running."""
+        order = {id(a): i for i, a in enumerate(self._admission_order())}
+        for a in sorted(rows, key=lambda a: order[id(a)]):
+            while a.slot >= 0:
+                need = self.pool.pages_for(a.pos + 1 + self.mtp) - len(a.pages)
+                if need <= 0:
+                    break
+                fresh = self.pool.allocate(need)
+                if fresh is not None:
+                    self.model.set_pages(self._cache, a.slot, len(a.pages), fresh)
+                    a.pages += fresh
+                    break
+                self._preempt(self._admission_order()[-1])
+        return [a for a in rows if a.slot >= 0]
+
+    def _admission_order(self) -> list[_Active]:
+        """Admitted requests, oldest admission first (decoding ones, then those still prefilling)."""
+        return list(self._active.values()) + list(self._prefilling)
+
+    def _preempt(self, a: _Active) -> None:
+        """Free ``a``'s slot and pages and queue it first again: readmitted, it prefills what it has so far."""
+        with self._cond:
+            if a in self._prefilling:
+                self._prefilling.remove(a)
+            self._release(a)
+            if not a.resumed:  # its prompt is scored again from the start
+                a.prompt_lps = []
+            a.keys = None
+            self._waiting.appendleft(a)
+        self.counters["preempted"] += 1
 
     def _loop(self) -> None:
         while True:
-            admitted = self._take_admissions()
-            if admitted is None:
+            if not self._take_admissions():
                 return
             prefill, decode = (self._prefill_mtp, self._decode_mtp) if self.mtp else (self._prefill, self._decode)
-            with self._cond:
-                self._prefilling.extend(_Active(req, slot, 0, 0, 0, None) for req, slot in admitted)
             budget = self.prefill_chunk or math.inf
             while self._prefilling and budget > 0:
                 a = self._prefilling[0]
-                stop = int(min(len(a.req.prompt), a.prefilled + budget))
+                stop = int(min(len(a.seq), a.prefilled + budget))
                 budget -= stop - a.prefilled
                 if not self._guarded([a], lambda rows, stop=stop, step=prefill: step(rows[0], stop)):
                     with self._cond:
                         if a in self._prefilling:
                             self._prefilling.remove(a)
-            if self._active:
-                self._guarded(list(self._active.values()), decode)
+            rows = self._make_room(list(self._active.values()))
+            if rows:
+                self._guarded(rows, decode)
 
     def _guarded(self, rows: list[_Active], step: Callable[[list[_Active]], None]) -> bool:
         """Run a model step; a failure ends the requests it concerned with an error, and the server goes on.
@@ -295,16 +423,18 @@ class Scheduler:
                 if not a.req.cancelled:
                     a.req.sink(Event(error=message))
                 with self._cond:
-                    if self._active.get(a.slot) is a:
-                        self._release(a.slot)
-                    elif a.slot not in self._active and a.slot not in self._free:
-                        heapq.heappush(self._free, a.slot)
+                    self._release(a)
             return False
 
-    def _release(self, slot: int) -> None:
-        """Free ``slot`` (caller holds the lock)."""
-        self._active.pop(slot, None)
-        heapq.heappush(self._free, slot)
+    def _release(self, a: _Active) -> None:
+        """Free ``a``'s slot and pages, registering its finished prompt pages first (caller holds the lock)."""
+        if a.slot < 0:
+            return
+        if self._active.get(a.slot) is a:
+            del self._active[a.slot]
+        heapq.heappush(self._free, a.slot)
+        self.pool.release(a.pages)
+        a.slot, a.pages, a.registered = -1, [], 0
 
     def _rows(self, slots: list[int]) -> torch.Tensor | None:
         return cache_rows(slots, self.model.embed.device)
@@ -315,33 +445,45 @@ class Scheduler:
             self._prefilling.remove(a)
             self._active[a.slot] = a
 
+    def _prefilled(self, a: _Active, stop: int) -> None:
+        """``a``'s tokens up to ``stop`` are in: its full pages whose keys are known join the prefix cache."""
+        a.prefilled = stop
+        if self.pool.prefix_caching:
+            done = min(stop // self.pool.page_size, len(a.keys))
+            if done > a.registered:
+                self.pool.register(a.pages[a.registered : done], a.keys[a.registered : done])
+                a.registered = done
+
     def _seed(self, a: _Active) -> None:
         if a.req.seed is not None and a.req.temperature > 0:
             a.generator = torch.Generator(device=self.model.embed.device).manual_seed(a.req.seed)
 
     def _prefill(self, a: _Active, stop: int) -> None:
         """Prefill prompt tokens ``a.prefilled .. stop - 1`` into a's slot; at the prompt's end sample its first token."""
-        req, device = a.req, self.model.embed.device
-        if a.prefilled == 0:
+        req, device, seq = a.req, self.model.embed.device, a.seq
+        if not a.resumed and a.generator is None:
             self._seed(a)
-        n, start = len(req.prompt), a.prefilled
-        tokens = torch.tensor([req.prompt[start:stop]], dtype=torch.long, device=device)  # (1, T)
+        n, start = len(seq), a.prefilled
+        tokens = torch.tensor([seq[start:stop]], dtype=torch.long, device=device)  # (1, T)
         positions = torch.arange(start, stop, device=device).unsqueeze(0)  # (1, T)
         hidden = self.model(tokens, positions, self._cache, rows=self._rows([a.slot]))[0]  # (T, D)
-        scored = req.prompt[start + 1 : stop + 1] if req.prompt_logprobs else []
+        scored = req.prompt[start + 1 : stop + 1] if req.prompt_logprobs and not a.resumed else []
         if scored:  # position p's logits score prompt token p + 1
             logits = self.model.logits(hidden[: len(scored)])
             a.prompt_lps += token_logprobs(logits, scored, req.logprobs or 0)
         hidden = hidden[-1:]  # (1, D)
         self.counters["prefill_tokens"] += stop - start
-        a.prefilled = stop
+        self._prefilled(a, stop)
         if stop < n:
             return
         a.pos = n
+        if a.resumed:  # its pending token was sampled before the preemption
+            self._activate(a)
+            return
         if req.max_tokens == 0:  # only the prompt is scored
             with self._cond:
                 self._prefilling.remove(a)
-                heapq.heappush(self._free, a.slot)
+                self._release(a)
             self.counters["finished"] += 1
             if not req.cancelled:
                 req.sink(Event((), "length", prompt_logprobs=tuple(a.prompt_lps)))
@@ -353,15 +495,21 @@ class Scheduler:
 
     def _prefill_mtp(self, a: _Active, stop: int) -> None:
         """As ``_prefill``, through the speculative decoder (which also fills the MTP caches)."""
-        if a.prefilled == 0:
+        if not a.resumed and a.generator is None:
             self._seed(a)
-        logits = self._spec.prefill([a.slot], [a.req.prompt], a.prefilled, stop)  # (1, V) at the prompt's end
+        seq = a.seq
+        logits = self._spec.prefill([a.slot], [seq], a.prefilled, stop)  # (1, V) at the prompt's end
         self.counters["prefill_tokens"] += stop - a.prefilled
-        a.prefilled = stop
+        self._prefilled(a, stop)
         if logits is None:
             return
-        a.pos = len(a.req.prompt)
+        a.pos = len(seq)
         self._activate(a)
+        if a.resumed:  # its pending token was sampled before the preemption
+            self._spec.put(
+                [a.slot], torch.tensor([a.pos], device=logits.device), torch.tensor([a.token], device=logits.device)
+            )
+            return
         (token,) = self._sample(logits, [a])
         self._spec.put(
             [a.slot], torch.tensor([a.pos], device=logits.device), torch.tensor([token], device=logits.device)
@@ -430,6 +578,7 @@ class Scheduler:
                 a.generated += 1
                 a.token = t
                 sent.append(t)
+                a.output.append(t)
                 if t in a.req.stop_ids:
                     finish = "stop"
                 elif a.generated >= a.req.max_tokens or a.pos >= self.max_len:
@@ -446,17 +595,16 @@ class Scheduler:
             if finish is not None:
                 self.counters["finished"] += 1
                 with self._cond:
-                    self._release(a.slot)
+                    self._release(a)
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
-            pending = [a.req for a in self._active.values()] + [a.req for a in self._prefilling] + list(self._waiting)
-            for a in self._prefilling:
-                heapq.heappush(self._free, a.slot)
+            pending = [a.req for a in self._active.values()] + [a.req for a in self._prefilling]
+            pending += [a.req for a in self._waiting]
+            for a in list(self._prefilling) + list(self._active.values()):
+                self._release(a)
             self._prefilling.clear()
             self._waiting.clear()
-            for slot in list(self._active):
-                self._release(slot)
         for req in pending:
             if not req.cancelled:
                 req.sink(Event(error=message))
