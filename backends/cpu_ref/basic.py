@@ -13,20 +13,29 @@ def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids, weight)
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32: itself when it already is (``x.float()`` would still be a call per use)."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x (..., D), weight (D,) -> (..., D) x.dtype, computed in float32."""
-    xf = x.float()
-    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed * weight.float()).to(x.dtype)
+    xf = _f32(x)
+    normed = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + eps)
+    return _as(normed * _f32(weight), x.dtype)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, H, R), cos/sin (B, T, R/2) fp32 -> (B, T, H, R): rotate adjacent pairs (interleaved)."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, R/2, 2)
+    pairs = _f32(x).unflatten(-1, (-1, 2))  # (B, T, H, R/2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
     c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, R/2)
     rotated = torch.stack((even * c - odd * s, odd * c + even * s), dim=-1)  # (B, T, H, R/2, 2)
-    return rotated.flatten(-2).to(x.dtype)
+    return _as(rotated.flatten(-2), x.dtype)
 
 
 def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,8 @@ def dsv3_op_moe_gate(request: OpRequest):
 
 @hookimpl
 def dsv3_op_moe_experts(request: OpRequest):
-    return moe.moe_experts_with(quant.linear_for(request.fmt, request.act_quant))
+    fmt, act_quant = request.fmt, request.act_quant
+    return moe.moe_experts_with(quant.linear_for(fmt, act_quant), quant.batched_linear_for(fmt, act_quant))
 
 
 @hookimpl

@@ -86,3 +86,42 @@ def linear_for(fmt: str, act_quant: str):
     if act_quant == "dynamic" and fmt == INT8_W8A8:
         return linear_int8_dynamic
     return linear_dequant
+
+
+# ---------------------------------------------------------------- a stack of weights (routed experts at decode)
+# ``batched(x (G, M, in), w: Weight (G, out, in)) -> (G, M, out)``: group g is ``linear(x[g], w[g])`` of the
+# same format, as one batched product (bmm gives what F.linear gives for each group: checked bit for bit).
+
+
+def batched_hp(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    return torch.bmm(x, w.data.transpose(1, 2))
+
+
+def batched_dequant(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    return torch.bmm(x, dequantize(w, x.dtype).transpose(1, 2))
+
+
+def batched_fp8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    g, m, k = x.shape
+    q, s = quantize_act_fp8(x.reshape(g * m, k), w.block_size, w.data.dtype, w.scale_fmt)
+    x_deq = (q.float() * s.repeat_interleave(w.block_size, dim=-1)[:, :k]).view(g, m, k)
+    return torch.bmm(x_deq, dequantize(w, torch.float32).transpose(1, 2)).to(x.dtype)
+
+
+def batched_int8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
+    g, m, k = x.shape
+    q, s = quantize_act_int8(x.reshape(g * m, k))
+    acc = torch.bmm(q.double().view(g, m, k), w.data.double().transpose(1, 2))  # (G, M, out), exact
+    y = acc * s.double().view(g, m, 1) * w.scale.double().unsqueeze(1)
+    return y.to(x.dtype)
+
+
+def batched_linear_for(fmt: str, act_quant: str):
+    """``linear_for(fmt, act_quant)`` over a stack of weights, one per group (see above)."""
+    if fmt == HP:
+        return batched_hp
+    if act_quant == "dynamic" and fmt == FP8_BLOCK:
+        return batched_fp8_dynamic
+    if act_quant == "dynamic" and fmt == INT8_W8A8:
+        return batched_int8_dynamic
+    return batched_dequant

@@ -134,8 +134,15 @@ def page_table(max_batch: int, max_len: int, page_size: int, seed: int, device) 
     return torch.randperm(max_batch * m, generator=gen).view(max_batch, m).to(device=device, dtype=torch.int32)
 
 
-def paged_step(table: torch.Tensor, page_size: int, positions: torch.Tensor, rows: torch.Tensor | None) -> PagedStep:
-    """The slot mapping and attention rows for new tokens at ``positions (B, T)`` of cache rows ``rows``."""
+def paged_step(
+    table: torch.Tensor, page_size: int, positions: torch.Tensor, rows: torch.Tensor | None, length: int | None = None
+) -> PagedStep:
+    """The slot mapping and attention rows for new tokens at ``positions (B, T)`` of cache rows ``rows``.
+
+    length: the largest position + 1, when known on the host: the attention block table then lists only
+    the ``ceil(length / page_size)`` pages a row can use (what an attention kernel reads need not depend
+    on the cache's full width).
+    """
     b, t = positions.shape
     rows_table = (table[:b] if rows is None else table[rows]).long()  # (B, M)
     pos = positions.long()
@@ -147,10 +154,11 @@ def paged_step(table: torch.Tensor, page_size: int, positions: torch.Tensor, row
         slots = slots.masked_fill(torch.empty_like(repeat).scatter_(1, order, repeat), -1)
     steps = torch.arange(t, device=pos.device) - (t - 1)
     consecutive = t == 1 or bool((pos == pos[:, -1:] + steps).all())  # the T new tokens are each row's last
+    attend_table = rows_table if length is None else rows_table[:, : -(-length // page_size)]
     if consecutive:
-        table_rows, seq_lens = rows_table, pos[:, -1] + 1
+        table_rows, seq_lens = attend_table, pos[:, -1] + 1
     else:  # one attention row per query, each seeing keys up to its own position
-        table_rows, seq_lens = rows_table.repeat_interleave(t, dim=0), pos.flatten() + 1
+        table_rows, seq_lens = attend_table.repeat_interleave(t, dim=0), pos.flatten() + 1
     return PagedStep(slots.flatten(), table_rows.int(), seq_lens.int(), rows_table, not consecutive)
 
 
@@ -180,7 +188,7 @@ class ModelCache:
         ``positions (B, T)`` (needed by paged layers); same storage."""
         step = None
         if self.block_table is not None and positions is not None:
-            step = paged_step(self.block_table, self.page_size, positions, rows)
+            step = paged_step(self.block_table, self.page_size, positions, rows, length)
         main = [c.view(rows, length, step) for c in self.main]
         mtp = [c.view(rows, length, step) for c in self.mtp]
         return ModelCache(main, mtp, self.max_batch, self.max_len, self.block_table, self.page_size)

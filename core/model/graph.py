@@ -140,7 +140,8 @@ class MLA(nn.Module):
         )
         self.wo = Linear(h * cfg.v_head_dim, d, ops, opts.fmt(f"{prefix}.wo"), opts)
         self.scale = cfg.softmax_scale
-        self._absorbed: torch.Tensor | None = None
+        self._absorbed: torch.Tensor | None = None  # a quantized wkv_b dequantized (H, Dnope + Dv, C)
+        self._absorbed_views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (source, w_uk, w_uv_t)
 
     def cache_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-token cache entry shapes for this layer's attention form."""
@@ -161,6 +162,21 @@ class MLA(nn.Module):
                 self._absorbed = self.ops.dequantize[self.wkv_b.fmt](self.wkv_b.as_weight(), dtype).view(shape)
         return self._absorbed
 
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_b's key half ``w_uk (H, Dnope, C)`` and value half transposed ``w_uv_t (H, C, Dv)``, head-major
+        for ``bmm`` (compute dtype).
+
+        Views of wkv_b (of its dequantized copy when quantized), made once: they see in-place changes
+        to the weight, and are made again if the weight tensor is replaced (a load, ``load_state_dict``).
+        """
+        source = self.wkv_b.weight
+        if self._absorbed_views is None or self._absorbed_views[0] is not source:
+            self._absorbed = None  # a quantized copy of a replaced weight is stale too
+            w = self.absorbed_wkv_b()  # (H, Dnope + Dv, C)
+            dn = self.cfg.qk_nope_head_dim
+            self._absorbed_views = (source, w[:, :dn], w[:, dn:].transpose(1, 2))
+        return self._absorbed_views[1], self._absorbed_views[2]
+
     def expand_latent(self, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """latent (B, S, C), k_pe (B, S, R) -> per-head keys (B, S, H, Dqk) and values (B, S, H, Dv)."""
         c = self.cfg
@@ -170,35 +186,42 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.n_heads, -1)], dim=-1)
         return k, v
 
-    def _absorb_query(self, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q_nope (B, T, H, Dnope) -> q_latent (B, T, H, C) and the value half of wkv_b (H, Dv, C)."""
-        w = self.absorbed_wkv_b()  # (H, Dnope + Dv, C)
-        w_uk, w_uv = w[:, : self.cfg.qk_nope_head_dim], w[:, self.cfg.qk_nope_head_dim :]
-        return torch.einsum("bthd,hdc->bthc", q_nope, w_uk), w_uv
+    def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """q_nope (B, T, H, Dnope) -> q_latent (B, T, H, C): each head's query through its key half of wkv_b."""
+        b, t = q_nope.shape[:2]
+        w_uk, _ = self.absorbed_weights()  # (H, Dnope, C)
+        q_heads = q_nope.flatten(0, 1).transpose(0, 1)  # (H, N, Dnope)
+        return torch.bmm(q_heads, w_uk).transpose(0, 1).unflatten(0, (b, t))  # (B, T, H, C)
+
+    def _unabsorb(self, o_latent: torch.Tensor) -> torch.Tensor:
+        """o_latent (B, T, H, C) -> (N, H * Dv): each head's output through its value half of wkv_b."""
+        _, w_uv_t = self.absorbed_weights()  # (H, C, Dv)
+        o_heads = o_latent.flatten(0, 1).transpose(0, 1)  # (H, N, C)
+        return torch.bmm(o_heads, w_uv_t).transpose(0, 1).flatten(1)  # (N, H * Dv)
 
     def _paged(
         self,
         q_nope: torch.Tensor,
         q_pe: torch.Tensor,
-        q_full: torch.Tensor,
         latent: torch.Tensor,
         k_pe: torch.Tensor,
         positions: torch.Tensor,
         cache: PagedLayerCache,
     ) -> torch.Tensor:
-        """Write the new latents into the paged cache, then attend over it -> (B, T, H, Dv)."""
+        """Write the new latents (N, C), (N, R) into the paged cache, then attend over it -> (N, H * Dv)."""
         c, ops, step = self.cfg, self.ops, cache.step
         b, t = positions.shape
-        ops.paged_cache_write(cache.pages, latent.reshape(b * t, -1), k_pe.reshape(b * t, -1), step.slot_mapping)
+        ops.paged_cache_write(cache.pages, latent, k_pe, step.slot_mapping)
         s = cache.length if cache.length is not None else int(positions.max()) + 1
         if self.naive_prefill and naive_is_cheaper(c, t, s):
             k, v = self.expand_latent(*cache.gather(s))  # (B, S, H, Dqk), (B, S, H, Dv)
-            return ops.attention(q_full, k, v, positions, self.scale)
-        q_latent, w_uv = self._absorb_query(q_nope)  # (B, T, H, C)
+            q_full = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, Dqk)
+            return ops.attention(q_full, k, v, positions, self.scale).flatten(2).flatten(0, 1)
+        q_latent = self._absorb_query(q_nope)  # (B, T, H, C)
         if step.per_token:  # rows whose positions are not their last T: one query per attention row
             q_latent, q_pe = q_latent.reshape(b * t, 1, *q_latent.shape[2:]), q_pe.reshape(b * t, 1, *q_pe.shape[2:])
         o_latent = ops.mla_paged_attention(q_latent, q_pe, cache.pages, step.block_table, step.seq_lens, self.scale)
-        return torch.einsum("bthc,hdc->bthd", o_latent.reshape(b, t, *o_latent.shape[2:]), w_uv)  # (B, T, H, Dv)
+        return self._unabsorb(o_latent.reshape(b, t, *o_latent.shape[2:]))  # (N, H * Dv)
 
     def forward(
         self,
@@ -210,39 +233,40 @@ class MLA(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, D), positions (B, T), cos/sin (B, T, R/2) -> (B, T, D)."""
         c, ops = self.cfg, self.ops
-        b, t, _ = x.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x))) if c.q_lora_rank else self.wq(x)  # (B, T, H*Dqk)
-        q = q.view(b, t, self.n_heads, c.qk_head_dim)
-        q_nope, q_pe = q.split([c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        q_pe = ops.rotary(q_pe, cos, sin)  # (B, T, H, R)
-        kv_pe = self.wkv_a(x)  # (B, T, C + R)
-        latent, k_pe = kv_pe.split([c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
-        latent = self.kv_norm(latent)  # (B, T, C)
-        k_pe = ops.rotary(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, R)
+        b, t, d = x.shape
+        h, r = self.n_heads, c.qk_rope_head_dim
+        x = x.flatten(0, 1)  # (N, D): the linears see a plain matrix (flatten, not view(b*t): traceable)
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if c.q_lora_rank else self.wq(x)  # (N, H*Dqk)
+        q = q.view(b, t, h, c.qk_head_dim)
+        q_nope, q_pe = q.split([c.qk_nope_head_dim, r], dim=-1)  # (B, T, H, Dnope), (B, T, H, R)
+        latent, k_pe = self.wkv_a(x).split([c.kv_lora_rank, r], dim=-1)  # (N, C), (N, R)
+        latent = self.kv_norm(latent)  # (N, C)
+        # the queries' rotary parts and the key's, rotated in one call: (B, T, H + 1, R)
+        roped = ops.rotary(torch.cat([q_pe, k_pe.view(b, t, 1, r)], dim=2), cos, sin)
+        q_pe, k_pe = roped[:, :, :h], roped[:, :, h]  # (B, T, H, R), (B, T, R)
 
         if self.attn_impl == "naive":
-            k, v = self.expand_latent(latent, k_pe)
+            k, v = self.expand_latent(latent.view(b, t, -1), k_pe)
             kv_all = {"k": k, "v": v} if cache is None else cache.write_and_read({"k": k, "v": v}, positions)
             q_full = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, Dqk)
-            out = ops.attention(q_full, kv_all["k"], kv_all["v"], positions, self.scale)  # (B, T, H, Dv)
-        else:
-            q_full = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, Dqk), for the naive form
-            if cache is not None and cache.paged:
-                out = self._paged(q_nope, q_pe, q_full, latent, k_pe, positions, cache)
-            else:  # no cache (a full-sequence forward), or a contiguous one (the ONNX export's)
-                lat_all = {"kv": latent, "pe": k_pe}
-                if cache is not None:
-                    lat_all = cache.write_and_read(lat_all, positions)  # (B, S, C), (B, S, R)
-                if self.naive_prefill and naive_is_cheaper(c, t, lat_all["kv"].shape[1]):
-                    k, v = self.expand_latent(lat_all["kv"], lat_all["pe"])  # (B, S, H, Dqk), (B, S, H, Dv)
-                    out = ops.attention(q_full, k, v, positions, self.scale)
-                else:
-                    q_latent, w_uv = self._absorb_query(q_nope)
-                    o_latent = ops.mla_latent_attention(
-                        q_latent, q_pe, lat_all["kv"], lat_all["pe"], positions, self.scale
-                    )  # (B, T, H, C)
-                    out = torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # (B, T, H, Dv)
-        return self.par.all_reduce_(self.wo(out.flatten(2)))  # (B, T, D), summed over ranks' heads
+            out = ops.attention(q_full, kv_all["k"], kv_all["v"], positions, self.scale).flatten(2)  # (B, T, H*Dv)
+        elif cache is not None and cache.paged:
+            out = self._paged(q_nope, q_pe, latent, k_pe.flatten(0, 1), positions, cache)  # (N, H*Dv)
+        else:  # no cache (a full-sequence forward), or a contiguous one (the ONNX export's)
+            lat_all = {"kv": latent.view(b, t, -1), "pe": k_pe}
+            if cache is not None:
+                lat_all = cache.write_and_read(lat_all, positions)  # (B, S, C), (B, S, R)
+            if self.naive_prefill and naive_is_cheaper(c, t, lat_all["kv"].shape[1]):
+                k, v = self.expand_latent(lat_all["kv"], lat_all["pe"])  # (B, S, H, Dqk), (B, S, H, Dv)
+                q_full = torch.cat([q_nope, q_pe], dim=-1)  # (B, T, H, Dqk)
+                out = ops.attention(q_full, k, v, positions, self.scale).flatten(2)  # (B, T, H*Dv)
+            else:
+                o_latent = ops.mla_latent_attention(
+                    self._absorb_query(q_nope), q_pe, lat_all["kv"], lat_all["pe"], positions, self.scale
+                )  # (B, T, H, C)
+                out = self._unabsorb(o_latent)  # (N, H*Dv)
+        y = self.wo(out.flatten(0, -2))  # (N, D)
+        return self.par.all_reduce_(y).view(b, t, d)  # (B, T, D), summed over ranks' heads
 
 
 class MLP(nn.Module):
@@ -304,10 +328,9 @@ class MoE(nn.Module):
         routed = self._experts(
             flat, weights, ids, self.w1.as_weight(), self.w3.as_weight(), self.w2.as_weight(), self.expert_offset
         )
-        out = routed.view_as(x)
         if self.shared is not None:
-            out = out + self.shared(x)
-        return self.par.all_reduce_(out)  # one all-reduce: this rank's experts + its shared-expert part
+            routed = routed + self.shared(flat)
+        return self.par.all_reduce_(routed).view_as(x)  # one all-reduce: this rank's experts + its shared-expert part
 
 
 class Block(nn.Module):
@@ -382,6 +405,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(table_device), persistent=False)  # (P, R/2)
         self.register_buffer("rope_sin", sin.to(table_device), persistent=False)
         self._embedding = ops.embedding
+
+    def prepare_layouts(self) -> None:
+        """Lay out, once, the weights the decode step reads in another shape than stored: each MLA's
+        head-major absorbed ``wkv_b`` halves (dequantized when quantized). Called at the end of a load;
+        without it they are made at the first forward that needs them."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, MLA) and module.attn_impl == "absorb":
+                    module.absorbed_weights()
 
     def set_naive_prefill(self, on: bool) -> None:
         """Let multi-token forwards of the absorbed form attend in the naive form when cheaper (default on)."""
@@ -473,18 +505,21 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         cache: ModelCache | None = None,
         rows: torch.Tensor | None = None,
+        length: int | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) int64, positions (B, T) -> hidden (B, T, D) after the final norm.
 
         Without a cache, positions must be ``0..T-1`` in every row (a full-sequence forward).
         rows (B,) int64: the cache rows (slots) batch rows use; None: cache rows 0..B-1.
+        length: ``max(positions) + 1`` when the caller knows it on the host (a decode loop does): the
+            forward then reads nothing back from the device. None: read from positions (one sync).
         """
         b, t = tokens.shape
-        length = t  # the max position + 1, read once per forward, not once per layer (a device sync)
         if positions is None:
             positions = torch.arange(t, device=tokens.device).expand(b, t)
-        elif positions.numel():
-            length = int(positions.max()) + 1
+            length = t
+        elif length is None:  # the max position + 1, read once per forward, not once per layer (a device sync)
+            length = int(positions.max()) + 1 if positions.numel() else t
         if cache is not None:
             cache = cache.view(rows, length, positions)
         cos, sin = self.rope(positions, length)

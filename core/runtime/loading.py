@@ -215,6 +215,7 @@ def prepare(model: Transformer, plan: LoadPlan) -> None:
     """Let the backend prepare each quantized weight once, share the MTP layers' copies, say what fell back."""
     apply_scale_fmt_and_prepare(model, plan.scale_fmt, plan.backend.info.prepare_weight)
     share_mtp_duplicates(model)
+    model.prepare_layouts()
     model.eval()
     quiet = plan.parallel is not None and plan.parallel.rank
     if model.ops.fallbacks and model.ops.backend != registry.REFERENCE and not quiet:

@@ -23,10 +23,11 @@ def _contiguous_and_paged(dtype: torch.dtype, extra: int = 0):
     NaN-filled paged cache on random pages (one batched write, with NaN padding tokens at slot -1)."""
     g = torch.Generator().manual_seed(3)
     seq_lens, t, h, c, r, page_size = [9, 4, 13], 3, 4, 16, 6, 4
-    b, s = len(seq_lens), max(seq_lens) + extra
+    width = -(-max(seq_lens) // page_size)
+    # cpu_ref gathers every position the block table (width + 1 pages) can name: the contiguous rows as long
+    b, s = len(seq_lens), (width + 1) * page_size + extra
     kv, pe = torch.randn(b, s, c, generator=g).to(dtype), torch.randn(b, s, r, generator=g).to(dtype)
     q_latent, q_pe = torch.randn(b, t, h, c, generator=g).to(dtype), torch.randn(b, t, h, r, generator=g).to(dtype)
-    width = -(-max(seq_lens) // page_size)
     pages = torch.randperm(b * width + 2, generator=g)[: b * width].view(b, width)  # 2 pages nobody uses
     cache = torch.full((b * width + 2, page_size, c + r), NAN, dtype=dtype)
     block_table = torch.full((b, width + 1), -1, dtype=torch.int32)
@@ -46,7 +47,7 @@ def _contiguous_and_paged(dtype: torch.dtype, extra: int = 0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_attention_is_latent_attention_over_the_gathered_entries(dtype):
-    """Exact: cpu_ref gathers each row into the same (B, max(seq_lens), C) layout and calls the same
+    """Exact: cpu_ref gathers each row into the same (B, M * page_size, C) layout and calls the same
     function, and both forms zero what lies past a row's length; same operations on the same values."""
     contiguous, paged_args = _contiguous_and_paged(dtype)
     want = attention.mla_latent_attention(*contiguous, 0.3)
@@ -57,7 +58,8 @@ def test_paged_attention_is_latent_attention_over_the_gathered_entries(dtype):
 
 def test_gather_pages_reads_each_rows_entries_and_zeros_past_its_length():
     (_, _, kv, pe, q_pos), (_, _, cache, block_table, seq) = _contiguous_and_paged(torch.float32)
-    entries = paged.gather_pages(cache, block_table, seq)  # (B, max(seq_lens), C + R)
+    entries, valid = paged.gather_pages(cache, block_table, seq)  # (B, M * page_size, C + R), (B, M * page_size)
+    assert torch.equal(valid, torch.arange(entries.shape[1]) < seq.view(-1, 1))
     assert entries.shape == (*kv.shape[:2], cache.shape[-1])
     for row, n in enumerate(seq.tolist()):
         assert torch.equal(entries[row, :n], torch.cat([kv[row, :n], pe[row, :n]], -1))
