@@ -45,8 +45,8 @@ def moe_experts_with(linear, batched: BatchedLinear | None = None):
     """Build the reference expert computation on top of a linear implementation of one format.
 
     batched: the same linear over a stack of weights (``quant.batched_linear_for``). With it, a call
-    with few (token, slot) pairs (N * k <= E, a decode step) gathers each pair's expert weights and runs
-    three batched products, with no host sync; otherwise (and without it) tokens are grouped by expert.
+    that :func:`use_gathered` picks gathers each (token, slot) pair's expert weights and runs three
+    batched products, with no host sync; otherwise (and without it) tokens are grouped by expert.
     """
 
     def moe_experts(
@@ -59,11 +59,19 @@ def moe_experts_with(linear, batched: BatchedLinear | None = None):
         expert_offset: int = 0,
     ) -> torch.Tensor:
         """x (N, D), weights/ids (N, k), w1/w3 (E, I, D), w2 (E, D, I) -> (N, D) x.dtype."""
-        if batched is not None and ids.numel() <= w1.data.shape[0]:
+        if batched is not None and use_gathered(x, ids, w1.data.shape[0]):
             return _gathered(batched, x, weights, ids, w1, w3, w2, expert_offset)
         return _grouped(linear, x, weights, ids, w1, w3, w2, expert_offset)
 
     return moe_experts
+
+
+def use_gathered(x: torch.Tensor, ids: torch.Tensor, experts: int) -> bool:
+    """Whether ``moe_experts`` gathers: few (token, slot) pairs (N * k <= E) on an accelerator, where cpu_ref
+    runs as another backend's fallback and a host sync stalls the device (and breaks graph capture).
+    On a CPU the grouped path is faster: its ``.tolist()`` costs nothing there, while the gather copies
+    the k experts' weights (measured in docs/benchmarks.md, "Lean decode step")."""
+    return ids.numel() <= experts and x.device.type != "cpu"
 
 
 def _gathered(
