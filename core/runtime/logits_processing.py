@@ -1,0 +1,289 @@
+"""The logits-processing stage that plain, speculative (MTP) and served decoding all use: plain PyTorch.
+
+Per sequence (each request its own :class:`LogitsParams`), in this order, on the model's float32
+logits before temperature and top-p (the order vLLM's sampler uses):
+
+1. ``logit_bias``: ``{token id: bias}`` added to the logits;
+2. ``min_tokens``: the sequence's stop ids (EOS and ``stop_token_ids``) at -inf until that many
+   tokens were generated;
+3. ``repetition_penalty`` r (Hugging Face / vLLM): for every token that appears in the prompt or in
+   the generated tokens, a positive logit is divided by r, a non-positive one multiplied by r;
+4. ``frequency_penalty`` f and ``presence_penalty`` p (OpenAI): ``logit -= f * count + p * (count > 0)``
+   with ``count`` the token's occurrences among the tokens GENERATED so far (not the prompt).
+
+That is :func:`penalize`: what log-probabilities are computed from. :func:`truncate` then keeps the
+``top_k`` best tokens (ties at the k-th kept) and, for a sampled row, the tokens whose probability at
+the row's temperature is at least ``min_p`` times the best one's (``logit >= max + T * log(min_p)``),
+by setting the others to -inf; the sample op (temperature, top-p) draws from the result. Both are
+masks of the top of the same ranking, so their order does not matter, and neither ever removes the
+argmax: a greedy row skips them.
+
+Speculative decoding scores several positions of one sequence at once: :func:`penalize` takes
+``appended`` tokens (the drafts) so that position ``p`` sees the sequence's history plus the drafts
+before it (a different history at each position of one verify step), and the verifier's target and
+the drafter's distributions get exactly the processing plain decoding would give them.
+
+A row without processing (None, or params that change nothing) costs nothing: when no row of a
+batch is processed the logits are returned as they are, without a single extra op.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from .sampling import SamplingError, is_int, is_real
+
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
+MAX_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
+
+
+@dataclass(frozen=True, eq=False)
+class LogitsParams:
+    """How one sequence's logits are processed (module docstring); the defaults change nothing.
+
+    presence_penalty, frequency_penalty: numbers in [-2, 2] (0: off); repetition_penalty: a finite
+    number > 0 (1: off); logit_bias: {token id (int): bias in [-100, 100]}; top_k: an integer, -1 or 0
+    off, else >= 1 (more than the vocabulary keeps it all); min_p: a number in [0, 1] (0: off);
+    min_tokens: an integer >= 0 (tokens generated before a stop id may be sampled).
+    """
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens: int = 0
+
+    def validate(self, vocab_size: int | None = None, max_tokens: int | None = None) -> LogitsParams:
+        """Return self, or raise SamplingError naming the first bad field.
+
+        vocab_size: when given, every logit_bias id must be in [0, vocab_size); max_tokens: when
+        given, min_tokens must not exceed it.
+        """
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not is_real(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                raise SamplingError(name, f"must be a number in [-2, 2] (got {v!r})")
+        r = self.repetition_penalty
+        if not is_real(r) or not math.isfinite(r) or r <= 0:
+            raise SamplingError("repetition_penalty", f"must be a finite number > 0 (got {r!r})")
+        if not isinstance(self.logit_bias, Mapping):
+            raise SamplingError("logit_bias", f"must be a mapping of token ids to biases (got {self.logit_bias!r})")
+        for t, b in self.logit_bias.items():
+            if not is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                where = f" (vocab_size {vocab_size})" if vocab_size is not None else ""
+                raise SamplingError("logit_bias", f"has token id {t!r}, outside the vocabulary{where}")
+            if not is_real(b) or not -MAX_BIAS <= b <= MAX_BIAS:
+                raise SamplingError("logit_bias", f"values must be numbers in [-100, 100] (got {b!r} for {t})")
+        if not is_int(self.top_k) or self.top_k < -1:
+            raise SamplingError("top_k", f"must be an integer >= 1, or -1 or 0 for all tokens (got {self.top_k!r})")
+        if not is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise SamplingError("min_p", f"must be a number in [0, 1] (got {self.min_p!r})")
+        if not is_int(self.min_tokens) or self.min_tokens < 0:
+            raise SamplingError("min_tokens", f"must be an integer >= 0 (got {self.min_tokens!r})")
+        if max_tokens is not None and self.min_tokens > max_tokens:
+            raise SamplingError("min_tokens", f"must not exceed max_tokens ({self.min_tokens} > {max_tokens})")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether these params change any logits at all (False: the row takes the fast path)."""
+        return (
+            bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens)
+            or self.repetition_penalty != 1
+            or self.top_k > 0
+            or self.min_p > 0
+        )
+
+
+def logit_bias_of(value: object, param: str = "logit_bias") -> dict[int, float]:
+    """A JSON ``logit_bias`` (token ids as decimal strings, as the openai client sends them; int keys
+    too) -> {id: bias}; SamplingError naming ``param`` for any other key or a non-number value."""
+    if not isinstance(value, Mapping):
+        raise SamplingError(param, f"must be an object mapping token ids to biases (got {value!r})")
+    out: dict[int, float] = {}
+    for k, v in value.items():
+        if is_int(k):
+            t = int(k)
+        elif isinstance(k, str) and re.fullmatch(r"-?[0-9]+", k):
+            t = int(k)
+        else:
+            raise SamplingError(param, f"keys must be token ids (got {k!r})")
+        if not is_real(v):
+            raise SamplingError(param, f"values must be numbers in [-100, 100] (got {v!r} for {k})")
+        out[t] = float(v)
+    return out
+
+
+class RowLogits:
+    """One sequence's processing state: its params and what it has seen (prompt, generated tokens).
+
+    ``extend`` records newly generated tokens (only those the sequence keeps: not rejected drafts).
+    stop_ids: the ids ``min_tokens`` holds back (the sequence's EOS and extra stop ids). temperature:
+    the row's (``min_p`` depends on it; a greedy row is never truncated). generated: tokens already
+    generated (a resumed sequence). Tensors live on ``device``: a (V,) float32 count of the generated
+    tokens when a penalty needs it, a (V,) bool mask of the prompt's tokens for repetition_penalty.
+    """
+
+    def __init__(
+        self,
+        params: LogitsParams,
+        prompt: Iterable[int],
+        stop_ids: Iterable[int],
+        vocab_size: int,
+        device: torch.device | str,
+        temperature: float = 1.0,
+        generated: Iterable[int] = (),
+    ):
+        self.params, self.vocab_size, self.device = params, vocab_size, torch.device(device)
+        p = params
+        self.penalizes = bool(p.presence_penalty or p.frequency_penalty) or p.repetition_penalty != 1
+        self.truncates = temperature > 0 and (p.top_k > 0 or p.min_p > 0)
+        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device) if self.penalizes else None
+        self.in_prompt = None
+        if p.repetition_penalty != 1:
+            self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+            self.in_prompt[torch.tensor(list(prompt), dtype=torch.long, device=self.device)] = True
+        self.bias = None
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=self.device)
+            self.bias = ids, torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=self.device)
+        stops = sorted(set(stop_ids))
+        self.stop = torch.tensor(stops, dtype=torch.long, device=self.device) if p.min_tokens and stops else None
+        self.generated = 0
+        self.extend(list(generated))
+
+    def extend(self, tokens: list[int]) -> None:
+        """Record tokens the sequence generated (in order)."""
+        self.generated += len(tokens)
+        if self.counts is not None and tokens:
+            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+            self.counts.index_add_(0, ids, torch.ones(len(tokens), dtype=torch.float32, device=self.device))
+
+    def _masked_positions(self, seen: int, n_pos: int) -> int:
+        """How many of n_pos positions (the first of which follows ``seen`` more tokens) mask the stop ids."""
+        if self.stop is None:
+            return 0
+        return max(0, min(n_pos, self.params.min_tokens - self.generated - seen))
+
+
+def _as3d(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    return (logits.unsqueeze(1), True) if logits.dim() == 2 else (logits, False)
+
+
+def penalize(logits: torch.Tensor, rows: list[RowLogits | None], appended: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 1-4 of the module docstring. logits (B, V) or (B, P, V) float32 -> the same shape.
+
+    rows: one per batch row (None: unprocessed). appended (B, A) int64, A >= P - 1: tokens after each
+    row's recorded history, of which position p sees the first ``A - P + 1 + p`` (the verifier's
+    drafts: A = P - 1, position p after drafts[:p]; a drafter's earlier drafts: P = 1, all A).
+    Returns ``logits`` itself when no row is processed; else a new tensor (the input is not changed).
+    """
+    idx = [i for i, r in enumerate(rows) if r is not None and (r.penalizes or r.bias is not None or r.stop is not None)]
+    if not idx:
+        return logits
+    x, flat = _as3d(logits)
+    b, n_pos, v = x.shape
+    n_app = 0 if appended is None else appended.shape[1]
+    first_seen = n_app - n_pos + 1  # appended tokens seen at position 0
+    if first_seen < 0:
+        raise ValueError(f"penalize: {n_pos} positions need at least {n_pos - 1} appended tokens, got {n_app}")
+    dev = x.device
+    sel = torch.tensor(idx, dtype=torch.long, device=dev)
+    sub = x.index_select(0, sel)  # (n, P, V), a copy
+    sub_rows = [rows[i] for i in idx]
+    for j, r in enumerate(sub_rows):
+        if r.bias is not None:
+            sub[j, :, r.bias[0]] += r.bias[1]
+        m = r._masked_positions(first_seen, n_pos)
+        if m:
+            sub[j, :m, r.stop] = -math.inf
+    pen = [j for j, r in enumerate(sub_rows) if r.penalizes]
+    if pen:
+        pj = torch.tensor(pen, dtype=torch.long, device=dev)
+        counts = torch.stack([sub_rows[j].counts for j in pen]).unsqueeze(1)  # (m, 1, V)
+        if n_app:  # counts after each position's share of the appended tokens
+            app = appended.index_select(0, sel.index_select(0, pj))  # (m, A)
+            prefix = torch.zeros(len(pen), n_app + 1, v, dtype=torch.float32, device=dev)
+            prefix[:, 1:].scatter_(-1, app.unsqueeze(-1), 1.0)
+            counts = counts + prefix.cumsum(1)[:, first_seen:]  # (m, P, V)
+        y = sub.index_select(0, pj)  # (m, P, V)
+        rep = [k for k, j in enumerate(pen) if sub_rows[j].params.repetition_penalty != 1]
+        if rep:
+            rk = torch.tensor(rep, dtype=torch.long, device=dev)
+            r_val = torch.tensor([sub_rows[pen[k]].params.repetition_penalty for k in rep], device=dev).view(-1, 1, 1)
+            prompt = torch.stack([sub_rows[pen[k]].in_prompt for k in rep]).unsqueeze(1)  # (mr, 1, V)
+            seen = prompt | (counts.index_select(0, rk) > 0)  # (mr, P, V)
+            z = y.index_select(0, rk)
+            y[rk] = torch.where(seen, torch.where(z > 0, z / r_val, z * r_val), z)
+        f_val = torch.tensor([sub_rows[j].params.frequency_penalty for j in pen], device=dev).view(-1, 1, 1)
+        p_val = torch.tensor([sub_rows[j].params.presence_penalty for j in pen], device=dev).view(-1, 1, 1)
+        y = y - f_val * counts - p_val * (counts > 0).float()
+        sub[pj] = y
+    out = sub if len(idx) == b else x.index_copy(0, sel, sub)
+    return out.squeeze(1) if flat else out
+
+
+def truncate(logits: torch.Tensor, rows: list[RowLogits | None], temperature: torch.Tensor) -> torch.Tensor:
+    """top_k and min_p (module docstring): logits (B, V) or (B, P, V) float32, temperature (B,) -> same shape.
+
+    The dropped tokens become -inf. Returns ``logits`` itself when no row truncates (greedy rows never do).
+    """
+    idx = [i for i, r in enumerate(rows) if r is not None and r.truncates]
+    if not idx:
+        return logits
+    x, flat = _as3d(logits)
+    dev, v = x.device, x.shape[-1]
+    sel = torch.tensor(idx, dtype=torch.long, device=dev)
+    sub = x.index_select(0, sel)  # (n, P, V)
+    params = [rows[i].params for i in idx]
+    keep = torch.ones_like(sub, dtype=torch.bool)
+    if any(p.top_k > 0 for p in params):
+        k = torch.tensor([min(p.top_k, v) if p.top_k > 0 else v for p in params], device=dev)
+        kth = sub.topk(int(k.max()), dim=-1).values.gather(-1, (k - 1).view(-1, 1, 1).expand(-1, sub.shape[1], 1))
+        keep &= sub >= kth  # ties with the k-th are kept
+    if any(p.min_p > 0 for p in params):
+        log_min_p = torch.tensor([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], device=dev)
+        t = temperature.float().index_select(0, sel)
+        keep &= sub >= sub.amax(-1, keepdim=True) + (t * log_min_p).view(-1, 1, 1)
+    sub = sub.masked_fill(~keep, -math.inf)
+    out = sub if len(idx) == x.shape[0] else x.index_copy(0, sel, sub)
+    return out.squeeze(1) if flat else out
+
+
+def process(
+    logits: torch.Tensor,
+    rows: list[RowLogits | None] | None,
+    temperature: torch.Tensor,
+    appended: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole stage: logits (B, V) or (B, P, V) float32 -> (penalized, to sample from), each that shape.
+
+    ``penalized`` (:func:`penalize`) is what log-probabilities are computed from; ``to sample from``
+    adds :func:`truncate` and goes to the sample op / the speculative p and q. rows None: nothing to do.
+    """
+    if rows is None:
+        return logits, logits
+    scored = penalize(logits, rows, appended)
+    return scored, truncate(scored, rows, temperature)
+
+
+def row_logits(
+    params: LogitsParams | None,
+    prompt: Iterable[int],
+    stop_ids: Iterable[int],
+    vocab_size: int,
+    device: torch.device | str,
+    temperature: float,
+    generated: Iterable[int] = (),
+) -> RowLogits | None:
+    """A :class:`RowLogits` for a sequence whose params change something, else None (the fast path)."""
+    if params is None or not params.active:
+        return None
+    return RowLogits(params, prompt, stop_ids, vocab_size, device, temperature, generated)
