@@ -223,3 +223,22 @@ def test_seeded_sampling_with_processing_is_reproducible_and_respects_top_k(engi
         for j, t in enumerate(gen):
             want = expected_logits(raw[len(prompt) + j - 1], prompt, gen[:j], params)
             assert want[t] >= want.topk(2).values[-1] - ARGMAX_TOL
+
+
+def test_the_verifier_counts_the_drafts_before_each_position():
+    """Token 3 leads token 8 by 0.5 at every position; a frequency penalty of 1 makes 3 lose once it was drafted.
+
+    Greedy: draft 1 (a 3) is accepted, draft 2 (another 3) is rejected and 8 is the main model's token.
+    A verifier that scored every position with the history alone would accept both.
+    """
+    from dsv3.runtime.speculative import RowSampler
+
+    logits = torch.zeros(1, 3, VOCAB)
+    logits[..., 3], logits[..., 8] = 2.0, 1.5
+    row = RowLogits(LogitsParams(frequency_penalty=1.0), [0], [], VOCAB, "cpu", temperature=0.0)
+    sampler = RowSampler(torch.zeros(1), torch.ones(1), [None], None, [row])
+    n_acc, bonus = sampler.accept(logits, [None, None], torch.tensor([[3, 3]]))
+    assert (n_acc.item(), bonus.item()) == (1, 8)
+    # the drafter's second pick sees the first draft: it proposes 8, not 3
+    draft, _ = sampler.pick(logits[:, 1], torch.tensor([[3]]))
+    assert draft.item() == 8
