@@ -66,6 +66,8 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
                 raise SamplingError("stop_token_ids", f"has token id {t!r}, outside the vocabulary")
+        if self.logits.min_tokens and vocab_size is not None and len(self.stop_ids) >= vocab_size:
+            raise SamplingError("stop_token_ids", "with min_tokens must leave some token to generate")
         return self
 
     def row_logits(self, prompt: list[int], vocab_size: int, device: torch.device | str) -> RowLogits | None:

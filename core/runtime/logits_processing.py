@@ -40,14 +40,16 @@ from .sampling import SamplingError, is_int, is_real
 
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
 MAX_BIAS = 100.0  # OpenAI's range for logit_bias values: [-100, 100]
+# repetition_penalty > 0 (1: off); bounded so that it stays a normal float32 and logits / r stay finite
+MIN_REPETITION, MAX_REPETITION = 0.01, 100.0
 
 
 @dataclass(frozen=True, eq=False)
 class LogitsParams:
     """How one sequence's logits are processed (module docstring); the defaults change nothing.
 
-    presence_penalty, frequency_penalty: numbers in [-2, 2] (0: off); repetition_penalty: a finite
-    number > 0 (1: off); logit_bias: {token id (int): bias in [-100, 100]}; top_k: an integer, -1 or 0
+    presence_penalty, frequency_penalty: numbers in [-2, 2] (0: off); repetition_penalty: a number
+    in [0.01, 100] (1: off; beyond, float32 logits / r can overflow); logit_bias: {token id (int): bias in [-100, 100]}; top_k: an integer, -1 or 0
     off, else >= 1 (more than the vocabulary keeps it all); min_p: a number in [0, 1] (0: off);
     min_tokens: an integer >= 0 (tokens generated before a stop id may be sampled).
     """
@@ -71,8 +73,8 @@ class LogitsParams:
             if not is_real(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
                 raise SamplingError(name, f"must be a number in [-2, 2] (got {v!r})")
         r = self.repetition_penalty
-        if not is_real(r) or not math.isfinite(r) or r <= 0:
-            raise SamplingError("repetition_penalty", f"must be a finite number > 0 (got {r!r})")
+        if not is_real(r) or not MIN_REPETITION <= r <= MAX_REPETITION:
+            raise SamplingError("repetition_penalty", f"must be a number in [0.01, 100] (got {r!r})")
         if not isinstance(self.logit_bias, Mapping):
             raise SamplingError("logit_bias", f"must be a mapping of token ids to biases (got {self.logit_bias!r})")
         for t, b in self.logit_bias.items():

@@ -182,6 +182,7 @@ BAD = [
     ({"min_tokens": 17}, "min_tokens"),  # more than the default 16 completion tokens
     ({"stop_token_ids": [96]}, "stop_token_ids"),
     ({"stop_token_ids": ["a"]}, "stop_token_ids.0"),
+    ({"stop_token_ids": list(range(96)), "min_tokens": 1}, "stop_token_ids"),  # nothing left to generate
 ]
 
 

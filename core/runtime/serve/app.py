@@ -224,6 +224,9 @@ def _job(
         raise APIError(
             400, f"'stop_token_ids' has token id {bad}, outside the vocabulary [0, {vocab_size})", "stop_token_ids"
         )
+    stop_ids = frozenset(stop_token_ids) | (frozenset() if req.ignore_eos else frozenset(eos_ids))
+    if processing is not None and processing.min_tokens and len(stop_ids) >= vocab_size:
+        raise APIError(400, "with 'min_tokens', 'stop_token_ids' must leave some token to generate", "stop_token_ids")
     chat_limit = isinstance(req, ChatRequest) and req.max_tokens is None and req.max_completion_tokens is not None
     limit_name = "max_completion_tokens" if chat_limit else "max_tokens"
     requested = req.max_completion_tokens if chat_limit else req.max_tokens
@@ -275,7 +278,7 @@ def _job(
         1.0 if req.top_p is None else float(req.top_p),
         req.seed,
         stops_of(req.stop),
-        frozenset(stop_token_ids) | (frozenset() if req.ignore_eos else frozenset(eos_ids)),
+        stop_ids,
         bool(req.stream),
         bool(req.stream and req.stream_options and req.stream_options.include_usage),
         bool(req.return_token_ids),
