@@ -7,6 +7,7 @@ with the same :class:`LogitsParams` (what ``dsv3 run`` calls).
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -195,3 +196,49 @@ def test_bad_processing_fields_are_400_naming_the_field(server, path, fields, pa
     r = _post(server[0], path, {"model": NAME, **where, **fields})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
     assert len(r.json()["error"]["message"].splitlines()) == 1
+
+
+def test_dsv3_run_flags_draw_what_the_server_draws(ckpt, client, capsys):
+    """`dsv3 run --seed 42 --top-k 5 --min-p ... --logit-bias 7=2` (in process) and the server: the same tokens."""
+    from dsv3.cli import main as cli_main
+
+    flags = ["--top-k", "5", "--min-p", "0.05", "--presence-penalty", "0.5", "--repetition-penalty", "1.2"]
+    flags += ["--logit-bias", "7=2", "--temperature", "1", "--top-p", "0.9", "--seed", "42", "--max-new-tokens", "12"]
+    capsys.readouterr()
+    rc = cli_main(["run", "--ckpt-path", str(ckpt), "--dtype", "float32", "--raw", "--output-format", "jsonl",
+                   "--prompt", PROMPTS[3], *flags])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    (record,) = [json.loads(line) for line in out.splitlines()]
+    body = _body_fields(SAMPLED)
+    r = client.completions.create(
+        model=NAME,
+        prompt=PROMPTS[3],
+        max_tokens=12,
+        temperature=1.0,
+        top_p=0.9,
+        seed=42,
+        presence_penalty=body.pop("presence_penalty"),
+        logit_bias=body.pop("logit_bias"),
+        extra_body={**body, "return_token_ids": True},
+    )
+    assert record["token_ids"] == _ids(r.choices[0])
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--top-k", "-2"], "--top-k"),
+        (["--logit-bias", "7"], "--logit-bias"),
+        (["--repetition-penalty", "0"], "--repetition-penalty"),
+        (["--min-tokens", "9", "--max-new-tokens", "5"], "--max-new-tokens"),
+        (["--presence-penalty", "3"], "--presence-penalty"),
+    ],
+)
+def test_dsv3_run_refuses_bad_processing_flags_in_one_line(ckpt, capsys, flags, named):
+    from dsv3.cli import main as cli_main
+
+    capsys.readouterr()
+    rc = cli_main(["run", "--ckpt-path", str(ckpt), "--prompt", "x", *flags])
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and len(err.strip().splitlines()) == 1, err
