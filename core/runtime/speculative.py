@@ -13,7 +13,9 @@ One step, for every row of the batch at once (rows keep their own positions):
    accepted while it equals the main model's argmax. Sampling: speculative rejection sampling
    (accept with probability ``min(1, p/q)``, else resample from ``normalize(max(0, p - q))``; all
    accepted: sample from ``p``), which provably leaves the main model's distribution unchanged;
-   temperature and top-p shape ``p`` and ``q`` the same way.
+   temperature and top-p shape ``p`` and ``q`` the same way, and so does the request's logits
+   processing (penalties, logit_bias, top_k, min_p, min_tokens: :mod:`dsv3.runtime.logits_processing`),
+   at drafted position ``j`` with the row's tokens and drafts ``1 .. j`` as its history.
 
 Caches are indexed by position and attention reads keys ``j <= query position``, so rolling a
 row back is only moving its position: entries past it are never read and get overwritten. Each
