@@ -129,8 +129,12 @@ class RowLogits:
     ``extend`` records newly generated tokens (only those the sequence keeps: not rejected drafts).
     stop_ids: the ids ``min_tokens`` holds back (the sequence's EOS and extra stop ids). temperature:
     the row's (``min_p`` depends on it; a greedy row is never truncated). generated: tokens already
-    generated (a resumed sequence). Tensors live on ``device``: a (V,) float32 count of the generated
-    tokens when a penalty needs it, a (V,) bool mask of the prompt's tokens for repetition_penalty.
+    generated (a resumed sequence).
+
+    State on ``device``, kept up to date by ``extend`` at the cost of the new tokens only: for
+    repetition_penalty the distinct ids of prompt and generated tokens (n,) int64; for the frequency
+    and presence penalties a (V,) float32 vector ``f * count + p * (count > 0)`` over the generated
+    tokens and a (V,) bool mask of them. The counts themselves are kept on the host.
     """
 
     def __init__(
@@ -145,13 +149,20 @@ class RowLogits:
     ):
         self.params, self.vocab_size, self.device = params, vocab_size, torch.device(device)
         p = params
-        self.penalizes = bool(p.presence_penalty or p.frequency_penalty) or p.repetition_penalty != 1
+        self.repeats = p.repetition_penalty != 1
+        self.counts_tokens = bool(p.presence_penalty or p.frequency_penalty)
+        self.penalizes = self.repeats or self.counts_tokens
         self.truncates = temperature > 0 and (p.top_k > 0 or p.min_p > 0)
-        self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device) if self.penalizes else None
-        self.in_prompt = None
-        if p.repetition_penalty != 1:
-            self.in_prompt = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
-            self.in_prompt[torch.tensor(list(prompt), dtype=torch.long, device=self.device)] = True
+        self._counts: dict[int, int] = {}  # generated token -> occurrences (host)
+        self.penalty = self.in_generated = None
+        if self.counts_tokens:
+            self.penalty = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
+            self.in_generated = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+        self._seen: set[int] = set()
+        self.seen_ids = None
+        if self.repeats:
+            self._seen = set(prompt)
+            self.seen_ids = torch.tensor(sorted(self._seen), dtype=torch.long, device=self.device)
         self.bias = None
         if p.logit_bias:
             ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=self.device)
@@ -161,12 +172,31 @@ class RowLogits:
         self.generated = 0
         self.extend(list(generated))
 
+    @property
+    def active(self) -> bool:
+        """Whether :func:`penalize` changes this row's logits."""
+        return self.penalizes or self.bias is not None or self.stop is not None
+
     def extend(self, tokens: list[int]) -> None:
         """Record tokens the sequence generated (in order)."""
         self.generated += len(tokens)
-        if self.counts is not None and tokens:
-            ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-            self.counts.index_add_(0, ids, torch.ones(len(tokens), dtype=torch.float32, device=self.device))
+        if not tokens:
+            return
+        if self.counts_tokens:
+            for t in tokens:
+                self._counts[t] = self._counts.get(t, 0) + 1
+            changed = list(dict.fromkeys(tokens))
+            f, p = self.params.frequency_penalty, self.params.presence_penalty
+            ids = torch.tensor(changed, dtype=torch.long, device=self.device)
+            values = [f * self._counts[t] + p for t in changed]
+            self.penalty[ids] = torch.tensor(values, dtype=torch.float32, device=self.device)
+            self.in_generated[ids] = True
+        if self.repeats:
+            new = [t for t in dict.fromkeys(tokens) if t not in self._seen]
+            if new:
+                self._seen.update(new)
+                fresh = torch.tensor(new, dtype=torch.long, device=self.device)
+                self.seen_ids = torch.cat([self.seen_ids, fresh])
 
     def _masked_positions(self, seen: int, n_pos: int) -> int:
         """How many of n_pos positions (the first of which follows ``seen`` more tokens) mask the stop ids."""
@@ -179,6 +209,11 @@ def _as3d(logits: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (logits.unsqueeze(1), True) if logits.dim() == 2 else (logits, False)
 
 
+def _repeat(x: torch.Tensor, r: float) -> torch.Tensor:
+    """repetition_penalty r on logits x: a positive one divided by r, a non-positive one multiplied."""
+    return torch.where(x > 0, x / r, x * r)
+
+
 def penalize(logits: torch.Tensor, rows: list[RowLogits | None], appended: torch.Tensor | None = None) -> torch.Tensor:
     """Steps 1-4 of the module docstring. logits (B, V) or (B, P, V) float32 -> the same shape.
 
@@ -186,50 +221,71 @@ def penalize(logits: torch.Tensor, rows: list[RowLogits | None], appended: torch
     row's recorded history, of which position p sees the first ``A - P + 1 + p`` (the verifier's
     drafts: A = P - 1, position p after drafts[:p]; a drafter's earlier drafts: P = 1, all A).
     Returns ``logits`` itself when no row is processed; else a new tensor (the input is not changed).
+
+    The work is sparse: each processed row touches its biased, stop, seen and generated ids, not the
+    whole vocabulary (the frequency and presence penalties are one (V,) subtraction per row).
     """
-    idx = [i for i, r in enumerate(rows) if r is not None and (r.penalizes or r.bias is not None or r.stop is not None)]
+    idx = [i for i, r in enumerate(rows) if r is not None and r.active]
     if not idx:
         return logits
     x, flat = _as3d(logits)
-    b, n_pos, v = x.shape
+    n_pos = x.shape[1]
     n_app = 0 if appended is None else appended.shape[1]
     first_seen = n_app - n_pos + 1  # appended tokens seen at position 0
     if first_seen < 0:
         raise ValueError(f"penalize: {n_pos} positions need at least {n_pos - 1} appended tokens, got {n_app}")
-    dev = x.device
-    sel = torch.tensor(idx, dtype=torch.long, device=dev)
-    sub = x.index_select(0, sel)  # (n, P, V), a copy
-    sub_rows = [rows[i] for i in idx]
-    for j, r in enumerate(sub_rows):
+    out = x.clone()
+    for i in idx:
+        r, y = rows[i], out[i]  # y (P, V): a view
         if r.bias is not None:
-            sub[j, :, r.bias[0]] += r.bias[1]
+            y[:, r.bias[0]] += r.bias[1]
         m = r._masked_positions(first_seen, n_pos)
         if m:
-            sub[j, :m, r.stop] = -math.inf
-    pen = [j for j, r in enumerate(sub_rows) if r.penalizes]
-    if pen:
-        pj = torch.tensor(pen, dtype=torch.long, device=dev)
-        counts = torch.stack([sub_rows[j].counts for j in pen]).unsqueeze(1)  # (m, 1, V)
-        if n_app:  # counts after each position's share of the appended tokens
-            app = appended.index_select(0, sel.index_select(0, pj))  # (m, A)
-            prefix = torch.zeros(len(pen), n_app + 1, v, dtype=torch.float32, device=dev)
-            prefix[:, 1:].scatter_(-1, app.unsqueeze(-1), 1.0)
-            counts = counts + prefix.cumsum(1)[:, first_seen:]  # (m, P, V)
-        y = sub.index_select(0, pj)  # (m, P, V)
-        rep = [k for k, j in enumerate(pen) if sub_rows[j].params.repetition_penalty != 1]
-        if rep:
-            rk = torch.tensor(rep, dtype=torch.long, device=dev)
-            r_val = torch.tensor([sub_rows[pen[k]].params.repetition_penalty for k in rep], device=dev).view(-1, 1, 1)
-            prompt = torch.stack([sub_rows[pen[k]].in_prompt for k in rep]).unsqueeze(1)  # (mr, 1, V)
-            seen = prompt | (counts.index_select(0, rk) > 0)  # (mr, P, V)
-            z = y.index_select(0, rk)
-            y[rk] = torch.where(seen, torch.where(z > 0, z / r_val, z * r_val), z)
-        f_val = torch.tensor([sub_rows[j].params.frequency_penalty for j in pen], device=dev).view(-1, 1, 1)
-        p_val = torch.tensor([sub_rows[j].params.presence_penalty for j in pen], device=dev).view(-1, 1, 1)
-        y = y - f_val * counts - p_val * (counts > 0).float()
-        sub[pj] = y
-    out = sub if len(idx) == b else x.index_copy(0, sel, sub)
+            y[:m, r.stop] = -math.inf
+        if r.repeats and len(r.seen_ids):
+            y[:, r.seen_ids] = _repeat(y[:, r.seen_ids], r.params.repetition_penalty)
+        if r.counts_tokens:
+            y -= r.penalty
+    drafted = [i for i in idx if rows[i].penalizes] if n_app else []
+    if drafted:
+        _penalize_appended(out, [rows[i] for i in drafted], drafted, appended, first_seen)
     return out.squeeze(1) if flat else out
+
+
+def _penalize_appended(
+    out: torch.Tensor, rows: list[RowLogits], idx: list[int], appended: torch.Tensor, first_seen: int
+) -> None:
+    """The penalties the appended tokens add, in place on ``out`` (B, P, V) already penalized for each
+    row's recorded history: position p of row i also sees ``appended[i, :first_seen + p]``.
+
+    A token appended at a < first_seen + p counts once more for the frequency penalty at p; its first
+    occurrence there adds the presence penalty if it was not generated before, and the repetition
+    penalty if it was in neither the prompt nor the generated tokens. (m rows, A appended, P positions.)
+    """
+    dev = out.device
+    n_pos, n_app = out.shape[1], appended.shape[1]
+    sel = torch.tensor(idx, dtype=torch.long, device=dev)
+    d = appended.index_select(0, sel)  # (m, A)
+    pos = torch.arange(n_pos, device=dev).unsqueeze(1)
+    a = torch.arange(n_app, device=dev)
+    within = a.unsqueeze(0) < first_seen + pos  # (P, A): position p sees appended token a
+    same = d.unsqueeze(2) == d.unsqueeze(1)  # (m, A, A)
+    first = ~(same & (a.unsqueeze(0) < a.unsqueeze(1))).any(-1)  # (m, A): no earlier equal token
+    # (m, P, A): some occurrence of token d[a] is seen at position p
+    seen_here = (same.unsqueeze(1) & within.view(1, n_pos, 1, n_app)).any(-1)
+    where = d.unsqueeze(1).expand(-1, n_pos, -1)  # (m, P, A): the appended ids at each position
+    for j, (i, r) in enumerate(zip(idx, rows, strict=True)):
+        y = out[i]  # (P, V)
+        if r.repeats:
+            fresh = ~torch.isin(d[j], r.seen_ids)  # (A,): neither in the prompt nor generated
+            vals = y.gather(-1, where[j])  # (P, A); equal ids give equal values: the scatter agrees
+            hit = seen_here[j] & fresh
+            y.scatter_(-1, where[j], torch.where(hit, _repeat(vals, r.params.repetition_penalty), vals))
+        if r.counts_tokens:
+            p = r.params
+            new_token = first[j] & ~r.in_generated[d[j]]  # (A,)
+            delta = within.float() * (p.frequency_penalty + p.presence_penalty * new_token.float())  # (P, A)
+            y.scatter_add_(-1, where[j], -delta)
 
 
 def truncate(logits: torch.Tensor, rows: list[RowLogits | None], temperature: torch.Tensor) -> torch.Tensor:

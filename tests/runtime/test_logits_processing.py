@@ -59,12 +59,13 @@ def expected_kept(x: torch.Tensor, p: LogitsParams, temperature: float) -> set[i
 # ----------------------------------------------------------------- the stage on its own
 def test_penalize_equals_the_hand_computation_at_every_drafted_position():
     g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 4, VOCAB, generator=g) * 4  # (B, P, V): a verify step over 3 drafts
-    drafts = torch.randint(0, VOCAB, (3, 3), generator=g)
-    drafts[0, :2] = torch.tensor([7, 7])  # a repeated draft: counts 2 within one step
-    prompts = [[0, 3, 5, 5], [0, 2], [0, 6, 8]]
-    generated = [[7, 3], [], [5, 1, 1]]
-    params = [PENALTIES, None, LogitsParams(logit_bias={2: 3.0}, min_tokens=5)]
+    logits = torch.randn(4, 4, VOCAB, generator=g) * 4  # (B, P, V): a verify step over 3 drafts
+    drafts = torch.randint(0, VOCAB, (4, 3), generator=g)
+    drafts[0] = torch.tensor([11, 11, 7])  # a new token drafted twice (counts 1 then 2), then a generated one
+    drafts[3] = torch.tensor([6, 9, 6])  # 6 is in the prompt, 9 is new
+    prompts = [[0, 3, 5, 5], [0, 2], [0, 6, 8], [0, 6]]
+    generated = [[7, 3], [], [5, 1, 1], [2]]
+    params = [PENALTIES, None, LogitsParams(logit_bias={2: 3.0}, min_tokens=5), LogitsParams(repetition_penalty=0.5)]
     rows = [
         None if p is None else RowLogits(p, pr, [EOS, 6], VOCAB, "cpu", generated=gen)
         for p, pr, gen in zip(params, prompts, generated, strict=True)
@@ -73,7 +74,7 @@ def test_penalize_equals_the_hand_computation_at_every_drafted_position():
     out = penalize(logits, rows, drafts)
     assert torch.equal(logits, before)  # the input is not changed
     assert torch.equal(out[1], logits[1])  # the unprocessed row is untouched
-    for i in (0, 2):
+    for i in (0, 2, 3):
         for pos in range(4):
             history = generated[i] + drafts[i, :pos].tolist()
             want = expected_logits(logits[i, pos], prompts[i], history, params[i], [EOS, 6])
