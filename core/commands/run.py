@@ -15,6 +15,7 @@ from ..model.parallel import ParallelContext
 from ..runtime.distributed import init_for_backend, quiet_unless_rank0
 from ..runtime.engine import Completion
 from ..runtime.generate import SamplingError, SamplingParams
+from ..runtime.logits_processing import LogitsParams
 from ..runtime.speculative import check_mtp, summarize, summary_line
 from ..runtime.text import check_text
 from .model_args import add_model_args, load_from_args
@@ -49,6 +50,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
         help="nucleus sampling: draw only from the most likely tokens whose probabilities add up to this (1: all)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g = p.add_argument_group("logits processing (as the server's request fields; defaults: off)")
+    g.add_argument("--presence-penalty", type=float, default=0.0, help="subtracted once from a generated token [-2, 2]")
+    g.add_argument(
+        "--frequency-penalty", type=float, default=0.0, help="subtracted per occurrence among generated tokens [-2, 2]"
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="divides positive (multiplies negative) logits of prompt and generated tokens [0.01, 100]",
+    )
+    g.add_argument("--logit-bias", nargs="+", default=[], metavar="ID=BIAS", help="add BIAS [-100, 100] to token ID")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens only (0 or -1: all)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this times the best [0, 1]")
+    g.add_argument("--min-tokens", type=int, default=0, help="no stop token before this many tokens")
+    g.add_argument("--stop-token-ids", nargs="+", type=int, default=[], metavar="ID", help="more ids that end a reply")
     p.add_argument(
         "--output-format",
         choices=("text", "jsonl"),
@@ -77,9 +94,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def _check_args(args) -> None:
     try:
-        SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed).validate()
+        processing = _processing(args)
+        SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed, (), **processing).validate()
     except SamplingError as exc:
-        raise Dsv3Error(f"--{exc.param.replace('_', '-')} {exc.reason}") from None
+        reason = exc.reason.replace("max_tokens", "--max-new-tokens") if exc.param == "min_tokens" else exc.reason
+        raise Dsv3Error(f"--{exc.param.replace('_', '-')} {reason}") from None
     if args.mtp < 0:
         raise Dsv3Error("--mtp must be >= 0 (draft tokens per step)")
 
@@ -133,9 +152,10 @@ def _main(args, parallel: ParallelContext) -> int:
     start = time.perf_counter()
     streaming = _streams_one(args, parallel)
     if streaming:
-        results = [_show_stream(engine.stream(prompts[0], *_sampling(args), chat=args.chat, mtp=args.mtp))]
+        stream = engine.stream(prompts[0], *_sampling(args), chat=args.chat, mtp=args.mtp, **_processing(args))
+        results = [_show_stream(stream)]
     else:
-        results = engine.generate(prompts, *_sampling(args), chat=args.chat, mtp=args.mtp)
+        results = engine.generate(prompts, *_sampling(args), chat=args.chat, mtp=args.mtp, **_processing(args))
     elapsed = time.perf_counter() - start
     if not streaming:
         _print_results(results, args.output_format)
@@ -166,6 +186,29 @@ def _print_results(results: list[Completion], output_format: str) -> None:
 
 def _sampling(args) -> tuple[int, float, float, int | None]:
     return args.max_new_tokens, args.temperature, args.top_p, args.seed
+
+
+def _processing(args) -> dict:
+    """Engine.generate / stream's ``logits`` and ``stop_token_ids`` from the flags (SamplingError when malformed)."""
+    bias = {}
+    for item in args.logit_bias:
+        tok, sep, value = item.partition("=")
+        try:
+            bias[int(tok)] = float(value)
+        except ValueError:
+            raise SamplingError("logit_bias", f"takes ID=BIAS pairs, e.g. 42=-5 (got {item!r})") from None
+        if not sep:
+            raise SamplingError("logit_bias", f"takes ID=BIAS pairs, e.g. 42=-5 (got {item!r})")
+    logits = LogitsParams(
+        args.presence_penalty,
+        args.frequency_penalty,
+        args.repetition_penalty,
+        bias,
+        args.top_k,
+        args.min_p,
+        args.min_tokens,
+    )
+    return {"logits": logits, "stop_token_ids": tuple(args.stop_token_ids)}
 
 
 def _streams_one(args, parallel: ParallelContext) -> bool:
@@ -256,9 +299,9 @@ def _interactive(engine, args, parallel: ParallelContext | None = None) -> int:
             check_text(line, "that line")
             ids = engine.encode_chat(turn) if chat else engine.encode(line, chat=False)
             if stream:
-                text = _reply(engine.stream(ids, *_sampling(args), mtp=args.mtp))
+                text = _reply(engine.stream(ids, *_sampling(args), mtp=args.mtp, **_processing(args)))
             else:
-                text = engine.generate([ids], *_sampling(args), mtp=args.mtp)[0].text
+                text = engine.generate([ids], *_sampling(args), mtp=args.mtp, **_processing(args))[0].text
                 print(text, flush=True)
         except Dsv3Error as exc:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"dsv3: error: {exc}", file=sys.stderr)

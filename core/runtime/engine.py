@@ -3,7 +3,7 @@ speculative decoding) over a built model."""
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +13,7 @@ from ..errors import Dsv3Error
 from ..model.graph import Transformer
 from .distributed import agree_on_seed
 from .generate import DecodeStep, SamplingParams, collect, generate_steps
+from .logits_processing import LogitsParams
 from .speculative import check_mtp, speculative_steps
 from .text import IncrementalDecoder, check_text
 
@@ -96,17 +97,21 @@ class Engine:
         seed: int | None = None,
         chat: bool | None = None,
         mtp: int = 0,
+        logits: LogitsParams | None = None,
+        stop_token_ids: Iterable[int] = (),
     ) -> list[Completion]:
         """Complete each prompt (text, or a list of token ids) and return one Completion per prompt.
 
         mtp: draft tokens per step for lossless speculative decoding with the checkpoint's MTP
         module (0: plain decoding); each Completion's ``mtp`` then holds its statistics.
+        logits: penalties, logit_bias, top_k, min_p, min_tokens (:class:`LogitsParams`; None: none);
+        stop_token_ids: ids that end a completion ("stop") besides the checkpoint's EOS ids.
         """
         check_mtp(self.model, mtp)
         if isinstance(prompts, (str, bytes)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         ids = [self._prompt_ids(p, chat) for p in prompts]
-        params = self._params(max_new_tokens, temperature, top_p, seed)
+        params = self._params(max_new_tokens, temperature, top_p, seed, logits, stop_token_ids)
         out = collect(self._steps(ids, params, mtp), len(ids))
         rows = out.stats.get("mtp_rows") or [None] * len(ids)
         texts = [self.decode(o) if self.tokenizer is not None else "" for o in out.token_ids]
@@ -124,6 +129,8 @@ class Engine:
         seed: int | None = None,
         chat: bool | None = None,
         mtp: int = 0,
+        logits: LogitsParams | None = None,
+        stop_token_ids: Iterable[int] = (),
     ) -> Generator[str, None, Completion]:
         """Complete one prompt like :meth:`generate`, yielding the text in pieces as tokens are decoded.
 
@@ -137,7 +144,7 @@ class Engine:
         self._need_tokenizer()
         check_mtp(self.model, mtp)
         ids = self._prompt_ids(prompt, chat)
-        params = self._params(max_new_tokens, temperature, top_p, seed)
+        params = self._params(max_new_tokens, temperature, top_p, seed, logits, stop_token_ids)
         return self._pieces(prompt, self._steps([ids], params, mtp))
 
     def _pieces(self, prompt: str | list[int], steps: Iterator[DecodeStep]) -> Generator[str, None, Completion]:
@@ -159,9 +166,18 @@ class Engine:
     def _prompt_ids(self, prompt: str | list[int], chat: bool | None) -> list[int]:
         return prompt if isinstance(prompt, list) else self.encode(prompt, chat)
 
-    def _params(self, max_new_tokens: int, temperature: float, top_p: float, seed: int | None) -> SamplingParams:
+    def _params(
+        self,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        logits: LogitsParams | None = None,
+        stop_token_ids: Iterable[int] = (),
+    ) -> SamplingParams:
         seed = agree_on_seed(self.model.opts.parallel, seed, temperature)  # same draws on every rank
-        return SamplingParams(max_new_tokens, temperature, top_p, seed, self.eos_ids)
+        extra = tuple(stop_token_ids)
+        return SamplingParams(max_new_tokens, temperature, top_p, seed, self.eos_ids, logits or LogitsParams(), extra)
 
     def _steps(self, ids: list[list[int]], params: SamplingParams, mtp: int) -> Iterator[DecodeStep]:
         """Plain or speculative decode steps (both end with finish reasons and stats)."""

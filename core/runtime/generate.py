@@ -7,7 +7,6 @@ padding masks: a row's cache entries past its position are never attended to.
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,29 +17,10 @@ from ..errors import Dsv3Error
 from ..model.cache import ModelCache
 from ..model.graph import Transformer
 from .distributed import agree_on_seed
-from .sampling import finite_logits
+from .logits_processing import LogitsParams, RowLogits, process, row_logits
+from .sampling import SamplingError, finite_logits, is_int, is_real
 
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes; a negative seed s draws as s + 2**64
-
-
-class SamplingError(Dsv3Error):
-    """A bad sampling parameter: ``param`` names the field, ``reason`` says what it must be.
-
-    The message is ``"<param> <reason>"``; the CLI names its flag instead and the server answers
-    400 naming ``param``.
-    """
-
-    def __init__(self, param: str, reason: str):
-        super().__init__(f"{param} {reason}")
-        self.param, self.reason = param, reason
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 @dataclass
@@ -50,6 +30,9 @@ class SamplingParams:
     Valid values (``validate``): max_new_tokens an integer >= 1; temperature a finite number >= 0;
     top_p a number in (0, 1] (one so small that no token reaches it keeps the most likely token);
     seed None or an integer in [-2**63, 2**64) (a negative seed s draws as s + 2**64).
+    logits: penalties, logit_bias, top_k, min_p, min_tokens (:class:`LogitsParams`, checked by its
+    ``validate``; min_tokens at most max_new_tokens). stop_token_ids: token ids that end a row as an
+    EOS id does ("stop"), besides ``eos_ids``; min_tokens holds both back.
     """
 
     max_new_tokens: int = 128
@@ -57,19 +40,39 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     eos_ids: tuple[int, ...] = ()
+    logits: LogitsParams = field(default_factory=LogitsParams)
+    stop_token_ids: tuple[int, ...] = ()
 
-    def validate(self) -> SamplingParams:
-        """Return self, or raise SamplingError naming the first bad field."""
-        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Every id that ends a row: ``eos_ids`` and ``stop_token_ids``."""
+        return tuple(sorted(set(self.eos_ids) | set(self.stop_token_ids)))
+
+    def validate(self, vocab_size: int | None = None) -> SamplingParams:
+        """Return self, or raise SamplingError naming the first bad field (token ids are checked against
+        ``vocab_size`` when it is given)."""
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise SamplingError("max_new_tokens", f"must be an integer >= 1 (got {self.max_new_tokens!r})")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+        if not is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise SamplingError("temperature", f"must be a finite number >= 0 (got {self.temperature!r})")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise SamplingError("top_p", f"must be a number in (0, 1] (got {self.top_p!r})")
         lo, hi = SEED_RANGE
-        if self.seed is not None and (not _is_int(self.seed) or not lo <= self.seed < hi):
+        if self.seed is not None and (not is_int(self.seed) or not lo <= self.seed < hi):
             raise SamplingError("seed", f"must be an integer in [-2**63, 2**64) (got {self.seed!r})")
+        if not isinstance(self.logits, LogitsParams):
+            raise SamplingError("logits", f"must be a LogitsParams (got {self.logits!r})")
+        self.logits.validate(vocab_size, self.max_new_tokens)
+        for t in self.stop_token_ids:
+            if not is_int(t) or t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise SamplingError("stop_token_ids", f"has token id {t!r}, outside the vocabulary")
+        if self.logits.min_tokens and vocab_size is not None and len(self.stop_ids) >= vocab_size:
+            raise SamplingError("stop_token_ids", "with min_tokens must leave some token to generate")
         return self
+
+    def row_logits(self, prompt: list[int], vocab_size: int, device: torch.device | str) -> RowLogits | None:
+        """The processing state of one row with this prompt (None when ``logits`` changes nothing)."""
+        return row_logits(self.logits, prompt, self.stop_ids, vocab_size, device, self.temperature)
 
 
 @dataclass
@@ -147,7 +150,7 @@ def generate_steps(model: Transformer, prompts: list[list[int]], params: Samplin
     time the consumer spends between steps.
     """
     start = time.perf_counter()
-    total = check_lengths(model, prompts, params.validate().max_new_tokens)
+    total = check_lengths(model, prompts, params.validate(model.cfg.vocab_size).max_new_tokens)
     return _decode(model, prompts, params, total, start)
 
 
@@ -165,7 +168,10 @@ def _decode(
         generator = torch.Generator(device=device).manual_seed(seed)
     temperature = torch.full((b,), float(params.temperature), device=device)
     top_p = torch.full((b,), float(params.top_p), device=device)
-    eos = torch.tensor(params.eos_ids or [-1], device=device)
+    stop_ids = params.stop_ids
+    eos = torch.tensor(stop_ids or [-1], device=device)
+    rows = [params.row_logits(p, model.cfg.vocab_size, device) for p in prompts]
+    rows = rows if any(r is not None for r in rows) else None  # None: no processing at all
 
     hidden = prefill(model, prompts, cache)
     positions = torch.tensor([len(p) for p in prompts], device=device)  # where each row's next token goes
@@ -173,17 +179,20 @@ def _decode(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     first = None
     for step in range(params.max_new_tokens):
-        next_tokens = sample(finite_logits(model.logits(hidden)), temperature, top_p, generator)  # (B,)
+        logits = process(finite_logits(model.logits(hidden)), rows, temperature)[1]
+        next_tokens = sample(logits, temperature, top_p, generator)  # (B,)
         tokens = next_tokens.tolist()  # one copy to the host per step, not one per row
         new: list[list[int]] = [[] for _ in range(b)]
         for i in (~done).nonzero().flatten().tolist():
             new[i] = [tokens[i]]
             last[i] = tokens[i]
+            if rows is not None and rows[i] is not None:
+                rows[i].extend(new[i])
         if first is None:
             first = time.perf_counter()
         done |= torch.isin(next_tokens, eos)
         if bool(done.all()) or step == params.max_new_tokens - 1:
-            reasons = ["stop" if t is not None and t in params.eos_ids else "length" for t in last]
+            reasons = ["stop" if t is not None and t in stop_ids else "length" for t in last]
             yield DecodeStep(new, reasons, {"ttft_s": first - start, "decode_s": time.perf_counter() - first})
             return
         yield DecodeStep(new)

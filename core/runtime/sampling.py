@@ -2,9 +2,31 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from ..errors import Dsv3Error
+
+
+class SamplingError(Dsv3Error):
+    """A bad sampling parameter: ``param`` names the field, ``reason`` says what it must be.
+
+    The message is ``"<param> <reason>"``; the CLI names its flag instead and the server answers
+    400 naming ``param``.
+    """
+
+    def __init__(self, param: str, reason: str):
+        super().__init__(f"{param} {reason}")
+        self.param, self.reason = param, reason
+
+
+def is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def is_real(x: object) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 def finite_logits(logits: torch.Tensor, what: str = "logits") -> torch.Tensor:

@@ -13,7 +13,9 @@ One step, for every row of the batch at once (rows keep their own positions):
    accepted while it equals the main model's argmax. Sampling: speculative rejection sampling
    (accept with probability ``min(1, p/q)``, else resample from ``normalize(max(0, p - q))``; all
    accepted: sample from ``p``), which provably leaves the main model's distribution unchanged;
-   temperature and top-p shape ``p`` and ``q`` the same way.
+   temperature and top-p shape ``p`` and ``q`` the same way, and so does the request's logits
+   processing (penalties, logit_bias, top_k, min_p, min_tokens: :mod:`dsv3.runtime.logits_processing`),
+   at drafted position ``j`` with the row's tokens and drafts ``1 .. j`` as its history.
 
 Caches are indexed by position and attention reads keys ``j <= query position``, so rolling a
 row back is only moving its position: entries past it are never read and get overwritten. Each
@@ -34,6 +36,7 @@ from ..errors import Dsv3Error
 from ..model.cache import ModelCache, cache_rows
 from ..model.graph import Transformer
 from .generate import DecodeStep, GenerationOutput, SamplingParams, check_lengths, collect
+from .logits_processing import RowLogits, process
 from .sampling import finite_logits, generator_groups, nucleus
 
 NO_MTP = "checkpoint has no MTP layers (num_nextn_predict_layers=0)"
@@ -117,6 +120,11 @@ class RowSampler:
     argmaxes and are accepted while they equal the main model's argmax; otherwise every row goes
     through rejection sampling (a temperature-0 row has one-hot p and q there, which accepts
     exactly the argmax-equal drafts and adds the argmax).
+
+    rows: each row's logits processing (:mod:`dsv3.runtime.logits_processing`; None, or a None
+    entry: none), applied alike to the drafter's logits and to the verifier's at every drafted
+    position, each with the history it follows (the row's tokens, then the drafts before that
+    position), so p and q are what plain decoding would process and the output stays exact.
     """
 
     def __init__(
@@ -125,13 +133,22 @@ class RowSampler:
         top_p: torch.Tensor,
         generators: list[torch.Generator | None],
         shared: torch.Generator | None,
+        rows: list[RowLogits | None] | None = None,
     ):
         self.temperature, self.top_p = temperature, top_p
         self.greedy = bool((temperature == 0).all())
         self._groups = generator_groups(generators, shared, temperature.device)
+        self.rows = rows if rows is not None and any(r is not None for r in rows) else None
 
-    def pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """logits (B, V) -> drafts (B,) int64 and the draft distributions q (B, V) (None when greedy)."""
+    @property
+    def processes(self) -> bool:
+        """Whether some row's logits are processed (then ``pick`` needs the drafts before each one)."""
+        return self.rows is not None
+
+    def pick(self, logits: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """logits (B, V), prior (B, j) int64 (this step's earlier drafts, when ``processes``) -> drafts (B,)
+        int64 and the draft distributions q (B, V) (None when greedy)."""
+        logits = process(logits, self.rows, self.temperature, prior)[1]
         if self.greedy:  # a bad draft is only rejected by the verify step (whose logits are checked)
             return logits.argmax(-1), None
         q = processed_probs(finite_logits(logits, "MTP module's logits"), self.temperature, self.top_p)
@@ -144,6 +161,7 @@ class RowSampler:
         self, logits: torch.Tensor, qs: list[torch.Tensor | None], drafts: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """logits (B, K+1, V), qs K x (B, V), drafts (B, K) -> accepted drafts (B,) and the next token (B,)."""
+        logits = process(logits, self.rows, self.temperature, drafts)[1]  # position j after drafts[:, :j]
         rows = torch.arange(drafts.shape[0], device=drafts.device)
         if self.greedy:
             target = logits.argmax(-1)  # (B, K+1)
@@ -275,6 +293,12 @@ class SpecDecoder:
         self.tokens[sl, pos + n_acc + 1] = bonus
         return n_acc, bonus, drafts
 
+    def _prior(self, sl: torch.Tensor, pos: torch.Tensor, j: int, sampler: RowSampler) -> torch.Tensor | None:
+        """This step's first j drafts (B, j) (at pos + 1 .. pos + j), when the sampler processes logits."""
+        if not sampler.processes:
+            return None
+        return self.tokens[sl.unsqueeze(1), pos.unsqueeze(1) + self.offsets[1 : j + 1]]
+
     def _draft(
         self, sl: torch.Tensor, rows: torch.Tensor | None, window: torch.Tensor, pos: torch.Tensor, sampler
     ) -> list[torch.Tensor | None]:
@@ -289,7 +313,7 @@ class SpecDecoder:
         for layer in range(n_layers):
             tok = self.tokens[col, window + layer + 1]  # (B, W): token t + l + 1 (verified, or this step's drafts)
             c = model.mtp_forward(layer, c, tok, window.clamp(max=cap), cache, rows)  # (B, W, D)
-            draft, q = sampler.pick(model.mtp[layer].logits(c[:, -1]))
+            draft, q = sampler.pick(model.mtp[layer].logits(c[:, -1]), self._prior(sl, pos, layer, sampler))
             self.tokens[sl, pos + layer + 1] = draft
             qs.append(q)
         g = c[:, -1:]  # (B, 1, D)
@@ -297,7 +321,7 @@ class SpecDecoder:
         for j in range(n_layers, k):  # recurrent reuse of the last module, one position further each time
             tok = self.tokens[sl, pos + j].unsqueeze(1)  # (B, 1)
             g = model.mtp_forward(last, g, tok, (pos + j - 1 - last).clamp(max=cap).unsqueeze(1), cache, rows)
-            draft, q = sampler.pick(model.mtp[last].logits(g[:, 0]))
+            draft, q = sampler.pick(model.mtp[last].logits(g[:, 0]), self._prior(sl, pos, j, sampler))
             self.tokens[sl, pos + j + 1] = draft
             qs.append(q)
         return qs
@@ -316,7 +340,7 @@ def speculative_steps(
     if k == 0:
         raise Dsv3Error("speculative decoding needs mtp >= 1 draft token")
     start = time.perf_counter()
-    total = check_lengths(model, prompts, params.validate().max_new_tokens)
+    total = check_lengths(model, prompts, params.validate(model.cfg.vocab_size).max_new_tokens)
     return _speculate(model, prompts, params, k, total, start)
 
 
@@ -335,15 +359,19 @@ def _speculate(
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     temperature = torch.full((b,), float(params.temperature), device=device)
     top_p = torch.full((b,), float(params.top_p), device=device)
-    sampler = RowSampler(temperature, top_p, [None] * b, generator)
-    eos = set(params.eos_ids)
+    rows = [params.row_logits(p, model.cfg.vocab_size, device) for p in prompts]
+    sampler = RowSampler(temperature, top_p, [None] * b, generator, rows)
+    eos = set(params.stop_ids)
     slots = list(range(b))
 
     logits = spec.prefill(slots, prompts)  # every prompt at once, right-padded
-    first = model.ops.sample(logits, temperature, top_p, generator)  # (B,)
+    first = model.ops.sample(process(logits, sampler.rows, temperature)[1], temperature, top_p, generator)  # (B,)
     pos = torch.tensor([len(p) for p in prompts], device=device)  # each row's newest token, unseen by the model
     spec.put(slots, pos, first)
     new = [[int(t)] for t in first.tolist()]
+    for r, t in zip(rows, new, strict=True):
+        if r is not None:
+            r.extend(t)
     counts = [1] * b  # tokens generated per row
     last = [o[-1] for o in new]
     first_at = time.perf_counter()
@@ -370,6 +398,8 @@ def _speculate(
                     done[i] = True
                     break
             counts[i] += len(new[i])
+            if rows[i] is not None:
+                rows[i].extend(new[i])
             last[i] = new[i][-1]
             if counts[i] >= params.max_new_tokens:
                 done[i] = True

@@ -18,6 +18,7 @@ import torch
 
 import dsv3
 from dsv3.runtime.generate import SamplingParams, generate
+from dsv3.runtime.logits_processing import LogitsParams
 from dsv3.runtime.speculative import generate_speculative
 from tests.helpers import make_checkpoint, train_on_patterns
 
@@ -127,3 +128,53 @@ def test_plain_sampling_passes_the_same_test(model):
     out = generate(model, [PROMPT] * N, SamplingParams(2, 1.0, 1.0, seed=99, eos_ids=()))
     stat, critical = _chi_square(Counter(tuple(t) for t in out.token_ids), _exact(model, 2, 1.0, 1.0), N)
     assert stat < critical, f"chi-square {stat:.1f} >= {critical:.1f} (alpha 0.001)"
+
+
+# --------------------------------------------------------------- with logits processing
+PROCESSING = LogitsParams(
+    presence_penalty=0.5, frequency_penalty=0.8, repetition_penalty=1.5, logit_bias={7: 1.0}, top_k=6, min_p=0.02,
+    min_tokens=2,
+)  # fmt: skip
+STOP = 5  # held back by min_tokens for the first two tokens; the third may be it (ending there changes nothing)
+
+
+@torch.no_grad()
+def _exact_processed(model, temperature: float, top_p: float) -> dict[tuple[int, ...], float]:
+    """Exact probability of every 3-token continuation under PROCESSING, each conditional processed by hand
+    (test_logits_processing's expected_logits / expected_kept) with the tokens before it as history."""
+    from tests.runtime.test_logits_processing import expected_kept, expected_logits
+
+    conts = torch.tensor(list(product(range(VOCAB), repeat=2)))  # (V^2, 2)
+    seqs = torch.cat([torch.tensor(PROMPT).expand(len(conts), -1), conts], 1)
+    raw = model.logits(model(seqs))[:, len(PROMPT) - 1 :]  # (V^2, 3, V)
+
+    def dist(row: int, i: int, history: list[int]) -> torch.Tensor:
+        x = expected_logits(raw[row, i], PROMPT, history, PROCESSING, [STOP])
+        kept = expected_kept(x, PROCESSING, temperature)
+        x = torch.where(torch.isin(torch.arange(VOCAB), torch.tensor(sorted(kept))), x, -math.inf)
+        return _nucleus(x, temperature, top_p)
+
+    joint = {}
+    for row, cont in enumerate(conts.tolist()):
+        prefix = float(dist(row, 0, [])[cont[0]]) * float(dist(row, 1, cont[:1])[cont[1]])
+        if prefix > 0:
+            last = dist(row, 2, cont)
+            for t in range(VOCAB):
+                joint[(*cont, t)] = prefix * float(last[t])
+    return joint
+
+
+@pytest.mark.parametrize("k", [0, 2])  # 0: plain generation, the control for the hand computation
+def test_sampling_with_logits_processing_keeps_the_processed_distribution(model, k):
+    """Speculative decoding stays lossless with penalties, logit_bias, top_k, min_p and min_tokens: the verifier
+    and the drafter process every drafted position with the drafts before it."""
+    temperature, top_p = 1.5, 0.95
+    params = SamplingParams(3, temperature, top_p, seed=77 + k, eos_ids=(STOP,), logits=PROCESSING)
+    out = generate_speculative(model, [PROMPT] * N, params, k) if k else generate(model, [PROMPT] * N, params)
+    expected = _exact_processed(model, temperature, top_p)
+    assert abs(sum(expected.values()) - 1) < 1e-9
+    stat, critical = _chi_square(Counter(tuple(t) for t in out.token_ids), expected, N)
+    assert stat < critical, f"chi-square {stat:.1f} >= {critical:.1f} (alpha 0.001)"
+    if k:
+        rate = out.stats["mtp"]["acceptance_rate"][0]
+        assert 0.05 < rate < 0.95, rate

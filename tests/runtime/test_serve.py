@@ -73,9 +73,9 @@ SETTINGS = ServeSettings(
 
 
 @contextlib.contextmanager
-def serving(engine, settings: ServeSettings = SETTINGS, max_batch: int = 4):
+def serving(engine, settings: ServeSettings = SETTINGS, max_batch: int = 4, mtp: int = 0):
     """A uvicorn server on a free loopback port in a background thread: yields (base url, scheduler)."""
-    scheduler = Scheduler(engine.model, max_batch, settings.max_model_len, max_waiting=16)
+    scheduler = Scheduler(engine.model, max_batch, settings.max_model_len, max_waiting=16, mtp=mtp)
     app = create_app(engine, scheduler, settings)
     sock = bind_socket("127.0.0.1", 0)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

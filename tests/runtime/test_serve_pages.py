@@ -9,6 +9,7 @@ import torch
 import dsv3
 from dsv3.errors import Dsv3Error
 from dsv3.runtime.generate import SamplingParams, generate
+from dsv3.runtime.logits_processing import LogitsParams
 from dsv3.runtime.serve.pages import PagePool
 from dsv3.runtime.serve.scheduler import Request, Scheduler
 from tests.helpers import make_checkpoint
@@ -125,6 +126,12 @@ def test_preemption_loses_nothing_and_repeats_nothing(engine, mtp):
     got, stats = _serve(sched, prompts, 36, temperature=0.8, seed=77)
     assert stats["preempted"] > 0
     assert got == _alone(engine, prompts, 36, eos_ids=(), temperature=0.8, seed=77)
+    # a penalty reads the tokens generated so far: a resumed request keeps them
+    penalties = LogitsParams(frequency_penalty=1.5, presence_penalty=0.5)
+    sched = Scheduler(engine.model, max_batch=6, max_len=48, max_total_tokens=112, page_size=8)
+    got, stats = _serve(sched, prompts, 36, processing=penalties)
+    assert stats["preempted"] > 0
+    assert got == _alone(engine, prompts, 36, eos_ids=(), logits=penalties)
 
 
 def test_pool_smaller_than_one_request_is_refused(engine):

@@ -31,12 +31,14 @@ from starlette.requests import ClientDisconnect
 
 from ... import __version__
 from ..engine import Engine
+from ..logits_processing import LogitsParams
 from .protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
+    logits_params_of,
     messages_of,
     parse,
     parse_json,
@@ -79,6 +81,7 @@ class _Job:
     logprobs: int | None = None  # top-k per token (None: no logprobs)
     echo: bool = False
     prompt_texts: list[str] = field(default_factory=list)  # what echo puts before each completion
+    processing: LogitsParams | None = None  # penalties, logit_bias, top_k, min_p, min_tokens (None: none)
 
 
 @dataclass(eq=False)
@@ -120,6 +123,7 @@ class _Run:
                 job.stop_ids,
                 logprobs=job.logprobs,
                 prompt_logprobs=job.echo and job.logprobs is not None,
+                processing=job.processing,
             )
             self.choices.append(_Choice(req, TextStream(engine.decode, job.stop)))
 
@@ -209,8 +213,20 @@ def _job(
     default_tokens: int,
     settings: ServeSettings,
     eos_ids: tuple[int, ...],
+    vocab_size: int,
 ) -> _Job:
-    """Check the prompts and token budget against the server's limits; 400s name the field at fault."""
+    """Check the prompts, token budget and sampling fields against the server's limits and the
+    vocabulary; 400s name the field at fault."""
+    processing = logits_params_of(req, vocab_size)
+    stop_token_ids = req.stop_token_ids or []
+    bad = next((t for t in stop_token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise APIError(
+            400, f"'stop_token_ids' has token id {bad}, outside the vocabulary [0, {vocab_size})", "stop_token_ids"
+        )
+    stop_ids = frozenset(stop_token_ids) | (frozenset() if req.ignore_eos else frozenset(eos_ids))
+    if processing is not None and processing.min_tokens and len(stop_ids) >= vocab_size:
+        raise APIError(400, "with 'min_tokens', 'stop_token_ids' must leave some token to generate", "stop_token_ids")
     chat_limit = isinstance(req, ChatRequest) and req.max_tokens is None and req.max_completion_tokens is not None
     limit_name = "max_completion_tokens" if chat_limit else "max_tokens"
     requested = req.max_completion_tokens if chat_limit else req.max_tokens
@@ -248,6 +264,12 @@ def _job(
                 param,
                 "context_length_exceeded",
             )
+        if processing is not None and processing.min_tokens > budget:
+            raise APIError(
+                400,
+                f"'min_tokens' ({processing.min_tokens}) is more than the {budget} tokens to generate",
+                "min_tokens",
+            )
         budgets.append(budget)
     return _Job(
         prompts,
@@ -256,12 +278,13 @@ def _job(
         1.0 if req.top_p is None else float(req.top_p),
         req.seed,
         stops_of(req.stop),
-        frozenset() if req.ignore_eos else frozenset(eos_ids),
+        stop_ids,
         bool(req.stream),
         bool(req.stream and req.stream_options and req.stream_options.include_usage),
         bool(req.return_token_ids),
         _top_k(req),
         bool(getattr(req, "echo", False)),
+        processing=processing,
     )
 
 
@@ -552,7 +575,7 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
             raise APIError(400, "'logprobs' is not supported with speculative decoding (--mtp)", "logprobs")
         if scheduler.mtp and req.max_tokens == 0:
             raise APIError(400, "'max_tokens': 0 is not supported with speculative decoding (--mtp)", "max_tokens")
-        job = _job(req, prompts, "prompt", settings.default_completion_tokens, settings, engine.eos_ids)
+        job = _job(req, prompts, "prompt", settings.default_completion_tokens, settings, engine.eos_ids, vocab)
         if job.echo:
             job.prompt_texts = [
                 p if isinstance(p, str) else engine.decode(ids) for p, ids in zip(given, prompts, strict=True)
@@ -612,7 +635,7 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         ids = _check_ids(_chat_ids(engine, messages_of(req.messages)), "messages", engine.cfg.vocab_size)
         if scheduler.mtp and req.logprobs:
             raise APIError(400, "'logprobs' is not supported with speculative decoding (--mtp)", "logprobs")
-        job = _job(req, [ids], "messages", settings.max_tokens_limit, settings, engine.eos_ids)
+        job = _job(req, [ids], "messages", settings.max_tokens_limit, settings, engine.eos_ids, engine.cfg.vocab_size)
         return await respond(request, job, chat=True)
 
     async def respond(request: Request, job: _Job, chat: bool):

@@ -3,7 +3,7 @@
 Scalars are checked by pydantic in strict mode (``"max_tokens": "5"`` is an error, not 5);
 ``prompt``, ``stop`` and ``messages`` have several legal shapes and are checked here, so an error
 names the field and what it should be. Unknown fields are ignored; known ones that this server
-does not implement (``n > 1``, penalties, tools...) are refused rather than ignored.
+does not implement (``n > 1``, tools...) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr, Valida
 
 from ...errors import Dsv3Error
 from ..generate import SamplingError, SamplingParams
+from ..logits_processing import LogitsParams, logit_bias_of
 from ..text import check_text
 
 MAX_STOP_STRINGS = 16
@@ -73,6 +74,12 @@ class _Common(BaseModel):
     # extensions (as vLLM names them): generate past EOS tokens; return the generated token ids
     ignore_eos: StrictBool | None = False
     return_token_ids: StrictBool | None = False
+    # vLLM's sampling extensions (ranges: LogitsParams.validate)
+    repetition_penalty: Annotated[float, Field(strict=True)] | None = None
+    top_k: Annotated[int, Field(strict=True)] | None = None
+    min_p: Annotated[float, Field(strict=True)] | None = None
+    min_tokens: Annotated[int, Field(strict=True)] | None = None
+    stop_token_ids: list[Annotated[int, Field(strict=True)]] | None = None
 
 
 class CompletionRequest(_Common):
@@ -149,11 +156,7 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         raise APIError(400, f"'{exc.param}' {exc.reason}", exc.param) from None
     if req.n not in (None, 1):
         raise APIError(400, "only n=1 is supported", "n")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise APIError(400, f"'{name}' is not supported (it must be 0 or absent)", name)
-    if req.logit_bias:
-        raise APIError(400, "'logit_bias' is not supported", "logit_bias")
+    logits_params_of(req)  # 400 naming a bad penalty, logit_bias, top_k, min_p or min_tokens
     if isinstance(req, CompletionRequest):
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "'max_tokens' may be 0 only with 'echo': true (to score the prompt)", "max_tokens")
@@ -171,6 +174,27 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
     return req
+
+
+def logits_params_of(req: CompletionRequest | ChatRequest, vocab_size: int | None = None) -> LogitsParams | None:
+    """The request's logits processing (None when it asks for none); an APIError (400) naming the bad field.
+
+    vocab_size: when given, logit_bias ids must lie in the vocabulary. min_tokens against max_tokens
+    is the caller's (the budget may be the server's default).
+    """
+    try:
+        params = LogitsParams(
+            req.presence_penalty or 0.0,
+            req.frequency_penalty or 0.0,
+            1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            logit_bias_of(req.logit_bias) if req.logit_bias is not None else {},
+            req.top_k or 0,
+            req.min_p or 0.0,
+            req.min_tokens or 0,
+        ).validate(vocab_size)
+    except SamplingError as exc:
+        raise APIError(400, f"'{exc.param}' {exc.reason}", exc.param) from None
+    return params if params.active else None
 
 
 def _is_int(x: Any) -> bool:

@@ -25,8 +25,13 @@ Sampling is per row: greedy rows and unseeded rows share one ``dsv3_op_sample`` 
 a seed is drawn alone with its own generator, so a seeded request draws exactly what
 ``dsv3 run --seed`` draws for that prompt alone.
 
+Each request may carry its own logits processing (``processing``: penalties, logit_bias, top_k, min_p,
+min_tokens; :mod:`dsv3.runtime.logits_processing`), applied in plain decoding and in the speculative
+verifier alike; rows without it take the unprocessed fast path.
+
 A request may ask for log-probabilities (``logprobs``: top-k): each sampled token's comes from the
-logits it was drawn from; with ``prompt_logprobs`` its prompt is scored by its own prefill (the logits
+logits it was drawn from, after its penalties, logit_bias and min_tokens (before top_k, min_p,
+temperature and top-p); with ``prompt_logprobs`` its prompt is scored by its own prefill (the logits
 at every prompt position, chunk by chunk), and ``max_tokens=0`` then ends it without sampling. Plain
 decoding only: with ``mtp`` the server refuses these requests.
 
@@ -54,23 +59,32 @@ import torch
 from ...errors import Dsv3Error
 from ...model.cache import cache_rows
 from ...model.graph import Transformer
+from ..logits_processing import LogitsParams, RowLogits, penalize, row_logits, truncate
 from ..sampling import finite_logits, sample_rows
 from ..speculative import RowSampler, SpecDecoder
 from .pages import PagePool
 
+MIN_LOGPROB = -9999.0  # a token the processing masked (-inf) shows this, as vLLM shows it: JSON has no -inf
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A token's log-probability under the model's raw distribution (log_softmax of its float32 logits,
-    before temperature and top-p), and the ``top`` most likely (token id, log-probability), best first."""
+    """A token's log-probability under the distribution its row's sampler reads: log_softmax of the
+    float32 logits after the request's penalties, logit_bias and min_tokens mask (the raw logits for a
+    request without them), before top_k, min_p, temperature and top-p; and the ``top`` most likely
+    (token id, log-probability), best first. A masked token's is ``MIN_LOGPROB``."""
 
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
 
 
 def token_logprobs(logits: torch.Tensor, chosen: list[int], k: int) -> list[TokenLogprob]:
-    """logits (N, V) float32 and one chosen token per row -> its log-probability and the top ``k``."""
-    lp = logits.float().log_softmax(-1)
+    """logits (N, V) float32 and one chosen token per row -> its log-probability and the top ``k``.
+
+    ``logits`` are those the sampler read, after penalties (:func:`dsv3.runtime.logits_processing.penalize`);
+    -inf (a masked token) comes out as ``MIN_LOGPROB``.
+    """
+    lp = logits.float().log_softmax(-1).clamp(min=MIN_LOGPROB)
     picked = lp.gather(-1, torch.tensor(chosen, dtype=torch.long, device=lp.device).unsqueeze(-1))[:, 0].tolist()
     if k == 0:
         return [TokenLogprob(v) for v in picked]
@@ -106,7 +120,8 @@ class Request:
 
     prompt: token ids (non-empty, within the vocabulary); ``len(prompt) + max_tokens`` must fit the
     scheduler's ``max_len`` (the server checks it). stop_ids: token ids that end the request
-    (the checkpoint's EOS ids, or none to ignore them).
+    (the checkpoint's EOS ids, or none to ignore them, and any extra stop ids); processing: penalties,
+    logit_bias, top_k, min_p, min_tokens (None: none; min_tokens holds ``stop_ids`` back).
     """
 
     prompt: list[int]
@@ -118,6 +133,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()
     logprobs: int | None = None  # top-k log-probabilities per generated token (None: none)
     prompt_logprobs: bool = False  # also the prompt's (needs ``logprobs``); max_tokens may then be 0
+    processing: LogitsParams | None = None
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
 
@@ -138,6 +154,7 @@ class _Active:
     generator: torch.Generator | None = None
     prefilled: int = 0  # tokens of ``seq`` already in the cache
     prompt_lps: list[TokenLogprob] = field(default_factory=list)  # for the prompt tokens 1 .. prefilled
+    proc: RowLogits | None = None  # its logits processing state (None: the fast path)
     output: list[int] = field(default_factory=list)  # tokens sent so far
     pages: list[int] = field(default_factory=list)  # its cache pages, in position order
     registered: int = 0  # of them, how many are known to the prefix cache
@@ -455,8 +472,12 @@ class Scheduler:
                 a.registered = done
 
     def _seed(self, a: _Active) -> None:
-        if a.req.seed is not None and a.req.temperature > 0:
-            a.generator = torch.Generator(device=self.model.embed.device).manual_seed(a.req.seed)
+        """A request starts: its generator (when seeded) and its logits-processing state."""
+        req, device = a.req, self.model.embed.device
+        if req.seed is not None and req.temperature > 0:
+            a.generator = torch.Generator(device=device).manual_seed(req.seed)
+        vocab = self.model.cfg.vocab_size
+        a.proc = row_logits(req.processing, req.prompt, req.stop_ids, vocab, device, req.temperature)
 
     def _prefill(self, a: _Active, stop: int) -> None:
         """Prefill prompt tokens ``a.prefilled .. stop - 1`` into a's slot; at the prompt's end sample its first token."""
@@ -489,9 +510,8 @@ class Scheduler:
                 req.sink(Event((), "length", prompt_logprobs=tuple(a.prompt_lps)))
             return
         self._activate(a)
-        logits = self.model.logits(hidden)
-        tokens = self._sample(logits, [a])
-        self._advance([a], [[t] for t in tokens], self._logprobs(logits, [a], tokens))
+        tokens, scored = self._sample(self.model.logits(hidden), [a])
+        self._advance([a], [[t] for t in tokens], self._logprobs(scored, [a], tokens))
 
     def _prefill_mtp(self, a: _Active, stop: int) -> None:
         """As ``_prefill``, through the speculative decoder (which also fills the MTP caches)."""
@@ -510,7 +530,7 @@ class Scheduler:
                 [a.slot], torch.tensor([a.pos], device=logits.device), torch.tensor([a.token], device=logits.device)
             )
             return
-        (token,) = self._sample(logits, [a])
+        (token,), _ = self._sample(logits, [a])
         self._spec.put(
             [a.slot], torch.tensor([a.pos], device=logits.device), torch.tensor([token], device=logits.device)
         )
@@ -522,7 +542,8 @@ class Scheduler:
         pos = torch.tensor([a.pos for a in rows], dtype=torch.long, device=device)  # (B,) each newest token
         temperature = torch.tensor([a.req.temperature for a in rows], dtype=torch.float32, device=device)
         top_p = torch.tensor([a.req.top_p for a in rows], dtype=torch.float32, device=device)
-        sampler = RowSampler(temperature, top_p, [a.generator for a in rows], self._shared_gen)
+        procs = [a.proc for a in rows]
+        sampler = RowSampler(temperature, top_p, [a.generator for a in rows], self._shared_gen, procs)
         n_acc, bonus, drafts = self._spec.step([a.slot for a in rows], pos, sampler)
         self.counters["steps"] += 1
         self.peak_batch = max(self.peak_batch, len(rows))
@@ -543,12 +564,11 @@ class Scheduler:
         self.peak_batch = max(self.peak_batch, len(rows))
         for a in rows:
             a.pos += 1
-        logits = self.model.logits(hidden)
-        tokens = self._sample(logits, rows)
-        self._advance(rows, [[t] for t in tokens], self._logprobs(logits, rows, tokens))
+        tokens, scored = self._sample(self.model.logits(hidden), rows)
+        self._advance(rows, [[t] for t in tokens], self._logprobs(scored, rows, tokens))
 
     def _logprobs(self, logits: torch.Tensor, rows: list[_Active], tokens: list[int]) -> list[list[TokenLogprob]]:
-        """Per row, the log-probability of its sampled token (the logits it was drawn from), if it asked."""
+        """Per row, the log-probability of its sampled token under ``logits`` (its penalized logits), if it asked."""
         out: list[list[TokenLogprob]] = [[] for _ in rows]
         for k in {a.req.logprobs for a in rows if a.req.logprobs is not None}:
             idx = [i for i, a in enumerate(rows) if a.req.logprobs == k]
@@ -557,13 +577,20 @@ class Scheduler:
                 out[i] = [lp]
         return out
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Active]) -> list[int]:
-        """logits (B, V) fp32 -> one token per row; seeded rows draw alone with their own generator."""
+    def _sample(self, logits: torch.Tensor, rows: list[_Active]) -> tuple[list[int], torch.Tensor]:
+        """logits (B, V) fp32 -> one token per row, and the penalized logits (B, V) its logprobs come from.
+
+        Each row's logits processing first (rows without any: untouched); seeded rows draw alone with
+        their own generator."""
         logits, device = finite_logits(logits), logits.device
         temperature = torch.tensor([a.req.temperature for a in rows], dtype=torch.float32, device=device)
         top_p = torch.tensor([a.req.top_p for a in rows], dtype=torch.float32, device=device)
+        procs = [a.proc for a in rows]
+        scored = penalize(logits, procs)
+        drawn = truncate(scored, procs, temperature)
         generators = [a.generator for a in rows]
-        return sample_rows(self.model.ops.sample, logits, temperature, top_p, generators, self._shared_gen).tolist()
+        tokens = sample_rows(self.model.ops.sample, drawn, temperature, top_p, generators, self._shared_gen)
+        return tokens.tolist(), scored
 
     def _advance(
         self, rows: list[_Active], tokens: list[list[int]], logprobs: list[list[TokenLogprob]] | None = None
@@ -586,6 +613,8 @@ class Scheduler:
                 if finish is not None:
                     break
             self.counters["tokens"] += len(sent)
+            if a.proc is not None:
+                a.proc.extend(sent)
             if not a.req.cancelled:
                 lps = tuple(logprobs[j][: len(sent)]) if logprobs else ()
                 first = a.generated == len(sent) and a.req.prompt_logprobs
