@@ -204,6 +204,12 @@ class ModelCache:
             )
         self.block_table[row, first : first + len(pages)] = torch.tensor(pages, dtype=torch.int32)
 
+    def copy_page(self, src: int, dst: int) -> None:
+        """Page ``dst`` of every paged layer becomes a copy of page ``src`` (a fork's own partial page)."""
+        for layer in self.main + self.mtp:
+            if layer.paged:
+                layer.pages[dst] = layer.pages[src]
+
     def entries(self, layer, rows: torch.Tensor | list[int] | None = None) -> dict[str, torch.Tensor]:
         """``layer`` (one of ``main``/``mtp``)'s entries of cache rows ``rows`` as contiguous
         ``(B, max_len, ...)`` tensors, whichever the layout (to compare caches in tests)."""

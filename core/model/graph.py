@@ -468,6 +468,10 @@ class Transformer(nn.Module):
         main, mtp = [alloc(layer.attn) for layer in self.layers], [alloc(m.block.attn) for m in self.mtp]
         return ModelCache(main, mtp, max_batch, max_len, table, page_size if paged else 0)
 
+    def copy_page(self, cache: ModelCache, src: int, dst: int) -> None:
+        """``ModelCache.copy_page``, as a model call (mirrored to every rank under tensor parallelism)."""
+        cache.copy_page(src, dst)
+
     def set_pages(self, cache: ModelCache, row: int, first: int, pages: list[int]) -> None:
         """Cache row ``row``'s positions from ``first * page_size`` on live in ``pages`` (see
         ``ModelCache.set_pages``); a model call so that tensor-parallel serving mirrors it to every rank."""

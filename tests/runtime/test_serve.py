@@ -591,8 +591,12 @@ def test_tensor_parallel_serving_under_torchrun(ckpt, engine, mtp):
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(ask, PROMPTS[:4]))
         assert got == [_ref(engine, p, 8, chat=False, temperature=0).text for p in PROMPTS[:4]]
+        # n=2: plain mode forks the prompt's pages (rank 1 copies the partial page too)
+        two = client.completions.create(model=NAME, prompt=PROMPTS[4], max_tokens=6, temperature=0, n=2)
+        assert [c.text for c in two.choices] == [_ref(engine, PROMPTS[4], 6, chat=False, temperature=0).text] * 2
         h = health(url)
-        assert h["finished"] == 4 and h["slots_used"] == 0 and h["mtp"] == int(mtp)
+        assert h["finished"] == 6 and h["slots_used"] == 0 and h["mtp"] == int(mtp)
+        assert h["forked"] == (0 if mtp != "0" else 1)
     finally:
         left = _stop_group(proc)
     assert left == []  # SIGTERM: rank 0 drains, releases rank 1, and both exit

@@ -3,7 +3,7 @@
 Endpoints: ``GET /health`` (no key needed; slot usage and counters), ``GET /v1/models``,
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``"stream": true`` as
 server-sent events ending in ``data: [DONE]``), ``POST /tokenize``, ``POST /detokenize``,
-``GET /tokenizer_info`` and ``GET /version`` (no key needed). Errors are OpenAI's JSON shape with a 4xx status
+``GET /tokenizer_info``, ``GET /version`` and ``GET /metrics`` (Prometheus; no key needed). Errors are OpenAI's JSON shape with a 4xx status
 for the client's mistakes. Token ids travel from the scheduler thread to each request's asyncio
 queue; text is decoded on the event loop. A request whose client goes away is cancelled, which
 frees its slot before the next decode step.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -32,6 +33,8 @@ from starlette.requests import ClientDisconnect
 from ... import __version__
 from ..engine import Engine
 from ..logits_processing import LogitsParams
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import RequestTimer, ServeMetrics
 from .protocol import (
     APIError,
     ChatRequest,
@@ -81,6 +84,8 @@ class _Job:
     logprobs: int | None = None  # top-k per token (None: no logprobs)
     echo: bool = False
     prompt_texts: list[str] = field(default_factory=list)  # what echo puts before each completion
+    n: int = 1  # choices returned per prompt
+    best_of: int = 1  # sequences generated per prompt (>= n): the n with the highest log-probability are returned
     processing: LogitsParams | None = None  # penalties, logit_bias, top_k, min_p, min_tokens (None: none)
 
 
@@ -88,6 +93,8 @@ class _Job:
 class _Choice:
     req: GenRequest
     text: TextStream
+    prompt_index: int = 0
+    timer: RequestTimer | None = None
     ids: list[int] = field(default_factory=list)
     lps: list[TokenLogprob] = field(default_factory=list)  # one per id when logprobs were asked
     prompt_lps: tuple[TokenLogprob, ...] = ()
@@ -100,32 +107,40 @@ class _Choice:
 
 
 _GONE = object()  # queued when the client disconnected
+_GROUPS = itertools.count()  # scheduler group ids: one per prompt of a request with n or best_of > 1
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log: its handler and --log-level
 
 
 class _Run:
     """One HTTP request's sequences in the scheduler, and the events that come back for them."""
 
-    def __init__(self, scheduler: Scheduler, job: _Job, engine: Engine, poll_s: float):
+    def __init__(self, scheduler: Scheduler, job: _Job, engine: Engine, poll_s: float, metrics: ServeMetrics):
         self.scheduler, self.job, self.engine, self.poll_s = scheduler, job, engine, poll_s
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.disconnected = False
         self.choices = []
+        per = max(job.n, job.best_of)  # sequences per prompt; choice j of a seeded request draws with seed + j
+        # ranking best_of candidates needs each token's log-probability
+        logprobs = job.logprobs if job.best_of <= job.n or job.logprobs is not None else 0
         for i, (prompt, max_tokens) in enumerate(zip(job.prompts, job.max_tokens, strict=True)):
-            req = GenRequest(
-                prompt,
-                max_tokens,
-                partial(self._push, i),
-                job.temperature,
-                job.top_p,
-                job.seed,
-                job.stop_ids,
-                logprobs=job.logprobs,
-                prompt_logprobs=job.echo and job.logprobs is not None,
-                processing=job.processing,
-            )
-            self.choices.append(_Choice(req, TextStream(engine.decode, job.stop)))
+            group = next(_GROUPS) if per > 1 else None  # one prefill for the prompt's sequences
+            for j in range(per):
+                req = GenRequest(
+                    prompt,
+                    max_tokens,
+                    partial(self._push, len(self.choices)),
+                    job.temperature,
+                    job.top_p,
+                    None if job.seed is None else job.seed + j,
+                    job.stop_ids,
+                    logprobs=logprobs,
+                    prompt_logprobs=job.echo and job.logprobs is not None,
+                    processing=job.processing,
+                    group=group,
+                )
+                timer = metrics.timer(len(prompt) if j == 0 else 0)  # a prompt counts once for its choices
+                self.choices.append(_Choice(req, TextStream(engine.decode, job.stop), i, timer))
 
     def _push(self, index: int, event: Event) -> None:  # the scheduler thread
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is going down
@@ -164,6 +179,7 @@ class _Run:
                     continue
                 c.ids.extend(ev.tokens)
                 c.lps.extend(ev.logprobs)
+                c.timer.tokens(len(ev.tokens))
                 if ev.prompt_logprobs is not None:
                     c.prompt_lps = ev.prompt_logprobs
                 delta, stopped = c.text.add(ev.tokens)
@@ -175,6 +191,8 @@ class _Run:
                 elif ev.finish_reason is not None:
                     delta += c.text.finish()
                     c.finish = "stop" if c.text.stopped else ev.finish_reason
+                if c.done:
+                    c.timer.finish()
                 yield i, delta, ev
         finally:
             watcher.cancel()
@@ -190,6 +208,18 @@ class _Run:
         p = sum(len(x) for x in self.job.prompts)
         n = sum(len(c.ids) for c in self.choices)
         return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+
+    def returned(self) -> list[_Choice]:
+        """The choices the response shows: all of them, or with ``best_of`` each prompt's ``n`` most likely
+        (the highest sum of token log-probabilities; ties keep generation order)."""
+        if self.job.best_of <= self.job.n:
+            return self.choices
+        per, out = self.job.best_of, []
+        for i in range(len(self.job.prompts)):
+            group = self.choices[i * per : (i + 1) * per]
+            ranked = sorted(group, key=lambda c: -sum(lp.logprob for lp in c.lps))
+            out += ranked[: self.job.n]
+        return out
 
     def error(self) -> APIError | None:
         errors = [c.error for c in self.choices if c.error]
@@ -285,6 +315,8 @@ def _job(
         _top_k(req),
         bool(getattr(req, "echo", False)),
         processing=processing,
+        n=req.n or 1,
+        best_of=getattr(req, "best_of", None) or 1,
     )
 
 
@@ -372,7 +404,7 @@ def _body(run: _Run, head: dict, chat: bool) -> dict:
         raise err
     choices = []
     job = run.job
-    for i, c in enumerate(run.choices):
+    for i, c in enumerate(run.returned()):
         text = run.final_text(c)
         choice: dict = {"index": i}
         logprobs = None
@@ -381,7 +413,7 @@ def _body(run: _Run, head: dict, chat: bool) -> dict:
             if job.logprobs is not None:
                 logprobs = _chat_logprobs(run.engine, list(zip(c.ids, c.lps, strict=True)))
         else:
-            prompt_text = job.prompt_texts[i] if job.echo else ""
+            prompt_text = job.prompt_texts[c.prompt_index] if job.echo else ""
             choice["text"] = prompt_text + text
             if job.logprobs is not None:
                 entries = _prompt_entries(c.req.prompt, c.prompt_lps) if job.echo else []
@@ -435,7 +467,9 @@ async def _stream_events(request: Request, run: _Run, head: dict, chat: bool) ->
                 continue
             if not echoed[i]:  # the prompt first, with its logprobs
                 echoed[i] = True
-                yield chunk(i, job.prompt_texts[i], None, None, _prompt_entries(c.req.prompt, c.prompt_lps))
+                yield chunk(
+                    i, job.prompt_texts[c.prompt_index], None, None, _prompt_entries(c.req.prompt, c.prompt_lps)
+                )
             if delta or (ids and (job.return_token_ids or job.logprobs is not None)):
                 entries = list(zip(ids, ev.logprobs, strict=True)) if job.logprobs is not None else None
                 yield chunk(i, delta, None, ids if job.return_token_ids else None, entries)
@@ -482,6 +516,30 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
 
     app = FastAPI(title="dsv3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
+    metrics = ServeMetrics(scheduler.stats)
+    routes = {
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+        "/version",
+    }
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):
+        response = await call_next(request)
+        path = request.url.path
+        endpoint = path if path in routes else "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
+        metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.exception_handler(APIError)
     async def _api_error(_request: Request, exc: APIError) -> JSONResponse:
@@ -575,6 +633,8 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
             raise APIError(400, "'logprobs' is not supported with speculative decoding (--mtp)", "logprobs")
         if scheduler.mtp and req.max_tokens == 0:
             raise APIError(400, "'max_tokens': 0 is not supported with speculative decoding (--mtp)", "max_tokens")
+        if scheduler.mtp and (req.best_of or 1) > (req.n or 1):
+            raise APIError(400, "'best_of' is not supported with speculative decoding (--mtp)", "best_of")
         job = _job(req, prompts, "prompt", settings.default_completion_tokens, settings, engine.eos_ids, vocab)
         if job.echo:
             job.prompt_texts = [
@@ -639,7 +699,7 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         return await respond(request, job, chat=True)
 
     async def respond(request: Request, job: _Job, chat: bool):
-        run = _Run(scheduler, job, engine, settings.disconnect_poll_s)
+        run = _Run(scheduler, job, engine, settings.disconnect_poll_s, metrics)
         run.submit()
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         head = {

@@ -2,8 +2,8 @@
 
 Under torchrun each rank holds its shard of the model (``dsv3.model.parallel``), and every forward has
 collectives that all ranks must enter in the same order. Rank 0 serves HTTP and schedules as in one
-process, through :class:`MirroredModel`: each model call (``new_cache``, ``forward``, ``logits``,
-``mtp_forward``, an MTP module's ``logits``) is first announced to the other ranks, with its tensor
+process, through :class:`MirroredModel`: each model call (``new_cache``, ``set_pages``, ``copy_page``,
+``forward``, ``logits``, ``mtp_forward``, an MTP module's ``logits``) is first announced to the other ranks, with its tensor
 arguments, then run. The other ranks sit in :func:`follow` and run the same call on their shard, so
 the collectives pair up. Only rank 0 samples: the outputs every rank computes are identical
 (gathered logits), and rank 0's choices reach the others as the next call's input tokens.
@@ -136,6 +136,10 @@ class MirroredModel:
         self._cache_ids[id(cache)] = len(self._cache_ids)
         return cache
 
+    def copy_page(self, cache: ModelCache, src: int, dst: int) -> None:
+        self.channel.send("copy_page", {"cache": self._cache_id(cache), "src": src, "dst": dst}, [])
+        self._run(self.model.copy_page, cache, src, dst)
+
     def set_pages(self, cache: ModelCache, row: int, first: int, pages: list[int]) -> None:
         table = torch.tensor(pages, dtype=torch.int64)
         self.channel.send("set_pages", {"cache": self._cache_id(cache), "row": row, "first": first}, [table])
@@ -183,6 +187,8 @@ def follow(model: Transformer, par: ParallelContext) -> None:
                     ints["max_batch"], ints["max_len"], page_size=ints.get("page_size"), num_pages=ints.get("num_pages")
                 )
             )
+        elif op == "copy_page":
+            model.copy_page(cache, ints["src"], ints["dst"])
         elif op == "set_pages":
             model.set_pages(cache, ints["row"], ints["first"], tensors[0].tolist())
         elif op == "forward":

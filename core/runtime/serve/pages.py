@@ -85,6 +85,13 @@ class PagePool:
             out.append(page)
         return out
 
+    def share(self, pages: Sequence[int]) -> None:
+        """Another request takes held ``pages`` too (read-only: neither writes them again)."""
+        for page in pages:
+            if self.refs[page] < 1:
+                raise RuntimeError(f"page {page} is not held: it cannot be shared")
+            self.refs[page] += 1
+
     def release(self, pages: Sequence[int]) -> None:
         """A request lets go of ``pages``: unreferenced pages become free, or evictable if they are cached."""
         for page in pages:

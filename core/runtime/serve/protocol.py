@@ -3,7 +3,7 @@
 Scalars are checked by pydantic in strict mode (``"max_tokens": "5"`` is an error, not 5);
 ``prompt``, ``stop`` and ``messages`` have several legal shapes and are checked here, so an error
 names the field and what it should be. Unknown fields are ignored; known ones that this server
-does not implement (``n > 1``, tools...) are refused rather than ignored.
+does not implement (``suffix``, tools...) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..text import check_text
 
 MAX_STOP_STRINGS = 16
 MAX_LOGPROBS = 20  # OpenAI's cap on top logprobs (completions' logprobs, chat's top_logprobs)
+MAX_CHOICES = 128  # the most ``n`` / ``best_of`` sequences one request may ask for, per prompt (OpenAI's cap)
 MAX_JSON_DEPTH = 64  # OpenAI bodies nest a few levels; deeper ones would exhaust the recursion limit downstream
 
 
@@ -62,7 +63,7 @@ class _Common(BaseModel):
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    n: PositiveInt | None = None
+    n: Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES)] | None = None
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     stop: Any = None
@@ -87,7 +88,7 @@ class CompletionRequest(_Common):
     max_tokens: Annotated[int, Field(strict=True, ge=0)] | None = None  # 0: with echo, only score the prompt
     echo: StrictBool | None = False
     suffix: StrictStr | None = None
-    best_of: PositiveInt | None = None
+    best_of: Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES)] | None = None
     logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
 
 
@@ -154,16 +155,18 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         SamplingParams(1, temperature, top_p, req.seed).validate()
     except SamplingError as exc:
         raise APIError(400, f"'{exc.param}' {exc.reason}", exc.param) from None
-    if req.n not in (None, 1):
-        raise APIError(400, "only n=1 is supported", "n")
     logits_params_of(req)  # 400 naming a bad penalty, logit_bias, top_k, min_p or min_tokens
     if isinstance(req, CompletionRequest):
         if req.max_tokens == 0 and not req.echo:
             raise APIError(400, "'max_tokens' may be 0 only with 'echo': true (to score the prompt)", "max_tokens")
         if req.suffix:
             raise APIError(400, "'suffix' is not supported", "suffix")
-        if req.best_of not in (None, 1):
-            raise APIError(400, "only best_of=1 is supported", "best_of")
+        if req.best_of is not None and req.best_of < (req.n or 1):
+            raise APIError(400, f"'best_of' ({req.best_of}) must be at least 'n' ({req.n or 1})", "best_of")
+        if req.best_of is not None and req.best_of > (req.n or 1) and req.stream:
+            raise APIError(
+                400, "'best_of' larger than 'n' cannot be streamed (the best are known at the end)", "best_of"
+            )
     else:
         if (req.model_extra or {}).get("echo"):
             raise APIError(400, "'echo' is only supported by /v1/completions", "echo")

@@ -122,6 +122,8 @@ class Request:
     scheduler's ``max_len`` (the server checks it). stop_ids: token ids that end the request
     (the checkpoint's EOS ids, or none to ignore them, and any extra stop ids); processing: penalties,
     logit_bias, top_k, min_p, min_tokens (None: none; min_tokens holds ``stop_ids`` back).
+    group: requests submitted together with one prompt and one group id (the choices of ``n``); the
+    first admitted prefills the prompt and the others waiting are forked from it (see ``_fork``).
     """
 
     prompt: list[int]
@@ -134,6 +136,7 @@ class Request:
     logprobs: int | None = None  # top-k log-probabilities per generated token (None: none)
     prompt_logprobs: bool = False  # also the prompt's (needs ``logprobs``); max_tokens may then be 0
     processing: LogitsParams | None = None
+    group: int | None = None  # requests of one group share a prompt: it is prefilled once (``n`` choices)
     id: int = field(default_factory=itertools.count().__next__)
     cancelled: bool = False
 
@@ -217,6 +220,7 @@ class Scheduler:
         lookahead = min(mtp, len(model.mtp)) if mtp else 0
         self.pool = PagePool(num_pages, page_size, prefix_caching and self.paged, lookahead)
         self.max_total_tokens = num_pages * page_size
+        self._forking = self.paged and not mtp  # the choices of one prompt fork from its prefill (``_fork``)
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Active] = collections.deque()
         self._free = list(range(self.max_batch))  # a heap: the lowest free slot is used first
@@ -297,6 +301,7 @@ class Scheduler:
                     "tokens",
                     "steps",
                     "preempted",
+                    "forked",
                     "prefill_tokens",
                     "prefix_hit_tokens",
                 )
@@ -338,7 +343,12 @@ class Scheduler:
             if any(a.req.cancelled for a in self._waiting):
                 self._waiting = collections.deque(a for a in self._waiting if not a.req.cancelled)
             admitted = []
-            while self._waiting and self._free and self._admit(self._waiting[0]):
+            while (
+                self._waiting
+                and self._free
+                and not self._forks_later(self._waiting[0])
+                and self._admit(self._waiting[0])
+            ):
                 a = self._waiting.popleft()
                 a.slot = heapq.heappop(self._free)
                 self._prefilling.append(a)
@@ -369,6 +379,52 @@ class Scheduler:
         a.prefilled = len(cached) * pool.page_size
         self.counters["prefix_hit_tokens"] += a.prefilled
         return True
+
+    def _forks_later(self, a: _Active) -> bool:
+        """``a`` will be forked from a request of its group that is prefilling the same prompt now."""
+        group = a.req.group
+        return (
+            group is not None
+            and self._forking
+            and not a.resumed
+            and any(b.req.group == group and not b.resumed and b.req.prompt == a.req.prompt for b in self._prefilling)
+        )
+
+    def _fork(self, a: _Active) -> list[_Active]:
+        """The waiting requests of ``a``'s group, given ``a``'s prompt cache as their own (``a`` just prefilled it).
+
+        Each gets a slot, the prompt's full pages by reference and a copy of its last partial page (it
+        will write there), so the prompt is prefilled once for all ``n`` choices. A request that finds
+        no free slot or page stays waiting (and prefills on its own later, reading the cached prefix).
+        Paged plain decoding only: with ``mtp`` the speculative decoder's per-slot state is not copied,
+        and the naive form's contiguous rows have no pages to share.
+        """
+        group, forked = a.req.group, []
+        if group is None or not self._forking or a.resumed:
+            return forked
+        n, size = len(a.req.prompt), self.pool.page_size
+        full = n // size
+        for b in [b for b in self._waiting if b.req.group == group and not b.resumed and not b.req.cancelled]:
+            if b.req.prompt != a.req.prompt or not self._free:
+                continue
+            partial = self.pool.allocate(len(a.pages) - full)
+            if partial is None:
+                break
+            with self._cond:
+                self._waiting.remove(b)
+                b.slot = heapq.heappop(self._free)
+                self._active[b.slot] = b
+            self.pool.share(a.pages[:full])
+            b.pages, b.registered, b.keys = a.pages[:full] + partial, min(full, a.registered), a.keys
+            for src, dst in zip(a.pages[full:], partial, strict=True):
+                self.model.copy_page(self._cache, src, dst)
+            self.model.set_pages(self._cache, b.slot, 0, b.pages)
+            if b.generator is None:
+                self._seed(b)
+            b.prefilled, b.pos, b.prompt_lps = n, n, list(a.prompt_lps)
+            self.counters["forked"] += 1
+            forked.append(b)
+        return forked
 
     def _writing(self) -> set[bytes]:
         """Prefix keys of the pages that requests still prefilling will register."""
@@ -510,8 +566,9 @@ class Scheduler:
                 req.sink(Event((), "length", prompt_logprobs=tuple(a.prompt_lps)))
             return
         self._activate(a)
-        tokens, scored = self._sample(self.model.logits(hidden), [a])
-        self._advance([a], [[t] for t in tokens], self._logprobs(scored, [a], tokens))
+        rows = [a, *self._fork(a)]  # the other choices of its group start from the same logits
+        tokens, scored = self._sample(self.model.logits(hidden).repeat(len(rows), 1), rows)
+        self._advance(rows, [[t] for t in tokens], self._logprobs(scored, rows, tokens))
 
     def _prefill_mtp(self, a: _Active, stop: int) -> None:
         """As ``_prefill``, through the speculative decoder (which also fills the MTP caches)."""
