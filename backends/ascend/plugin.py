@@ -20,6 +20,8 @@ moe_experts          npu_grouped_matmul (+ npu_dynamic_quant,  as linear
                      npu_swiglu)
 silu_and_mul         npu_swiglu
 embedding, dequantize, sample                                  always (plain PyTorch serves them)
+paged_cache_write,                                             always: cpu_ref's gather + PyTorch
+mla_paged_attention                                            (FIA's paged MLA mode: not mapped)
 ==================== ======================================== ================================
 """
 
