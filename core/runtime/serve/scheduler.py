@@ -566,8 +566,9 @@ class Scheduler:
                 req.sink(Event((), "length", prompt_logprobs=tuple(a.prompt_lps)))
             return
         self._activate(a)
+        logits = finite_logits(self.model.logits(hidden))  # checked before forking: a failure here is a's alone
         rows = [a, *self._fork(a)]  # the other choices of its group start from the same logits
-        tokens, scored = self._sample(self.model.logits(hidden).repeat(len(rows), 1), rows)
+        tokens, scored = self._sample(logits.repeat(len(rows), 1), rows)
         self._advance(rows, [[t] for t in tokens], self._logprobs(scored, rows, tokens))
 
     def _prefill_mtp(self, a: _Active, stop: int) -> None:
