@@ -1,0 +1,99 @@
+"""Decode tokens/s over the paged latent cache against the contiguous strips it replaced, at a long context.
+
+    python scripts/paged_gather_bench.py                       # mid config, batch 8, context 2048, fp32
+    python scripts/paged_gather_bench.py --batch 8 --context 2048 --steps 16 --rounds 3
+
+The same absorbed model (the random mid config of scripts/profile_decode.py: hidden 512, 8 layers,
+32 experts top-4) decodes ``--steps`` greedy tokens per row after a ``--context``-token prefill, once
+over contiguous ``(B, S, C)`` / ``(B, S, R)`` strips per layer (the layout before paging: each
+attention call reads ``buf[rows, :s]``, a copy of the batch's cache) and once over the paged cache
+(``Transformer.new_cache``: pages of 64 through a block table, read by the backend's
+``mla_paged_attention``; cpu_ref's gathers the pages it needs inside the op). Rounds alternate the two
+layouts in one process, so load drifts over both alike; the prefill is not timed. Prints tokens/s
+per round and the median, with the load average. Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dsv3.model.cache import LayerCache, ModelCache
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _mid_model():
+    spec = importlib.util.spec_from_file_location("profile_decode", ROOT / "scripts" / "profile_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._model("mid", None)
+
+
+def contiguous_cache(model, batch: int, length: int) -> ModelCache:
+    """The absorbed model's latent cache as contiguous strips (the layout before paging)."""
+
+    def alloc(attn):
+        shapes = attn.cache_shapes()
+        return LayerCache({k: torch.zeros((batch, length, *s), dtype=model.embed.dtype) for k, s in shapes.items()})
+
+    return ModelCache([alloc(b.attn) for b in model.layers], [alloc(m.block.attn) for m in model.mtp], batch, length)
+
+
+def decode_rate(model, cache: ModelCache, prompts: torch.Tensor, steps: int) -> tuple[float, list[int]]:
+    """Prefill ``prompts (B, S)``, then ``steps`` greedy decode steps: (tokens/s of the steps, row 0's tokens)."""
+    b, s = prompts.shape
+    hidden = model(prompts, torch.arange(s).expand(b, s), cache)
+    token = model.logits(hidden[:, -1]).argmax(-1)
+    out = []
+    start = time.perf_counter()
+    for i in range(steps):
+        pos = torch.full((b, 1), s + i)
+        token = model.logits(model(token.unsqueeze(1), pos, cache)[:, 0]).argmax(-1)
+        out.append(int(token[0]))
+    return b * steps / (time.perf_counter() - start), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _mid_model()
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(2, model.cfg.vocab_size, (args.batch, args.context), generator=g)
+    length = args.context + args.steps
+    print(f"load average {os.getloadavg()}, torch threads {torch.get_num_threads()}")
+    print(f"mid config fp32, batch {args.batch}, context {args.context}, {args.steps} decode steps per round")
+    rates: dict[str, list[float]] = {"contiguous": [], "paged": []}
+    tokens: dict[str, list[int]] = {}
+    with torch.inference_mode():
+        for _ in range(args.rounds):
+            for layout in rates:
+                cache = (
+                    contiguous_cache(model, args.batch, length)
+                    if layout == "contiguous"
+                    else model.new_cache(args.batch, length)
+                )
+                rate, tokens[layout] = decode_rate(model, cache, prompts, args.steps)
+                rates[layout].append(rate)
+                print(f"  {layout:10s} {rate:8.1f} tok/s")
+    for layout, r in rates.items():
+        print(f"{layout:10s} median {statistics.median(r):8.1f} tok/s  (rounds: {', '.join(f'{x:.1f}' for x in r)})")
+    print(f"same greedy tokens: {tokens['contiguous'] == tokens['paged']}")
+    print(f"load average {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
