@@ -21,6 +21,7 @@ from dsv3.model.cache import LayerCache, ModelCache, PagedLayerCache, page_table
 from dsv3.runtime.generate import SamplingParams, generate
 from dsv3.runtime.serve.scheduler import Request, Scheduler
 from dsv3.runtime.speculative import generate_speculative
+from tests.helpers import make_v2_checkpoint
 
 REL_TOL = 1e-6  # float32 logits, relative to the largest |logit| (see the module docstring)
 SEEDS = (0, 1, 2)
@@ -31,6 +32,12 @@ PROMPTS = [[0, 5, 9, 12, 40, 41, 7, 3, 8, 60, 2], [0, 33, 2, 17]]
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
     return dsv3.load(tiny_ckpt, dtype="float32", progress=False).model
+
+
+@pytest.fixture(scope="module")
+def v2_model(tmp_path_factory):
+    """A tiny DeepSeek-V2 checkpoint (softmax routing, no MTP) through the same graph."""
+    return dsv3.load(make_v2_checkpoint(tmp_path_factory.mktemp("v2") / "ckpt"), dtype="float32", progress=False).model
 
 
 def contiguous_cache(model, max_batch: int, max_len: int) -> ModelCache:
@@ -85,8 +92,11 @@ def assert_close_logits(got: list[torch.Tensor], want: list[torch.Tensor]) -> No
 
 @pytest.mark.parametrize("naive_prefill", [True, False])
 @pytest.mark.parametrize("seed", SEEDS)
-def test_paged_decode_matches_contiguous_strips(model, seed, naive_prefill):
-    """Prefill (naive from gathered pages, or latent through the block table) then 12 decode steps."""
+@pytest.mark.parametrize("version", ["v3", "v2"])
+def test_paged_decode_matches_contiguous_strips(request, version, seed, naive_prefill):
+    """Prefill (naive from gathered pages, or latent through the block table) then 12 decode steps, on a
+    tiny V3 and a tiny V2 checkpoint."""
+    model = request.getfixturevalue("model" if version == "v3" else "v2_model")
     model.set_naive_prefill(naive_prefill)
     try:
         paged = model.new_cache(2, 32, page_size=4, page_seed=seed)
