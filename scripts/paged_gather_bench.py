@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dsv3.model.cache import LayerCache, ModelCache
+from dsv3.model.cache import ModelCache, contiguous_cache
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,16 +34,6 @@ def _mid_model():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module._model("mid", None)
-
-
-def contiguous_cache(model, batch: int, length: int) -> ModelCache:
-    """The absorbed model's latent cache as contiguous strips (the layout before paging)."""
-
-    def alloc(attn):
-        shapes = attn.cache_shapes()
-        return LayerCache({k: torch.zeros((batch, length, *s), dtype=model.embed.dtype) for k, s in shapes.items()})
-
-    return ModelCache([alloc(b.attn) for b in model.layers], [alloc(m.block.attn) for m in model.mtp], batch, length)
 
 
 def decode_rate(model, cache: ModelCache, prompts: torch.Tensor, steps: int) -> tuple[float, list[int]]:

@@ -118,6 +118,20 @@ class PagedLayerCache:
         return self.pages[0, 0].numel() * self.pages.element_size()
 
 
+def contiguous_cache(model, max_batch: int, max_len: int) -> ModelCache:
+    """``model``'s caches as contiguous strips per layer (``kv (B, S, C)``, ``pe (B, S, R)`` for the absorbed
+    form), zeros in the compute dtype: the layout before paging, kept as the reference that tests and
+    scripts/paged_gather_bench.py compare the paged cache with. ``Transformer.new_cache`` is the cache to use."""
+
+    def alloc(attn) -> LayerCache:
+        shapes, dt, dev = attn.cache_shapes(), model.embed.dtype, model.embed.device
+        return LayerCache({k: torch.zeros((max_batch, max_len, *s), dtype=dt, device=dev) for k, s in shapes.items()})
+
+    return ModelCache(
+        [alloc(b.attn) for b in model.layers], [alloc(m.block.attn) for m in model.mtp], max_batch, max_len
+    )
+
+
 def cache_rows(slots: list[int], device) -> torch.Tensor | None:
     """The ``rows`` argument of ``Transformer.forward`` for batch rows living in cache rows ``slots``:
     None when they are exactly 0..B-1 (a plain slice of the cache), else the slots as int64 (B,)."""

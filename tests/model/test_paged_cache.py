@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import dsv3
-from dsv3.model.cache import LayerCache, ModelCache, PagedLayerCache, page_table, paged_step
+from dsv3.model.cache import ModelCache, PagedLayerCache, contiguous_cache, page_table, paged_step
 from dsv3.runtime.generate import SamplingParams, generate
 from dsv3.runtime.serve.scheduler import Request, Scheduler
 from dsv3.runtime.speculative import generate_speculative
@@ -38,18 +38,6 @@ def model(tiny_ckpt):
 def v2_model(tmp_path_factory):
     """A tiny DeepSeek-V2 checkpoint (softmax routing, no MTP) through the same graph."""
     return dsv3.load(make_v2_checkpoint(tmp_path_factory.mktemp("v2") / "ckpt"), dtype="float32", progress=False).model
-
-
-def contiguous_cache(model, max_batch: int, max_len: int) -> ModelCache:
-    """The absorbed model's latent cache as contiguous strips (the reference layout)."""
-
-    def alloc(attn):
-        shapes = attn.cache_shapes()
-        return LayerCache({k: torch.zeros((max_batch, max_len, *s)) for k, s in shapes.items()})
-
-    return ModelCache(
-        [alloc(b.attn) for b in model.layers], [alloc(m.block.attn) for m in model.mtp], max_batch, max_len
-    )
 
 
 def use_cache(monkeypatch, model, layout: str | int) -> None:
