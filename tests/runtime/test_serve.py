@@ -314,7 +314,7 @@ BAD = [
     ("/v1/completions", {"model": NAME, "prompt": [5, 10_000]}, None, 400, "prompt"),
     ("/v1/completions", {"model": NAME, "prompt": "hi", "stop": [""]}, None, 400, "stop"),
     ("/v1/completions", {"model": NAME, "prompt": "hi", "stop": 3}, None, 400, "stop"),
-    ("/v1/completions", {"model": NAME, "prompt": "hi", "n": 2}, None, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "hi", "n": 2, "best_of": 1}, None, 400, "best_of"),
     ("/v1/completions", {"model": NAME, "prompt": "hi", "logprobs": 21}, None, 400, "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "hi", "seed": "x"}, None, 400, "seed"),
     ("/v1/completions", {"model": NAME, "prompt": "cat " * 30}, None, 400, "prompt"),  # 31 tokens > 30

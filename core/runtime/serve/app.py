@@ -34,7 +34,7 @@ from ... import __version__
 from ..engine import Engine
 from ..logits_processing import LogitsParams
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import RequestTimer, ServeMetrics
+from .metrics import CountRequests, RequestTimer, ServeMetrics
 from .protocol import (
     APIError,
     ChatRequest,
@@ -517,25 +517,9 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
     app = FastAPI(title="dsv3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     metrics = ServeMetrics(scheduler.stats)
-    routes = {
-        "/health",
-        "/metrics",
-        "/v1/models",
-        "/v1/completions",
-        "/v1/chat/completions",
-        "/tokenize",
-        "/detokenize",
-        "/tokenizer_info",
-        "/version",
-    }
-
-    @app.middleware("http")
-    async def _count(request: Request, call_next):
-        response = await call_next(request)
-        path = request.url.path
-        endpoint = path if path in routes else "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
-        metrics.http_requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    endpoints = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+    endpoints |= {"/tokenize", "/detokenize", "/tokenizer_info", "/version"}
+    app.add_middleware(CountRequests, metrics=metrics, endpoints=frozenset(endpoints))
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:

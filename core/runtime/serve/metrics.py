@@ -109,6 +109,40 @@ class ServeMetrics:
         return RequestTimer(self, prompt_tokens)
 
 
+class CountRequests:
+    """ASGI middleware counting HTTP responses by endpoint and status in ``metrics.http_requests``.
+
+    Plain ASGI on purpose: starlette's ``BaseHTTPMiddleware`` would hide a client's disconnect from
+    ``Request.is_disconnected``, which the app polls to cancel abandoned requests. ``endpoints``: the
+    paths counted by name; ``/v1/models/<id>`` counts as ``/v1/models/{name}``, anything else as ``other``.
+    """
+
+    def __init__(self, app, metrics: ServeMetrics, endpoints: frozenset[str]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+
+    def _endpoint(self, path: str) -> str:
+        if path in self.endpoints:
+            return path
+        return "/v1/models/{name}" if path.startswith("/v1/models/") else "other"
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # nothing sent: the app failed before answering
+
+        async def counted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.metrics.http_requests.labels(self._endpoint(scope["path"]), str(status)).inc()
+
+
 class RequestTimer:
     """One sequence's latencies: call :meth:`tokens` as its tokens arrive and :meth:`finish` once."""
 
