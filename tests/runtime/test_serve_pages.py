@@ -156,3 +156,25 @@ def test_shared_system_prompt_is_prefilled_once(engine, mtp):
     assert on_stats["prefix_hit_tokens"] == 31 * hit
     assert on_stats["prefill_tokens"] == 32 * 1012 - 31 * hit  # the shared pages went in once
     assert on_stats["pages_cached"] >= 15
+
+
+def test_a_scored_prompt_is_prefilled_whole_even_when_cached(engine):
+    """Prompt log-probabilities (echo) need the logits at every prompt position: a cached prefix is not skipped."""
+    prompt = _prompts(1, 40, seed=9)[0]
+    sched = Scheduler(engine.model, max_batch=2, max_len=48, page_size=8)
+    sched.start()
+    try:
+        runs = []
+        for _ in range(2):
+            sink = Collector()
+            sched.submit(Request(prompt, 2, sink, logprobs=0, prompt_logprobs=True))
+            events = [sink.events.get(timeout=60)]
+            while not events[-1].finished:
+                events.append(sink.events.get(timeout=60))
+            runs.append(next(e.prompt_logprobs for e in events if e.prompt_logprobs is not None))
+        stats = sched.stats()
+    finally:
+        sched.stop()
+    assert len(runs[0]) == len(runs[1]) == len(prompt) - 1
+    assert [lp.logprob for lp in runs[0]] == pytest.approx([lp.logprob for lp in runs[1]], abs=1e-5)
+    assert stats["pages_cached"] >= 4 and stats["prefix_hit_tokens"] == 0

@@ -366,6 +366,8 @@ class Scheduler:
         if pool.prefix_caching and a.keys is None:
             a.keys = pool.keys(seq)
         limit = max(0, len(seq) - recompute) // pool.page_size
+        if a.req.prompt_logprobs and not a.resumed:  # every prompt position is scored: nothing may be skipped
+            limit = 0
         cached = pool.match(a.keys, limit) if pool.prefix_caching else []
         if pool.prefix_caching and len(cached) < min(limit, len(a.keys)) and a.keys[len(cached)] in self._writing():
             pool.release(cached)  # an admitted prompt is prefilling the next page: wait and read it instead
