@@ -75,11 +75,12 @@ def quantize_latent(kv: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Ten
     x = kv.float()
     padded = torch.nn.functional.pad(x, (0, g * TILE - c)).view(n, g, TILE)  # (N, G, 128), pad zeros
     amax = padded.abs().amax(-1)  # (N, G); NaN propagates, inf stays inf
-    s = amax.clamp_min(AMAX_FLOOR) / FP8_MAX[fp8_dtype]
-    s = torch.where(torch.isfinite(amax), s, torch.full_like(s, float("nan")))
-    y = padded / s.unsqueeze(-1)  # a NaN scale makes the whole tile NaN
+    finite = torch.isfinite(amax)  # (N, G)
+    nan = torch.tensor(float("nan"))  # a positive quiet NaN: one byte for NaN (0x7f e4m3fn, 0x80 e4m3fnuz)
+    s = torch.where(finite, amax.clamp_min(AMAX_FLOOR) / FP8_MAX[fp8_dtype], nan)
     mx = FP8_MAX[fp8_dtype]
-    y = y.clamp(-mx, mx)  # a no-op up to division rounding (|y| <= max); clamp keeps NaN
+    y = (padded / s.unsqueeze(-1)).clamp(-mx, mx)  # the clamp is a no-op up to division rounding (|y| <= max)
+    y = torch.where(finite.unsqueeze(-1), y, nan)  # the sign of a NaN from arithmetic varies: set it
     return y.view(n, g * TILE)[:, :c].to(fp8_dtype), s
 
 
@@ -92,6 +93,8 @@ def dequantize_latent(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def encode_entries(kv: torch.Tensor, pe: torch.Tensor, fp8_dtype: torch.dtype) -> torch.Tensor:
     """kv (N, C), pe (N, R) compute dtype -> (N, W) fp8_dtype entries in the layout above."""
+    if kv.shape[0] == 0:  # (a dtype view of an empty tensor is refused)
+        return torch.empty((0, entry_bytes(kv.shape[1], pe.shape[1], pe.dtype)), dtype=fp8_dtype, device=kv.device)
     q, s = quantize_latent(kv, fp8_dtype)
     parts = [q.view(torch.uint8), s.view(torch.uint8), pe.contiguous().view(torch.uint8)]
     return torch.cat(parts, dim=-1).view(fp8_dtype)
