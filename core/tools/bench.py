@@ -630,7 +630,7 @@ def format_report(r: dict) -> str:
     for name, v in r["kv_cache"].items():
         per_layer = v.get("bytes_per_token_per_layer")
         per_layer = "" if per_layer is None else f"{per_layer:>6}"
-        lines.append(f"  {name:<14} {v['bytes_per_token']:>10} {per_layer:>6}  {v['layout']}")
+        lines.append(f"  {name:<16} {v['bytes_per_token']:>10} {per_layer:>6}  {v['layout']}")
     at = r.get("kv_cache_671b")
     if at:
         shown = ", ".join(
