@@ -19,8 +19,8 @@ never see each other, so pluggy's ordering markers (``tryfirst``/``trylast``) me
 Versions: :data:`CONTRACT_VERSION` numbers this contract. A backend declares the version it was
 written for in ``BackendInfo.contract_version``; the registry refuses any other version (and a
 backend that declares none) with one line naming the plugin and both versions. Version 3 added the
-paged latent cache operators ``paged_cache_write`` and ``mla_paged_attention`` (the comment at
-:data:`CONTRACT_VERSION` lists every version).
+paged latent cache operators ``paged_cache_write`` and ``mla_paged_attention``, version 4 their FP8
+cache layout and ``BackendInfo.kv_cache_fp8`` (the comment at :data:`CONTRACT_VERSION` lists every version).
 
 Shapes use: B batch, T new tokens, S cache positions, N = B*T flattened tokens, H heads,
 V vocabulary, E routed experts, k experts per token, C kv_lora_rank, R qk_rope_head_dim,
@@ -34,6 +34,18 @@ lives in page ``block_table[b, j // page_size]`` at offset ``j % page_size``; a 
 to its slot ``page * page_size + offset``. Pages are handed out by the caller (rows may share
 pages, a freed page keeps whatever it held). The model graph's absorbed MLA form calls both for every
 forward with a cache (``dsv3.model.cache``).
+
+The FP8 latent cache (``--kv-cache-dtype fp8``, contract version 4): the same operators, handed a cache
+whose dtype is an fp8 dtype (``float8_e4m3fn``, or ``float8_e4m3fnuz``): ``(P, page_size, W)`` with
+``W = C + 4 * ceil(C / 128) + R * itemsize(compute dtype)`` bytes per entry (656 at the 671B shape in
+bfloat16, FlashMLA's FP8 layout): bytes ``[0, C)`` the latent as fp8 values of the cache's dtype, bytes
+``[C, C + 4G)`` G = ceil(C / 128) float32 scales (scale g for latent values ``128g .. 128g + 127``), bytes
+``[C + 4G, W)`` the roped key in the compute dtype, unquantized. Latent value i reads back as
+``fp8[i] * scale[i // 128]``; C is a multiple of 4. ``dsv3.model.fp8_cache`` defines the layout and its
+encoding (scales ``max(amax, 1e-4) / fp8 max`` per tile, round to nearest even, a tile with a NaN or an
+infinity gets a NaN scale). A backend lists the fp8 dtypes its cache operators handle in
+``BackendInfo.kv_cache_fp8``; the model hands an fp8 cache only to a backend that lists its dtype (first
+listed), else ``--kv-cache-dtype fp8`` is refused naming the backend.
 """
 
 from __future__ import annotations
@@ -57,10 +69,13 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 #: This contract's version. 1: the unversioned contract of dsv3 0.1 (untyped, ``extra["whole_model"]``).
 #: 2: an operator Protocol per hook, ``BackendInfo.contract_version`` and ``BackendInfo.whole_model``.
 #: 3: the paged latent cache operators ``paged_cache_write`` and ``mla_paged_attention``.
-CONTRACT_VERSION = 3
+#: 4: the FP8 latent cache layout of those two operators and ``BackendInfo.kv_cache_fp8``.
+CONTRACT_VERSION = 4
 #: The versions whose plugins this dsv3 runs: version 3 only added hooks, which cpu_ref fills for a
-#: plugin written for version 2.
-COMPATIBLE_VERSIONS = (2, 3)
+#: plugin written for version 2; version 4 only added the FP8 cache, which a plugin of version 2 or 3
+#: does not declare (``kv_cache_fp8`` empty): the compute-dtype cache (``--kv-cache-dtype auto``) runs
+#: on it as before, ``fp8`` is refused naming the backend.
+COMPATIBLE_VERSIONS = (2, 3, 4)
 #: Operators in the contract that the model graph does not call yet: resolved like the others, but a
 #: backend declining them is not reported. None now (the paged cache ops were, until version 3's graph).
 NOT_YET_CALLED: frozenset[str] = frozenset()
@@ -113,7 +128,8 @@ class MlaLatentAttentionOp(Protocol):
 
 class PagedCacheWriteOp(Protocol):
     def __call__(self, cache: Tensor, kv: Tensor, pe: Tensor, slot_mapping: Tensor, /) -> None:
-        """cache (P, page_size, C + R) written in place, kv (N, C), pe (N, R), slot_mapping (N,) int64."""
+        """cache (P, page_size, C + R) or fp8 (P, page_size, W) written in place, kv (N, C), pe (N, R),
+        slot_mapping (N,) int64."""
 
 
 class MlaPagedAttentionOp(Protocol):
@@ -127,8 +143,8 @@ class MlaPagedAttentionOp(Protocol):
         scale: float,
         /,
     ) -> Tensor:
-        """q_latent (B, T, H, C), q_pe (B, T, H, R), cache (P, page_size, C + R), block_table (B, M) int32,
-        seq_lens (B,) int32 -> (B, T, H, C)."""
+        """q_latent (B, T, H, C), q_pe (B, T, H, R), cache (P, page_size, C + R) or fp8 (P, page_size, W),
+        block_table (B, M) int32, seq_lens (B,) int32 -> (B, T, H, C)."""
 
 
 class LinearOp(Protocol):
@@ -236,6 +252,9 @@ class BackendInfo:
         (onnxruntime): ``dsv3.load`` calls it in place of building the model, and commands that
         need layers (``dsv3 parity``) or operators (``dsv3 conformance``) say they cannot use it.
         Such a backend implements no ``dsv3_op_*`` hook.
+    kv_cache_fp8: the fp8 dtypes (``float8_e4m3fn``, ``float8_e4m3fnuz``) of the FP8 latent cache its
+        ``paged_cache_write`` and ``mla_paged_attention`` read and write (the module docstring's layout),
+        preferred first; empty: no FP8 cache (``--kv-cache-dtype fp8`` is refused on it).
     extra: free-form facts for people (shown by nothing in dsv3's logic; e.g. the fp8 dtype).
     """
 
@@ -250,6 +269,7 @@ class BackendInfo:
     convert_formats: dict[str, tuple[str, ...]] = field(default_factory=dict)
     convert_weight: ConvertWeight | None = None
     whole_model: WholeModelFactory | None = None
+    kv_cache_fp8: tuple[torch.dtype, ...] = ()
     extra: dict = field(default_factory=dict)
 
 
@@ -322,6 +342,12 @@ class BackendSpec:
         ``P * page_size``. ``kv``, ``pe`` and ``slot_mapping`` are not modified. Usually ``kv`` is the
         normalized latent and ``pe`` the roped key part of one layer (``mla_latent_attention``'s
         ``kv`` and ``pe``). The cache is a contiguous tensor (one per layer).
+
+        FP8 cache (``cache`` of an fp8 dtype, ``(P, page_size, W)``, layout in the module docstring): the
+        entry at the slot becomes token n's W bytes: its latent quantized per 128-value tile (fp8 values
+        and float32 scales as ``dsv3.model.fp8_cache.quantize_latent``: bit-exact) and ``pe[n]`` in the
+        compute dtype (kv.dtype) as is. Asked of a backend only when it lists ``cache.dtype`` in
+        ``BackendInfo.kv_cache_fp8``.
         """
 
     @hookspec(firstresult=True)
@@ -345,6 +371,11 @@ class BackendSpec:
         -1) and are never read, nor is any cache entry that is not one of row b's first
         ``seq_lens[b]`` positions (the rest of its last page, pages it does not list, freed pages):
         a NaN there must not reach the output. Rows may share pages. Inputs are not modified.
+
+        FP8 cache (``cache`` of an fp8 dtype, ``(P, page_size, W)``, layout in the module docstring): entry
+        j's ``kv`` is its latent dequantized (``fp8 * scale`` in float32, then rounded to the compute
+        dtype), its ``pe`` the stored roped key; the attention is then the same. Unread entries hold any
+        bytes (a NaN scale there must not reach the output either).
         """
 
     # ------------------------------------------------------------------ GEMM and quantization

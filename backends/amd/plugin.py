@@ -33,6 +33,7 @@ def dsv3_backend_info() -> BackendInfo:
         dist_backend="nccl",  # RCCL under ROCm builds of torch
         formats=FORMATS,
         unusable_reason=hooks.unusable_reason(),
+        kv_cache_fp8=(ops.fp8_compute_dtype(AMD),),  # the fp8 its GPUs convert natively (as for weights)
         prepare_weight=prepare_weight,
         extra={"fp8_dtype": "float8_e4m3fnuz (MI300) / float8_e4m3fn", "interpreter": ops.interpreting()},
     )

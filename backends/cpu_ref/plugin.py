@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, OpRequest, hookimpl
-from dsv3.weights import FORMATS
+from dsv3.weights import FORMATS, FP8_DTYPES
 
 from . import attention as _attention
 from . import basic, moe, paged, quant
@@ -18,6 +18,7 @@ def dsv3_backend_info() -> BackendInfo:
         device="cpu",
         dist_backend="gloo",
         formats=FORMATS,
+        kv_cache_fp8=FP8_DTYPES,  # e4m3fn first (FlashMLA's); e4m3fnuz too, for a backend that stores that
     )
 
 

@@ -28,6 +28,7 @@ def dsv3_backend_info() -> BackendInfo:
         dist_backend="nccl",
         formats=FORMATS,
         unusable_reason=hooks.unusable_reason(),
+        kv_cache_fp8=(ops.fp8_compute_dtype(NVIDIA),),  # the fp8 its GPUs convert natively (as for weights)
         extra={"fp8_dtype": "float8_e4m3fn", "interpreter": ops.interpreting()},
     )
 

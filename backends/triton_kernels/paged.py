@@ -15,6 +15,14 @@ of BLOCK_S positions finds each position's page through the block table, so any 
 its last page and pages it does not list are never touched, and masked lanes load 0, never a
 stale value. Each split of a row takes an equal share of that row's own keys, so the host needs no
 row lengths (no device-to-host copy).
+
+The FP8 cache (a cache of an fp8 dtype, ``(P, page_size, W)`` bytes per entry in the layout of
+``dsv3.model.fp8_cache``): the write kernel quantizes each token's latent per 128-value tile (amax,
+scale, round to nearest even on the fp8 grid by hand, so the bits match cpu_ref's torch cast on a GPU
+and in the interpreter) and stores the roped key as is; the attention kernel loads the fp8 values and
+their tile's scale and dequantizes in registers (``fp8 * scale`` in float32, rounded to the compute
+dtype), the rest unchanged. The scales and the roped key are read through float32 and compute-dtype
+views of the same storage (byte offsets in the layout are multiples of 4).
 """
 
 from __future__ import annotations
@@ -23,8 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .jit_utils import TL_DTYPE, online_softmax_tile, round_to
+from dsv3.model import fp8_cache
+from dsv3.weights import AMAX_FLOOR, FP8_DTYPES, FP8_MAX
+
+from .jit_utils import TL_DTYPE, online_softmax_tile, round_to, round_to_fp8_grid, row_max
 from .runtime import (
+    FP8_EMIN,
     HP_DTYPES,
     cdiv,
     check_device,
@@ -38,6 +50,9 @@ from .runtime import (
 
 _LOG2E = 1.4426950408889634
 _INDEX_DTYPES = (torch.int64, torch.int32)
+_TL_FP8 = {torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e4m3fnuz: tl.float8e4b8}
+#: The byte torch's cast gives a NaN (positive): e4m3fn 0x7F, e4m3fnuz's only NaN 0x80.
+_NAN_BITS = {dt: int(torch.tensor(float("nan")).to(dt).view(torch.uint8)) for dt in _TL_FP8}
 
 
 # ----------------------------------------------------------------------------- cache write
@@ -68,6 +83,42 @@ def _cache_write_kernel(
     tl.store(cache_ptr + dst[:, None] + C + offs_r[None, :], pe, mask=mask_r)
 
 
+@triton.jit(do_not_specialize=["N"])
+def _cache_write_fp8_kernel(
+    cache_ptr, scale_ptr, rope_ptr, kv_ptr, pe_ptr, slot_ptr,
+    N, C, R, G, s_cp, s_co, s_kvn, s_pen, s_sn,
+    PAGE_SIZE: tl.constexpr, ISZ: tl.constexpr, FP8_TY: tl.constexpr, NAN_BITS: tl.constexpr,
+    FP8_MAX_V: tl.constexpr, EMIN: tl.constexpr, AMAX_MIN: tl.constexpr, TILE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rows < N
+    r64 = rows.to(tl.int64)
+    slot = tl.load(slot_ptr + r64 * s_sn, mask=n_ok, other=-1).to(tl.int64)
+    ok = n_ok & (slot >= 0)
+    slot = tl.where(ok, slot, 0)
+    dst = (slot // PAGE_SIZE) * s_cp + (slot % PAGE_SIZE) * s_co  # (BLOCK_N,) entry offsets in bytes
+    for g in range(0, G):
+        col = g * TILE + tl.arange(0, TILE)
+        mask = ok[:, None] & (col < C)[None, :]
+        x = tl.load(kv_ptr + r64[:, None] * s_kvn + col[None, :], mask=mask, other=0.0).to(tl.float32)
+        # NaN / inf anywhere in the tile: a NaN scale and NaN values (a GPU's max drops NaN, so say it here)
+        odd = tl.where((x != x) | (tl.abs(x) == float("inf")), 1.0, 0.0)
+        bad = row_max(odd, 1) > 0.0  # (BLOCK_N,)
+        amax = tl.maximum(row_max(tl.abs(x), 1), AMAX_MIN)
+        sc = tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX_V, tl.float32))
+        sc = tl.where(bad, float("nan"), sc)
+        y = tl.math.div_rn(x, tl.broadcast_to(sc[:, None], x.shape))
+        y = tl.minimum(tl.maximum(y, -FP8_MAX_V), FP8_MAX_V)
+        q = round_to_fp8_grid(y, EMIN).to(FP8_TY).to(tl.uint8, bitcast=True)
+        q = tl.where(bad[:, None], NAN_BITS, q)  # torch's NaN byte (the interpreter's NaN -> fp8 cast gives 384)
+        tl.store(cache_ptr + dst[:, None] + col[None, :], q, mask=mask)
+        tl.store(scale_ptr + (dst + C) // 4 + g, sc, mask=ok)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = ok[:, None] & (offs_r < R)[None, :]
+    pe = tl.load(pe_ptr + r64[:, None] * s_pen + offs_r[None, :], mask=mask_r, other=0.0)
+    tl.store(rope_ptr + ((dst + C + 4 * G) // ISZ)[:, None] + offs_r[None, :], pe, mask=mask_r)
+
+
 def gpu_write_block(n: int, c: int, r: int) -> int:
     """Tokens per program a GPU launch of the write kernel uses: a power of two, about 4K values a program."""
     per_program = max(1, 4096 // (next_pow2(c) + next_pow2(r)))
@@ -82,9 +133,11 @@ def paged_cache_write(
     last dim (it is written in place); kv and pe are copied if they lack it.
     block_n: tokens per program instead of the default (for tests)."""
     where = "paged_cache_write"
-    check_tensor(where, "cache", cache, HP_DTYPES, ndim=3)
+    check_tensor(where, "cache", cache, HP_DTYPES + FP8_DTYPES, ndim=3)
     check_tensor(where, "kv", kv, HP_DTYPES, ndim=2)
     n, c = kv.shape
+    if cache.dtype in FP8_DTYPES:
+        return _write_fp8(cache, kv, pe, slot_mapping, block_n)
     r = cache.shape[-1] - c
     require(r >= 1, where, f"cache entries hold {cache.shape[-1]} values, not more than kv's C = {c}")
     check_tensor(where, "pe", pe, (kv.dtype,), shape=(n, r))
@@ -105,15 +158,54 @@ def paged_cache_write(
     )  # fmt: skip
 
 
+def _check_fp8_cache(where: str, cache: torch.Tensor, c: int, r: int, dtype: torch.dtype) -> None:
+    """An fp8 cache (P, page_size, W) for latent C, roped key R in ``dtype``, whose entries start at multiples of 4 bytes."""
+    require(c % 4 == 0, where, f"the fp8 latent cache needs C a multiple of 4, got {c}")
+    width = fp8_cache.entry_bytes(c, r, dtype)
+    check_tensor(where, "cache", cache, FP8_DTYPES, shape=(None, None, width))
+    require(
+        cache.stride(-1) == 1 and cache.stride(0) % 4 == 0 and cache.stride(1) % 4 == 0,
+        where,
+        "an fp8 cache must have unit stride along its last dim and entries aligned to 4 bytes",
+    )
+
+
+def _write_fp8(cache, kv, pe, slot_mapping, block_n: int | None) -> None:
+    """paged_cache_write into an fp8 cache (P, page_size, W): kv (N, C) quantized per 128-value tile, pe (N, R) as is."""
+    where = "paged_cache_write"
+    n, c = kv.shape
+    check_tensor(where, "pe", pe, (kv.dtype,), ndim=2)
+    check_tensor(where, "pe", pe, (kv.dtype,), shape=(n, None))
+    r = pe.shape[1]
+    _check_fp8_cache(where, cache, c, r, kv.dtype)
+    check_tensor(where, "slot_mapping", slot_mapping, _INDEX_DTYPES, shape=(n,))
+    check_device(where, cache=cache, kv=kv, pe=pe, slot_mapping=slot_mapping)
+    if n == 0 or cache.numel() == 0:
+        return
+    kv, pe = (x if x.stride(-1) == 1 else x.contiguous() for x in (kv, pe))
+    if block_n is None:
+        block_n = min(128, next_pow2(n)) if interpreting() else min(next_pow2(n), 16)
+    require(block_n >= 1 and block_n == next_pow2(block_n), where, f"block_n must be a power of two, got {block_n}")
+    raw = cache.view(torch.uint8)
+    _cache_write_fp8_kernel[(cdiv(n, block_n),)](
+        raw, raw.view(torch.float32), raw.view(kv.dtype), kv, pe, slot_mapping,
+        n, c, r, fp8_cache.num_tiles(c), cache.stride(0), cache.stride(1), kv.stride(0), pe.stride(0),
+        slot_mapping.stride(0), PAGE_SIZE=cache.shape[1], ISZ=kv.element_size(), FP8_TY=_TL_FP8[cache.dtype],
+        NAN_BITS=_NAN_BITS[cache.dtype], FP8_MAX_V=FP8_MAX[cache.dtype],
+        EMIN=FP8_EMIN[cache.dtype], AMAX_MIN=AMAX_FLOOR, TILE=fp8_cache.TILE, BLOCK_N=block_n,
+        BLOCK_R=next_pow2(r),
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- attention
 @triton.jit(do_not_specialize=["T"])
 def _paged_mla_kernel(
-    ql_ptr, qp_ptr, cache_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr,
-    T, H, C, R, num_splits, qk_scale,
+    ql_ptr, qp_ptr, cache_ptr, scale_ptr, rope_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr,
+    T, H, C, R, G, num_splits, qk_scale,
     s_qlb, s_qlt, s_qlh, s_qpb, s_qpt, s_qph, s_cp, s_co, s_btb, s_btm, s_len,
     s_os, s_ob, s_ot, s_oh, s_ls, s_lb, s_lt,
     PAGE_SIZE: tl.constexpr, CDT: tl.constexpr, OUT: tl.constexpr, HP_IEEE: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    WRITE_LSE: tl.constexpr, FP8: tl.constexpr, ISZ: tl.constexpr, TILE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
@@ -156,8 +248,16 @@ def _paged_mla_kernel(
         k_ok = keys < hi  # the block table is read only for the row's own positions
         page = tl.load(bt_ptr + b * s_btb + (keys // PAGE_SIZE).to(tl.int64) * s_btm, mask=k_ok, other=0)
         entry = page.to(tl.int64) * s_cp + (keys % PAGE_SIZE).to(tl.int64) * s_co  # (BLOCK_S,)
-        kv = tl.load(cache_ptr + entry[:, None] + offs_c[None, :], mask=k_ok[:, None] & c_ok[None, :], other=0.0)
-        pe = tl.load(cache_ptr + entry[:, None] + C + offs_r[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        kc_ok = k_ok[:, None] & c_ok[None, :]
+        kr_ok = k_ok[:, None] & r_ok[None, :]
+        if FP8:  # entry = byte offset; latent fp8 * its tile's scale, rounded to the compute dtype as cpu_ref does
+            q8 = tl.load(cache_ptr + entry[:, None] + offs_c[None, :], mask=kc_ok, other=0.0).to(tl.float32)
+            sc = tl.load(scale_ptr + ((entry + C) // 4)[:, None] + (offs_c // TILE)[None, :], mask=kc_ok, other=0.0)
+            kv = round_to(q8 * sc, CDT)
+            pe = tl.load(rope_ptr + ((entry + C + 4 * G) // ISZ)[:, None] + offs_r[None, :], mask=kr_ok, other=0.0)
+        else:
+            kv = tl.load(cache_ptr + entry[:, None] + offs_c[None, :], mask=kc_ok, other=0.0)
+            pe = tl.load(cache_ptr + entry[:, None] + C + offs_r[None, :], mask=kr_ok, other=0.0)
         if HP_IEEE:
             kv = kv.to(tl.float32)
             pe = pe.to(tl.float32)
@@ -207,15 +307,22 @@ def mla_paged_attention(
     check_tensor(where, "q_pe", q_pe, (q_latent.dtype,), ndim=4)
     r = q_pe.shape[-1]
     check_tensor(where, "q_pe", q_pe, (q_latent.dtype,), shape=(bsz, t, h, r))
-    check_tensor(where, "cache", cache, (q_latent.dtype,), ndim=3)
+    check_tensor(where, "cache", cache, (q_latent.dtype,) + FP8_DTYPES, ndim=3)
     num_pages, page_size = cache.shape[:2]
-    check_tensor(where, "cache", cache, (q_latent.dtype,), shape=(num_pages, page_size, c + r))
+    fp8 = cache.dtype in FP8_DTYPES
+    if fp8:
+        _check_fp8_cache(where, cache, c, r, q_latent.dtype)
+    else:
+        check_tensor(where, "cache", cache, (q_latent.dtype,), shape=(num_pages, page_size, c + r))
     check_tensor(where, "block_table", block_table, _INDEX_DTYPES, ndim=2)
     check_tensor(where, "block_table", block_table, _INDEX_DTYPES, shape=(bsz, None))
     check_tensor(where, "seq_lens", seq_lens, _INDEX_DTYPES, shape=(bsz,))
     require(page_size >= 1 and num_pages >= 1, where, f"the cache has no entries (shape {list(cache.shape)})")
     check_device(where, q_latent=q_latent, q_pe=q_pe, cache=cache, block_table=block_table, seq_lens=seq_lens)
-    ql, qp, cache = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_latent, q_pe, cache))
+    ql, qp = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_latent, q_pe))
+    cache = cache if cache.stride(-1) == 1 else cache.contiguous()
+    raw = cache.view(torch.uint8) if fp8 else None
+    scale_view, rope_view = (raw.view(torch.float32), raw.view(q_latent.dtype)) if fp8 else (cache, cache)
     out = torch.empty((bsz, t, h, c), dtype=q_latent.dtype, device=q_latent.device)
     if out.numel() == 0:
         return out
@@ -243,11 +350,12 @@ def mla_paged_attention(
     cdt = TL_DTYPE[q_latent.dtype]
     common = dict(PAGE_SIZE=page_size, CDT=cdt, HP_IEEE=interp or q_latent.dtype == torch.float32,
                   BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_R=block_r,
+                  FP8=fp8, ISZ=q_latent.element_size(), TILE=fp8_cache.TILE,
                   **launch_opts(4 if block_c <= 128 else 8, 2))  # fmt: skip
     grid = (bsz * t, h_blocks, num_splits)
     qk_scale = float(scale) * _LOG2E
-    args = (ql, qp, cache, block_table, seq_lens)
-    sizes = (t, h, c, r, num_splits, qk_scale)
+    args = (ql, qp, cache, scale_view, rope_view, block_table, seq_lens)
+    sizes = (t, h, c, r, fp8_cache.num_tiles(c), num_splits, qk_scale)
     strides = (ql.stride(0), ql.stride(1), ql.stride(2), qp.stride(0), qp.stride(1), qp.stride(2),
                cache.stride(0), cache.stride(1), block_table.stride(0), block_table.stride(1), seq_lens.stride(0))  # fmt: skip
     if num_splits == 1:

@@ -283,9 +283,17 @@ def default_total_tokens(model, per_token: int, wanted: int) -> int:
 
 
 def cache_bytes(model, max_batch: int, max_len: int) -> int:
-    """Bytes the scheduler's cache takes: every main and MTP layer, ``max_batch x max_len`` positions."""
+    """Bytes the scheduler's cache takes: every main and MTP layer, ``max_batch x max_len`` positions
+    (an fp8 latent cache, ``--kv-cache-dtype fp8``: ``fp8_cache.entry_bytes`` per layer)."""
+    from ..model.fp8_cache import entry_bytes
+
     per_token = 0
     attns = [layer.attn for layer in model.layers] + [m.block.attn for m in model.mtp]
+    fp8 = getattr(getattr(model, "opts", None), "kv_cache_dtype", "auto") == "fp8"
     for attn in attns:
-        per_token += sum(math.prod(s) for s in attn.cache_shapes().values()) * model.embed.element_size()
+        shapes = attn.cache_shapes()
+        if fp8 and "kv" in shapes:  # the absorbed form's latent cache in the fp8 layout
+            per_token += entry_bytes(shapes["kv"][0], shapes["pe"][0], model.embed.dtype)
+        else:
+            per_token += sum(math.prod(s) for s in shapes.values()) * model.embed.element_size()
     return per_token * max_batch * max_len

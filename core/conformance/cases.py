@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model import fp8_cache
 from ..model.config import ModelConfig, Routing, YarnConfig
 from ..weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
 
@@ -47,6 +48,7 @@ class Spec:
     fmt: str = HP
     act_quant: str = "none"
     dtype: torch.dtype = torch.float32
+    kv_cache: torch.dtype | None = None  # paged cache ops: an fp8 dtype for the FP8 latent cache's cases
 
 
 @dataclass(frozen=True)
@@ -416,7 +418,101 @@ def paged_rows(
     return PagedRows(seq_lens, page_size, pages, total)
 
 
+def fp8_pages(g: torch.Generator, num_pages: int, page_size: int, c: int, r: int, spec: Spec) -> torch.Tensor:
+    """An FP8 latent cache (P, page_size, W) of ``spec.kv_cache`` holding random entries (latents of mixed
+    magnitudes per tile, so the scales differ), encoded as ``dsv3.model.fp8_cache`` defines."""
+    n = num_pages * page_size
+    kv = _randn(g, (n, c)) * torch.exp(_randn(g, (n, 1)))  # per-token magnitudes e^N(0,1)
+    pe = _randn(g, (n, r))
+    entries = fp8_cache.encode_entries(kv.to(spec.dtype), pe.to(spec.dtype), spec.kv_cache)
+    return entries.view(num_pages, page_size, -1)
+
+
+def garbage_bytes(cache: torch.Tensor, where: torch.Tensor) -> None:
+    """Fill the entries of an fp8 cache (P, page_size, W) at ``where (P, page_size) bool`` with 0xFF bytes:
+    a NaN latent byte (e4m3fn), a NaN scale and a NaN roped key (freed pages, the rest of a last page)."""
+    cache.view(torch.uint8)[where] = 0xFF
+
+
+def cases_paged_cache_write_fp8(spec: Spec) -> list[Case]:
+    """The FP8 latent cache (``spec.kv_cache``): each written entry bit-exact, every other byte untouched."""
+    cases: list[Case] = []
+
+    def build(num_pages: int, page_size: int, c: int, r: int, slots: list[int], freed_page=None, odd=False):
+        def fn(g: torch.Generator) -> CaseData:
+            w = fp8_cache.entry_bytes(c, r, spec.dtype)
+            stale = torch.randint(0, 256, (num_pages, page_size, w), generator=g, dtype=torch.uint8)
+            cache = stale.view(spec.kv_cache)  # what earlier requests left there: any bytes
+            if freed_page is not None:
+                garbage_bytes(cache, torch.arange(num_pages).unsqueeze(1).expand(-1, page_size) == freed_page)
+            n = len(slots)
+            kv = _randn(g, (n, c)) * torch.exp(2 * _randn(g, (n, 1)))  # magnitudes over a few decades
+            pe = _randn(g, (n, r))
+            if odd and n >= 3:  # an all-zero tile, a NaN in one tile, an infinity in another
+                kv[0, : min(c, 128)] = 0.0
+                kv[1, 1] = float("nan")
+                kv[2, c - 1] = float("inf")
+            if n:
+                _sprinkle(kv[-1], 17.0)  # 0, -0, +-17 (the value the interpreter's e4m3fn cast rounds wrongly)
+            slot_mapping = torch.tensor(slots, dtype=torch.int64)
+            args = (cache, kv.to(spec.dtype), pe.to(spec.dtype), slot_mapping)
+            return CaseData(args, check="in_place", info={"writes": 0})
+
+        return fn
+
+    def scattered(num_pages: int, page_size: int, n: int, pad: int) -> list[int]:
+        g = _gen("paged_cache_write_fp8", "slots", num_pages, page_size, n)
+        slots = torch.randperm(num_pages * page_size, generator=g)[:n].tolist()
+        return [-1] + slots[: n // 2] + [-1] * (pad - 2) + slots[n // 2 :] + [-1]
+
+    c, r = V3.kv_lora_rank, V3.qk_rope_head_dim
+    name = str(spec.kv_cache).removeprefix("torch.float8_")
+    _case(cases, spec, f"fp8-{name}-tiny", "P2 page 2, C4 R2 (one partial tile), one token", build(2, 2, 4, 2, [3]))
+    _case(cases, spec, f"fp8-{name}-one-token", "one token at offset 0 of a fresh page", build(4, 4, 16, 4, [8]))
+    _case(
+        cases,
+        spec,
+        f"fp8-{name}-scattered",
+        "P6 page 4, C200 R8 (a full and a partial tile): 9 tokens at random slots, padding, a garbage page",
+        build(6, 4, 200, 8, scattered(6, 4, 9, 4), freed_page=5),
+    )
+    _case(
+        cases,
+        spec,
+        f"fp8-{name}-page-boundary",
+        "a chunk crossing from page 2's last offsets into page 0, C256 R16",
+        build(3, 4, 256, 16, [2 * 4 + 2, 2 * 4 + 3, 0, 1], freed_page=1),
+    )
+    _case(
+        cases,
+        spec,
+        f"fp8-{name}-nonfinite",
+        "a zero tile, a NaN in one tile and an infinity in another (their tiles read back NaN), C384 R16",
+        build(4, 4, 384, 16, [5, 6, 7, 12], odd=True),
+    )
+    _case(cases, spec, f"fp8-{name}-all-padding", "every slot -1", build(3, 4, 16, 4, [-1, -1, -1]))
+    _case(
+        cases,
+        spec,
+        f"fp8-{name}-671B-decode",
+        f"P16 page 64, C{c} R{r} (656 bytes per entry in bf16): 4 decode tokens and 2 padding, a garbage page",
+        build(16, 64, c, r, scattered(16, 64, 4, 2), freed_page=3),
+        quick=False,
+    )
+    _case(
+        cases,
+        spec,
+        f"fp8-{name}-671B-prefill",
+        f"page 64, C{c} R{r}: 70 tokens from offset 10 of page 5 on into page 2, with a NaN and an infinity",
+        build(8, 64, c, r, [5 * 64 + i for i in range(10, 64)] + [2 * 64 + i for i in range(16)], 7, odd=True),
+        quick=False,
+    )
+    return cases
+
+
 def cases_paged_cache_write(spec: Spec) -> list[Case]:
+    if spec.kv_cache is not None:
+        return cases_paged_cache_write_fp8(spec)
     cases: list[Case] = []
 
     def build(num_pages: int, page_size: int, c: int, r: int, slots: list[int], freed_page: int | None = None):
@@ -474,7 +570,65 @@ def cases_paged_cache_write(spec: Spec) -> list[Case]:
     return cases
 
 
+def cases_mla_paged_attention_fp8(spec: Spec) -> list[Case]:
+    """Attention over an FP8 latent cache (``spec.kv_cache``) written by cpu_ref's encoding; stale entries
+    (spare pages, past each row's length) are 0xFF bytes: NaN latents, scales and roped keys."""
+    cases: list[Case] = []
+    scale = V3.softmax_scale
+
+    def build(seq_lens, t, h, c, r, page_size, spare=2, share=()):
+        def fn(g: torch.Generator) -> CaseData:
+            rows = paged_rows(g, list(seq_lens), page_size, spare, share)
+            b = len(seq_lens)
+            ql, qp = _randn(g, (b, t, h, c)), _randn(g, (b, t, h, r))
+            cache = fp8_pages(g, rows.num_pages, page_size, c, r, spec)
+            garbage_bytes(cache, ~rows.used())
+            seq = torch.tensor(seq_lens, dtype=torch.int32)
+            args = (ql.to(spec.dtype), qp.to(spec.dtype), cache, rows.block_table(), seq, scale)
+            return CaseData(args)
+
+        return fn
+
+    h, c, r = V3.num_attention_heads, V3.kv_lora_rank, V3.qk_rope_head_dim
+    name = str(spec.kv_cache).removeprefix("torch.float8_")
+    _case(cases, spec, f"fp8-{name}-tiny", "B1 T1, one entry on page size 2, H1 C4 R2", build([1], 1, 1, 4, 2, 2, 1))
+    _case(cases, spec, f"fp8-{name}-one-token", "B2 T1: two rows of one token each", build([1, 1], 1, 3, 16, 4, 4))
+    _case(
+        cases,
+        spec,
+        f"fp8-{name}-random-pages",
+        "B3 T1 of 5, 12, 7 entries on random pages of 4, C200 (a partial tile); garbage in spare pages",
+        build([5, 12, 7], 1, 4, 200, 8, 4, spare=3),
+    )
+    _case(
+        cases,
+        spec,
+        f"fp8-{name}-shared-pages",
+        "B3 T1: rows sharing prefix pages (row 1 ends inside a shared page)",
+        build([10, 6, 13], 1, 4, 256, 8, 4, share=((0, 1, 2), (0, 2, 1))),
+    )
+    _case(
+        cases,
+        spec,
+        f"fp8-{name}-page-boundary",
+        "B4 T1 of 4, 5, 8, 9 entries on pages of 4",
+        build([4, 5, 8, 9], 1, 4, 128, 8, 4),
+    )
+    _case(cases, spec, f"fp8-{name}-causal-chunk", "B2 T3 across a page boundary", build([10, 3], 3, 5, 48, 6, 4))
+    _case(
+        cases,
+        spec,
+        f"fp8-{name}-671B-decode",
+        f"B4 T1 of 1, 64, 65, 300 entries, page 64, H{h} C{c} R{r}",
+        build([1, 64, 65, 300], 1, h, c, r, 64),
+        quick=False,
+    )
+    return cases
+
+
 def cases_mla_paged_attention(spec: Spec) -> list[Case]:
+    if spec.kv_cache is not None:
+        return cases_mla_paged_attention_fp8(spec)
     cases: list[Case] = []
     scale = V3.softmax_scale
 

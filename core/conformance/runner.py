@@ -7,6 +7,7 @@ fallback behind it; what it declines is listed as falling back to cpu_ref.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterator
@@ -34,6 +35,18 @@ _DTYPE_FREE = ("sample",)
 _MODE_FREE = (HP, INT8_WO)
 
 
+#: Operators that read or write the paged latent cache: also run on the FP8 cache a backend declares.
+FP8_CACHE_OPS = ("paged_cache_write", "mla_paged_attention")
+
+
+def kv_cache_fp8(backend: registry.Backend) -> tuple[torch.dtype, ...]:
+    """The fp8 dtypes of the FP8 latent cache ``backend`` declares (``BackendInfo.kv_cache_fp8``), () if none."""
+    try:
+        return tuple(getattr(backend.info, "kv_cache_fp8", ()) or ())
+    except Exception:  # a backend whose info cannot be read has its own error row
+        return ()
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -48,7 +61,9 @@ class Unit:
 
     @property
     def label(self) -> str:
-        """``fmt/act_quant`` for weight operators, ``-`` for the others."""
+        """``fmt/act_quant`` for weight operators, ``-`` for the others (``kv:e4m3fn``: an FP8 latent cache)."""
+        if self.spec.kv_cache is not None:
+            return "kv:" + dtype_name(self.spec.kv_cache).removeprefix("float8_")
         if self.spec.op in WEIGHT_OPS:
             return f"{self.spec.fmt}/{self.spec.act_quant}"
         return "-" if self.spec.act_quant == "none" else "-/dynamic"
@@ -153,6 +168,9 @@ def plan(
                     first = first or (impl, ref)
                     units.append(Unit(spec, impl, ref))
                     offered.setdefault(op, set()).add((unit_label, dtype_name(dtype)))
+                    if op in FP8_CACHE_OPS and act_quant == "none":  # the FP8 latent cache, where declared
+                        for kv in kv_cache_fp8(backend):
+                            units.append(Unit(dataclasses.replace(spec, kv_cache=kv), impl, ref))
     return Plan(units, declined, errors, offered)
 
 

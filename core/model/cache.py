@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import fp8_cache
+
 
 class LayerCache:
     """One naive-form attention layer's cache, contiguous and indexed by token position.
@@ -73,20 +75,35 @@ class PagedStep:
 
 
 class PagedLayerCache:
-    """One absorbed-MLA layer's paged latent cache: ``tensors["latent"] (P, page_size, C + R)``.
+    """One absorbed-MLA layer's paged latent cache: ``tensors["latent"] (P, page_size, C + R)`` in the
+    compute dtype, or ``(P, page_size, W)`` of an fp8 dtype in the layout of :mod:`dsv3.model.fp8_cache`.
 
     Token position j of cache row r lives in page ``block_table[r, j // page_size]`` at offset
     ``j % page_size`` (the block table is ModelCache's, shared by every layer); ``step`` is set on the
-    per-forward views the graph gets.
+    per-forward views the graph gets. dtype: the compute dtype (what ``gather`` and ``entries`` return).
     """
 
     paged = True
 
-    def __init__(self, pages: torch.Tensor, kv_dim: int, step: PagedStep | None = None, length: int | None = None):
+    def __init__(
+        self,
+        pages: torch.Tensor,
+        kv_dim: int,
+        step: PagedStep | None = None,
+        length: int | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         self.tensors = {"latent": pages}
         self.kv_dim = kv_dim  # C: the latent's width; the rest of an entry is the roped key
         self.step = step
         self.length = length
+        self.dtype = pages.dtype if dtype is None else dtype
+
+    def _split(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """entries (..., C + R) or fp8 (..., W) -> latent (..., C), roped key (..., R) in the compute dtype."""
+        if fp8_cache.is_fp8_cache(e):
+            return fp8_cache.decode_entries(e, self.kv_dim, self.dtype)
+        return e[..., : self.kv_dim], e[..., self.kv_dim :]
 
     @property
     def pages(self) -> torch.Tensor:
@@ -96,14 +113,14 @@ class PagedLayerCache:
         self, rows: torch.Tensor | None = None, length: int | None = None, step: PagedStep | None = None
     ) -> PagedLayerCache:
         """The same pages for one forward: ``step`` (computed from ``rows`` by ModelCache.view) and a read length."""
-        return PagedLayerCache(self.pages, self.kv_dim, step, length)
+        return PagedLayerCache(self.pages, self.kv_dim, step, length, self.dtype)
 
     def gather(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch rows' first ``length`` positions: latent (B, S, C), roped key (B, S, R) (copies)."""
         page_size = self.pages.shape[1]
         j = torch.arange(length, device=self.pages.device)  # (S,)
-        entries = self.pages[self.step.rows_table[:, j // page_size], j % page_size]  # (B, S, C + R)
-        return entries[..., : self.kv_dim], entries[..., self.kv_dim :]
+        entries = self.pages[self.step.rows_table[:, j // page_size], j % page_size]  # (B, S, C + R) or (B, S, W)
+        return self._split(entries)
 
     def entries(self, rows: torch.Tensor | list[int] | None, table: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every position of cache rows ``rows`` (default all) through the block table ``table (max_batch, M)``:
@@ -111,8 +128,8 @@ class PagedLayerCache:
         table = table if rows is None else table[rows]
         page_size, m = self.pages.shape[1], table.shape[1]
         j = torch.arange(m * page_size, device=self.pages.device)
-        e = self.pages[table[:, j // page_size].long(), j % page_size]
-        return {"kv": e[..., : self.kv_dim], "pe": e[..., self.kv_dim :]}
+        kv, pe = self._split(self.pages[table[:, j // page_size].long(), j % page_size])
+        return {"kv": kv, "pe": pe}
 
     def nbytes_per_token(self) -> int:
         return self.pages[0, 0].numel() * self.pages.element_size()

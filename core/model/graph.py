@@ -15,8 +15,10 @@ from torch import nn
 from ..errors import Dsv3Error
 from ..registry import OpTable
 from ..weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
+from . import fp8_cache
 from .cache import LayerCache, ModelCache, PagedLayerCache, page_table
 from .config import ModelConfig
+from .fp8_cache import KV_CACHE_DTYPES
 from .parallel import ParallelContext, vocab_parallel_embedding
 from .rope import cos_sin_table
 
@@ -41,6 +43,9 @@ class BuildOptions:
         :func:`naive_is_cheaper`); the cache stays latent. False: always the absorbed form.
     page_size: cache positions per page of the absorbed form's paged latent cache (the naive form's
         per-head K/V cache stays contiguous).
+    kv_cache_dtype: the absorbed form's latent cache: ``"auto"`` (the compute dtype) or ``"fp8"`` (the
+        FP8 layout of :mod:`dsv3.model.fp8_cache`, in the backend's ``BackendInfo.kv_cache_fp8``); set it with
+        :meth:`Transformer.set_kv_cache_dtype`, which checks that the backend and the form allow it.
     """
 
     dtype: torch.dtype = torch.bfloat16
@@ -50,6 +55,7 @@ class BuildOptions:
     parallel: ParallelContext | None = None
     naive_prefill: bool = True
     page_size: int = 64
+    kv_cache_dtype: str = "auto"
 
     def fmt(self, module_path: str) -> str:
         """The weight format of linear ``module_path`` (high precision without ``fmt_of``)."""
@@ -423,6 +429,38 @@ class Transformer(nn.Module):
                 module.naive_prefill = on
 
     # ------------------------------------------------------------ caches
+    def set_kv_cache_dtype(self, kv_cache_dtype: str) -> None:
+        """Make ``new_cache`` allocate ``kv_cache_dtype`` latent caches (``BuildOptions.kv_cache_dtype``).
+
+        ``"fp8"`` needs the absorbed form and a backend listing an fp8 dtype in ``BackendInfo.kv_cache_fp8``;
+        otherwise a Dsv3Error naming the backend (or the form) and ``--kv-cache-dtype``.
+        """
+        self.cache_storage_dtype(kv_cache_dtype)  # checks
+        self.opts = replace(self.opts, kv_cache_dtype=kv_cache_dtype)
+
+    def cache_storage_dtype(self, kv_cache_dtype: str | None = None) -> torch.dtype:
+        """The dtype of the absorbed form's latent cache tensors for ``kv_cache_dtype`` (default the build's):
+        the compute dtype for ``"auto"``, the backend's first ``BackendInfo.kv_cache_fp8`` dtype for ``"fp8"``."""
+        kind = self.opts.kv_cache_dtype if kv_cache_dtype is None else kv_cache_dtype
+        if kind not in KV_CACHE_DTYPES:
+            raise Dsv3Error(f"unknown --kv-cache-dtype {kind!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+        if kind == "auto":
+            return self.embed.dtype
+        if self.opts.attn_impl == "naive":
+            raise Dsv3Error(
+                "--kv-cache-dtype fp8 needs the absorbed MLA form (--attn-impl absorb): the naive form keeps "
+                "per-head K/V in the compute dtype"
+            )
+        info = getattr(self, "backend_info", None)  # set by dsv3.runtime.loading.build_model
+        fp8 = tuple(info.kv_cache_fp8) if info is not None else ()
+        if not fp8:
+            raise Dsv3Error(
+                f"--kv-cache-dtype fp8: backend {self.ops.backend} has no fp8 latent cache "
+                "(BackendInfo.kv_cache_fp8 is empty); use --kv-cache-dtype auto"
+            )
+        fp8_cache.entry_bytes(self.cfg.kv_lora_rank, self.cfg.qk_rope_head_dim, self.embed.dtype)  # C % 4 check
+        return fp8[0]
+
     def new_cache(
         self,
         max_batch: int,
@@ -430,8 +468,11 @@ class Transformer(nn.Module):
         page_size: int | None = None,
         page_seed: int = 0,
         num_pages: int | None = None,
+        kv_cache_dtype: str | None = None,
     ) -> ModelCache:
-        """Allocate caches for ``max_batch`` rows of ``max_len`` positions (zeros, compute dtype).
+        """Allocate caches for ``max_batch`` rows of ``max_len`` positions (zeros, compute dtype; the
+        absorbed form's in the fp8 layout of :mod:`dsv3.model.fp8_cache` with ``kv_cache_dtype`` ``"fp8"``,
+        default ``BuildOptions.kv_cache_dtype``).
 
         The absorbed form's are paged (page_size default BuildOptions.page_size). Without ``num_pages``
         each row owns ``ceil(max_len / page_size)`` pages drawn from a pool shuffled with ``page_seed``.
@@ -441,6 +482,7 @@ class Transformer(nn.Module):
         (``num_pages`` does not apply).
         """
         dev, dt = self.embed.device, self.embed.dtype
+        store = self.cache_storage_dtype(kv_cache_dtype)  # dt, or an fp8 dtype (absorbed form only)
         page_size = self.opts.page_size if page_size is None else page_size
         if page_size < 1:
             raise Dsv3Error(f"page_size {page_size} must be at least 1")
@@ -457,10 +499,9 @@ class Transformer(nn.Module):
         def alloc(attn: MLA):
             shapes = attn.cache_shapes()
             if paged:
-                width = shapes["kv"][0] + shapes["pe"][0]
-                return PagedLayerCache(
-                    torch.zeros((num_pages, page_size, width), dtype=dt, device=dev), shapes["kv"][0]
-                )
+                c, r = shapes["kv"][0], shapes["pe"][0]
+                width = c + r if store == dt else fp8_cache.entry_bytes(c, r, dt)  # values, or bytes (fp8)
+                return PagedLayerCache(torch.zeros((num_pages, page_size, width), dtype=store, device=dev), c, dtype=dt)
             return LayerCache(
                 {k: torch.zeros((max_batch, max_len, *s), dtype=dt, device=dev) for k, s in shapes.items()}
             )

@@ -62,6 +62,7 @@ def build_model(
     device: str | None = None,
     parallel: ParallelContext | None = None,
     reference: registry.Backend | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> Transformer:
     """Instantiate a model (uninitialised weights) with the backend's operators resolved once.
 
@@ -84,6 +85,8 @@ def build_model(
     opts = BuildOptions(torch_dtype, device or backend.info.device, attn_impl, fmt_of, parallel)
     model = Transformer(cfg, ops, opts)
     model.backend_info = backend.info
+    if kv_cache_dtype != "auto":
+        model.set_kv_cache_dtype(kv_cache_dtype)  # a Dsv3Error naming the backend when it has no fp8 cache
     return model
 
 
@@ -235,6 +238,7 @@ def load(
     progress: bool | None = None,
     weight_format: str | None = None,
     parallel: ParallelContext | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> Engine:
     """Load a Hugging Face-format DeepSeek-V2/V3 checkpoint directory (default: the embedded model).
 
@@ -247,17 +251,26 @@ def load(
         int8_w8a8); None takes the backend's default. Nothing converted is written to disk.
     parallel: this process's rank and world (``dsv3.runtime.distributed.init_from_env``): each rank
         reads and holds only its part of the weights; only rank 0 shows a progress bar.
+    kv_cache_dtype: ``"auto"`` (caches in the compute dtype) or ``"fp8"`` (the absorbed form's latent cache
+        in the FP8 layout of ``dsv3.model.fp8_cache``; the backend must declare ``BackendInfo.kv_cache_fp8``).
     """
     path = _checkpoint_path(ckpt_path)
     backends = registry.discover()
     chosen = registry.get_backend(backend, backends)
     if chosen.info.whole_model is not None:  # runs whole exported graphs (onnxruntime): no operator table
+        if kv_cache_dtype != "auto":
+            raise Dsv3Error(
+                f"--kv-cache-dtype {kv_cache_dtype}: backend {chosen.name} runs whole exported graphs, which keep "
+                "their own cache in the compute dtype; use --kv-cache-dtype auto"
+            )
         kw = dict(dtype=dtype, attn_impl=attn_impl, act_quant=act_quant, config=config, weight_format=weight_format)
         model = chosen.info.whole_model(path, **kw, parallel=parallel, progress=progress)
         return Engine(model, load_tokenizer(path), path)
     args = (dtype, attn_impl, act_quant, config, weight_format, parallel, progress)
     plan = plan_load(path, chosen, backends[registry.REFERENCE], *args)
     model = build(plan)
+    if kv_cache_dtype != "auto":
+        model.set_kv_cache_dtype(kv_cache_dtype)  # checked before any weight is read
     stream_weights(model, plan)
     prepare(model, plan)
     return Engine(model, load_tokenizer(path), path)

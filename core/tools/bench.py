@@ -40,6 +40,7 @@ import torch
 
 from .. import registry
 from ..errors import Dsv3Error
+from ..model.fp8_cache import entry_bytes
 from ..model.graph import ATTN_IMPLS, Transformer
 from ..runtime.engine import Engine
 from ..runtime.generate import SamplingParams, generate
@@ -256,11 +257,31 @@ def dsv3_kv_bytes(engine: Engine, backend: str, dtype: torch.dtype) -> dict:
             model = engine.model
         else:
             model = build_model(engine.cfg, backend, dtype, attn_impl=form, device="meta")
-        cache = model.new_cache(1, 1)
-        tensors = cache.main[0].tensors if cache.main else {}
-        layout = " + ".join(f"{k} {tuple(t.shape[2:])} {t.dtype}" for k, t in tensors.items())
-        out[form] = {"bytes_per_token": cache.nbytes_per_token(), "layout": f"per layer: {layout}"}
+        # the absorbed form for each --kv-cache-dtype the backend offers (fp8: BackendInfo.kv_cache_fp8)
+        kinds = ("auto", "fp8") if form == "absorb" and getattr(model.backend_info, "kv_cache_fp8", ()) else ("auto",)
+        for kind in kinds:
+            cache = model.new_cache(1, 1, kv_cache_dtype=kind)
+            tensors = cache.main[0].tensors if cache.main else {}
+            layout = " + ".join(f"{k} {tuple(t.shape[2:])} {t.dtype}" for k, t in tensors.items())
+            if kind == "fp8":
+                layout += " bytes (latent fp8 + float32 scale per 128 + roped key)"
+            per_layer = cache.main[0].nbytes_per_token() if cache.main else 0
+            name = form if kind == "auto" else f"{form}_{kind}"
+            out[name] = {
+                "bytes_per_token": cache.nbytes_per_token(),
+                "bytes_per_token_per_layer": per_layer,
+                "kv_cache_dtype": kind,
+                "layout": f"per layer: {layout}",
+            }
     return out
+
+
+def kv_bytes_671b(dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Bytes per token per layer of the absorbed form's latent cache at the 671B shape (C 512, R 64, 61 layers)
+    for each ``--kv-cache-dtype``: ``auto`` = (C + R) values of ``dtype``, ``fp8`` = ``fp8_cache.entry_bytes``."""
+    c, r, layers = 512, 64, 61
+    per_layer = {"auto": (c + r) * dtype.itemsize, "fp8": entry_bytes(c, r, dtype)}
+    return {k: {"bytes_per_token_per_layer": v, "bytes_per_token": v * layers} for k, v in per_layer.items()}
 
 
 def load_peer(path: Path, dtype: torch.dtype, device: torch.device):
@@ -491,6 +512,7 @@ def run_bench(
         kv["transformers"] = runners[1].kv_bytes_per_token()
         weights["transformers"] = runners[1].weights()
     result["kv_cache"] = kv
+    result["kv_cache_671b"] = kv_bytes_671b()
     result["weights"] = weights
     result["load_average_after"] = _loadavg()
     return result
@@ -604,9 +626,17 @@ def format_report(r: dict) -> str:
         lines.append(f"  (prompt {shared}: the same runs as batch 1 of the next table)")
     lines += ["", f"By batch size: prompt {plen}, {n} new tokens per row (tok/s: all rows together)"]
     lines += _table(r, "batch_sizes", "batch")
-    lines += ["", "KV cache bytes per token (all layers)"]
+    lines += ["", "KV cache bytes per token: all layers, per layer"]
     for name, v in r["kv_cache"].items():
-        lines.append(f"  {name:<14} {v['bytes_per_token']:>10}  {v['layout']}")
+        per_layer = v.get("bytes_per_token_per_layer")
+        per_layer = "" if per_layer is None else f"{per_layer:>6}"
+        lines.append(f"  {name:<16} {v['bytes_per_token']:>10} {per_layer:>6}  {v['layout']}")
+    at = r.get("kv_cache_671b")
+    if at:
+        shown = ", ".join(
+            f"{k} {v['bytes_per_token_per_layer']} ({v['bytes_per_token']} all layers)" for k, v in at.items()
+        )
+        lines.append(f"  at the 671B shape (C 512, R 64, 61 layers, bf16) per layer: {shown}")
     lines += ["", "Resident weights"]
     for name, v in r["weights"].items():
         lines.append(

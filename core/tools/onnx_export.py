@@ -176,6 +176,11 @@ def with_export_ops(model):
     """The same model (shared weight tensors) rebuilt with the export backend's operator table."""
     from ..model.graph import BuildOptions, Transformer
 
+    if model.opts.kv_cache_dtype != "auto":
+        raise Dsv3Error(
+            f"--kv-cache-dtype {model.opts.kv_cache_dtype}: the ONNX export keeps its own contiguous cache in the "
+            "compute dtype; use --kv-cache-dtype auto"
+        )
     reference = registry.discover()[registry.REFERENCE]
     ops = registry.resolve_ops(
         registry.make_backend(ExportBackend(), "export"), (HP,), "none", model.opts.dtype, reference

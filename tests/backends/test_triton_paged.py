@@ -256,3 +256,64 @@ def test_wrappers_reject_bad_arguments_with_one_clear_line(kernel):
             kernel.paged_cache_write(*args)
         assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
         assert str(info.value).startswith("paged_cache_write: ")
+
+
+# ----------------------------------------------------------------------------- the FP8 latent cache
+FP8S = [torch.float8_e4m3fn, torch.float8_e4m3fnuz]  # nvidia's, and amd MI300's
+
+
+def fp8_write_case(num_pages, page_size, c, r, n, seed, dtype, fp8):
+    """Garbage bytes in an fp8 cache, n tokens of mixed magnitudes (a zero tile, a NaN, an infinity, 17s)."""
+    from dsv3.model import fp8_cache
+
+    w = fp8_cache.entry_bytes(c, r, dtype)
+    cache = torch.randint(0, 256, (num_pages, page_size, w), generator=gen(seed), dtype=torch.uint8).view(fp8)
+    slots = torch.randperm(num_pages * page_size, generator=gen(seed + 1))[:n]
+    slots[::5] = -1
+    kv = rand(n, c, seed=seed + 2) * torch.logspace(-4, 3, n).unsqueeze(1)  # 1e-4 .. 1e3 per token
+    kv[0, : min(c, 128)] = 0.0
+    if n > 3:
+        kv[1, 2], kv[2, c - 1], kv[3, :5] = NAN, float("inf"), 17.0  # 17: the interpreter's cast gives 18
+    return cache, kv.to(dtype), rand(n, r, seed=seed + 3, dtype=dtype), slots
+
+
+@pytest.mark.parametrize("fp8", FP8S, ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("num_pages,page_size,c,r,n", [(5, 16, 200, 8, 40), (4, 64, 512, 64, 70), (2, 2, 4, 2, 1)])
+def test_fp8_cache_write_is_bit_exact_against_cpu_ref(kernel, num_pages, page_size, c, r, n, dtype, fp8):
+    cache, kv, pe, slots = fp8_write_case(num_pages, page_size, c, r, n, n, dtype, fp8)
+    want = cache.clone()
+    ref.paged_cache_write(want, kv, pe, slots)
+    kernel.paged_cache_write(cache, kv, pe, slots, block_n=4 if n > 4 else None)
+    assert torch.equal(cache.view(torch.uint8), want.view(torch.uint8))  # values, scales, roped keys, untouched bytes
+
+
+@pytest.mark.parametrize("fp8", FP8S, ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fp8_cache_attention_matches_cpu_ref_and_skips_garbage(kernel, dtype, fp8, splits):
+    from dsv3.model import fp8_cache
+
+    c, r, h, page_size = 256, 16, 4, 4
+    table, num_pages, used = make_rows([5, 12, 7], page_size, 2, seed=11, share=((0, 2, 1),))
+    entries = fp8_cache.encode_entries(rand(num_pages * page_size, c, seed=12, dtype=dtype),
+                                       rand(num_pages * page_size, r, seed=13, dtype=dtype), fp8)  # fmt: skip
+    cache = entries.view(num_pages, page_size, -1)
+    cache.view(torch.uint8)[~used] = 0xFF  # stale entries: NaN values, scales and roped keys
+    seq = torch.tensor([5, 12, 7], dtype=torch.int32)
+    ql, qp = rand(3, 2, h, c, seed=14, dtype=dtype), rand(3, 2, h, r, seed=15, dtype=dtype)
+    want = ref.mla_paged_attention(ql, qp, cache, table, seq, SCALE)
+    got = kernel.mla_paged_attention(ql, qp, cache, table, seq, SCALE, num_splits=splits, blocks=(16, 16))
+    assert not got.isnan().any()
+    # both dequantize the same bytes exactly (fp8 x scale, rounded to the compute dtype): the compute dtype's tolerance
+    assert_close(got, want, TOL[dtype], f"fp8 cache {fp8} splits={splits}")
+
+
+def test_fp8_cache_wrappers_reject_a_wrong_entry_width(kernel):
+    cache = torch.zeros((2, 4, 100), dtype=torch.float8_e4m3fn)  # C 64, R 16 in bf16 is 100 bytes, not in fp32
+    kv, pe = torch.zeros(1, 64), torch.zeros(1, 16)
+    with pytest.raises(KernelArgumentError, match="cache"):
+        kernel.paged_cache_write(cache, kv, pe, torch.zeros(1, dtype=torch.int64))
+    with pytest.raises(KernelArgumentError, match="cache"):
+        kernel.mla_paged_attention(torch.zeros(1, 1, 2, 64), torch.zeros(1, 1, 2, 16), cache,
+                                   torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), SCALE)  # fmt: skip

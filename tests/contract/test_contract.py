@@ -52,10 +52,14 @@ def test_every_op_has_its_protocol_in_the_hook_and_the_op_table():
         assert table[op] == (Mapping[str, protocol] if op in WEIGHT_OPS else protocol), op
 
 
-def test_contract_version_3_is_the_one_with_the_paged_latent_cache():
-    assert CONTRACT_VERSION == 3
+def test_contract_version_4_is_the_one_with_the_fp8_latent_cache():
+    assert CONTRACT_VERSION == 4
     assert {"paged_cache_write", "mla_paged_attention"} <= set(OP_NAMES)
     assert "Version 3 added the\npaged latent cache" in hookspecs.__doc__
+    assert "version 4 their FP8\ncache layout" in hookspecs.__doc__
+    # a plugin of version 2 or 3 still runs (the compute-dtype cache); it declares no fp8 cache
+    assert set(hookspecs.COMPATIBLE_VERSIONS) == {2, 3, 4}
+    assert hookspecs.BackendInfo(name="old", description="v3", contract_version=3).kv_cache_fp8 == ()
 
 
 @pytest.mark.parametrize("name", OP_SPECS)
