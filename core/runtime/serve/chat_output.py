@@ -77,8 +77,7 @@ def marker_decoder(tokenizer, markers: tuple[str, ...]) -> Callable[[list[int]],
     A tokenizer may mark the tool-call or think tokens special, and decoding with
     ``skip_special_tokens`` would remove exactly the text the parsers read.
     """
-    vocab = tokenizer.get_vocab()
-    keep = {vocab[m] for m in markers if m in vocab}
+    keep = {i for m in markers if (i := _tools.token_id(tokenizer, m)) is not None}
     drop = set(tokenizer.all_special_ids) - keep
 
     def decode(ids: list[int]) -> str:

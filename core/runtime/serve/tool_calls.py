@@ -208,6 +208,14 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
     return content + rest, stream.calls
 
 
+def token_id(tokenizer, token: str) -> int | None:
+    """The id of ``token`` as one token of the vocabulary, or None (without building the whole vocabulary)."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    if i is None or (i == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return None
+    return i
+
+
 def template_problem(tokenizer, tools: list | None = None) -> str | None:
     """Why this tokenizer cannot take ``tools`` in DeepSeek-V3's format (None: it can).
 
@@ -223,8 +231,7 @@ def template_problem(tokenizer, tools: list | None = None) -> str | None:
         return f"this model's chat template cannot be chosen for tools ({exc})"
     if "tools" not in source and "tool_calls" not in source:
         return "this model's chat template has no tool format (it never mentions 'tools' or 'tool_calls')"
-    vocab = tokenizer.get_vocab()
-    missing = [m for m in (CALLS_BEGIN, CALL_BEGIN, SEP, CALL_END) if m not in vocab]
+    missing = [m for m in (CALLS_BEGIN, CALL_BEGIN, SEP, CALL_END) if token_id(tokenizer, m) is None]
     if missing:
         return f"this model's tokenizer lacks DeepSeek-V3's tool-call tokens ({', '.join(missing)})"
     return None
