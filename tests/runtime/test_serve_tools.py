@@ -195,6 +195,10 @@ def test_a_tool_call_round_trip_and_its_stream(served):
     # the template listed the tool for the model
     assert '### get_weather\nCurrent weather of a city\nParameters: {"type": "object"' in script.prompt_text(0)
     assert r.usage.completion_tokens == len(engine_ids(served, CALL_TEXT)) + 1  # + EOS
+    tokenized = httpx.post(
+        url + "/tokenize", json={"messages": MESSAGES, "tools": [WEATHER]}, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert tokenized.json()["tokens"] == list(script.prompts[0])  # /tokenize renders the tools as chat does
 
     content, reasoning, s_calls, finish = streamed(client, messages=MESSAGES, tools=[WEATHER], max_tokens=120)
     assert (content, reasoning, finish) == ("Let me look.", "", "tool_calls")

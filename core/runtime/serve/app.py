@@ -49,6 +49,7 @@ from .protocol import (
     parse_json,
     prompts_of,
     stops_of,
+    tools_list_of,
     tools_of,
 )
 from .scheduler import Event, Scheduler, SchedulerBusy, TokenLogprob
@@ -691,7 +692,7 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
             text = prompts_of(req.prompt)[0]
             ids = engine.encode(text, chat=False) if req.add_special_tokens else _plain_ids(engine, text)
         else:
-            ids = _chat_ids(engine, messages_of(req.messages))
+            ids = _chat_ids(engine, messages_of(req.messages), tools_list_of(req.tools))
         return {"tokens": ids, "count": len(ids), "max_model_len": settings.max_model_len}
 
     @app.post("/detokenize")

@@ -99,6 +99,7 @@ class TokenizeRequest(BaseModel):
     prompt: StrictStr | None = None
     messages: Any = None
     add_special_tokens: StrictBool = True  # for a prompt: False leaves out the BOS token /v1/completions adds
+    tools: list | None = None  # with messages: passed to the chat template, as chat does
 
 
 class DetokenizeRequest(BaseModel):
@@ -242,16 +243,10 @@ def stops_of(value: Any) -> tuple[str, ...]:
 TOOL_CHOICES = ("none", "auto", "required")
 
 
-def tools_of(req: ChatRequest) -> tuple[list[dict] | None, bool]:
-    """``tools`` and ``tool_choice`` checked: (the tools for the chat template or None, whether to parse calls).
-
-    ``tools``: a list of ``{"type": "function", "function": {"name", "description"?, "parameters"?}}``.
-    ``tool_choice``: ``"none"`` (calls stay text), ``"auto"`` (the default with tools), ``"required"`` or
-    ``{"type": "function", "function": {"name": one of the tools}}``.
-    """
-    tools = req.tools or None
-    names = []
-    for i, tool in enumerate(tools or []):
+def tools_list_of(value: list | None) -> list[dict] | None:
+    """``tools``: None (or empty), or a list of ``{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}``; an APIError (400) naming the bad entry."""
+    for i, tool in enumerate(value or []):
         where = f"tools.{i}"
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
@@ -264,7 +259,17 @@ def tools_of(req: ChatRequest) -> tuple[list[dict] | None, bool]:
             raise APIError(
                 400, f"'{where}.function.parameters' must be a JSON schema object", f"{where}.function.parameters"
             )
-        names.append(fn["name"])
+    return value or None
+
+
+def tools_of(req: ChatRequest) -> tuple[list[dict] | None, bool]:
+    """``tools`` and ``tool_choice`` checked: (the tools for the chat template or None, whether to parse calls).
+
+    ``tool_choice``: ``"none"`` (calls stay text), ``"auto"`` (the default with tools), ``"required"`` or
+    ``{"type": "function", "function": {"name": one of the tools}}``.
+    """
+    tools = tools_list_of(req.tools)
+    names = [t["function"]["name"] for t in tools or []]
     choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
     if isinstance(choice, dict):
         fn = choice.get("function")
