@@ -282,3 +282,23 @@ def test_reasoning_parser_returns_the_think_block_as_reasoning_content(engine):
         r = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=120)
         assert r.choices[0].message.content is None
         assert r.choices[0].message.model_extra["reasoning_content"] == "still thinking when max_tokens came"
+
+
+def test_each_streamed_choice_has_its_own_parser(served):
+    url, client, script = served
+    script.texts[:] = [CALL_TEXT, "No call needed."]  # choice 0 calls, choice 1 answers (one prefill, forked)
+    content, args, finish = {}, {}, {}
+    stream = client.chat.completions.create(
+        model=NAME, messages=MESSAGES, tools=[WEATHER], max_tokens=120, n=2, stream=True
+    )
+    for chunk in stream:
+        for ch in chunk.choices:
+            content[ch.index] = content.get(ch.index, "") + (ch.delta.content or "")
+            for t in ch.delta.tool_calls or []:
+                key = (ch.index, t.index)
+                args[key] = args.get(key, "") + (t.function.arguments or "")
+            finish[ch.index] = ch.finish_reason or finish.get(ch.index)
+    assert content == {0: "Let me look.", 1: "No call needed."}
+    assert args == {(0, 0): '{"city": "Paris"}', (0, 1): '{"city": "Lyon"}'}
+    assert finish == {0: "tool_calls", 1: "stop"}
+    assert not script.texts
