@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from ..errors import Dsv3Error
+from ..runtime.serve.reasoning import PARSERS as REASONING_PARSERS
 from .model_args import add_model_args, load_from_args
 
 DEFAULT_MAX_MODEL_LEN = 4096
@@ -90,6 +91,12 @@ def add_parser(sub):
     )
     p.add_argument(
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info", help="uvicorn logging"
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default=None,
+        help="split chat answers' <think>...</think> text into reasoning_content (deepseek_r1: as vLLM's parser)",
     )
     return p
 
@@ -198,6 +205,7 @@ def _serve(args, parallel, uvicorn, ServeSettings, create_app, http_protocol) ->
             max_tokens_limit=min(args.max_tokens_limit or max_len - 1, max_len - 1),
             max_request_bytes=args.max_request_bytes,
             api_key=args.api_key if args.api_key is not None else os.environ.get("DSV3_API_KEY") or None,
+            reasoning_parser=args.reasoning_parser,
         )
         slot_len = max_len + (args.mtp + 1 if args.mtp else 0)
         per_token = cache_bytes(engine.model, 1, 1)

@@ -58,16 +58,19 @@ class Engine:
             ids = [tok.bos_token_id] + ids
         return ids
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Token ids of a conversation (``[{"role": ..., "content": ...}, ...]``) through the tokenizer's
-        chat template, ending with the prompt for the assistant's turn."""
+        chat template, ending with the prompt for the assistant's turn.
+
+        tools: OpenAI's ``[{"type": "function", "function": {...}}]``, passed to the template as
+        transformers passes them (``tools``); messages may carry ``tool_calls`` / ``tool_call_id``."""
         tok = self._need_tokenizer()
         if not getattr(tok, "chat_template", None):
             raise Dsv3Error("this tokenizer has no chat template; use raw completion")
         for i, m in enumerate(messages):
             if isinstance(m.get("content"), str):
                 check_text(m["content"], f"message {i}'s content")
-        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # a BatchEncoding when the tokenizer returns a dict
             ids = ids["input_ids"]
         return list(ids)

@@ -356,6 +356,17 @@ BAD = [
         {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
         None,
         400,
+        "tools.0",
+    ),
+    (  # a well-formed tool, but this tokenizer's chat template has no tool format
+        "/v1/chat/completions",
+        {
+            "model": NAME,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f"}}],
+        },
+        None,
+        400,
         "tools",
     ),
 ]

@@ -4,6 +4,8 @@
 - :mod:`dsv3.runtime.serve.app`: the FastAPI app (endpoints, limits, API key, streaming).
 - :mod:`dsv3.runtime.serve.protocol`: request validation and OpenAI's error shape.
 - :mod:`dsv3.runtime.serve.text`: incremental detokenization and stop strings.
+- :mod:`dsv3.runtime.serve.tool_calls`, :mod:`~dsv3.runtime.serve.reasoning`,
+  :mod:`~dsv3.runtime.serve.chat_output`: DeepSeek-V3 tool calls and ``<think>`` reasoning parsed from answers.
 
 FastAPI and uvicorn are an optional extra: ``pip install 'dsv3[serve]'``.
 """

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -33,6 +33,8 @@ from starlette.requests import ClientDisconnect
 from ... import __version__
 from ..engine import Engine
 from ..logits_processing import LogitsParams
+from . import reasoning, tool_calls
+from .chat_output import ChatOutput, marker_decoder, message
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import CountRequests, RequestTimer, ServeMetrics
 from .protocol import (
@@ -47,6 +49,8 @@ from .protocol import (
     parse_json,
     prompts_of,
     stops_of,
+    tools_list_of,
+    tools_of,
 )
 from .scheduler import Event, Scheduler, SchedulerBusy, TokenLogprob
 from .scheduler import Request as GenRequest
@@ -65,6 +69,7 @@ class ServeSettings:
     api_key: str | None = None
     default_completion_tokens: int = 16  # OpenAI's default for /v1/completions without max_tokens
     disconnect_poll_s: float = 0.5
+    reasoning_parser: str | None = None  # "deepseek_r1": chat answers' <think>...</think> as reasoning_content
 
 
 @dataclass
@@ -87,6 +92,14 @@ class _Job:
     n: int = 1  # choices returned per prompt
     best_of: int = 1  # sequences generated per prompt (>= n): the n with the highest log-probability are returned
     processing: LogitsParams | None = None  # penalties, logit_bias, top_k, min_p, min_tokens (None: none)
+    decode: Callable[[list[int]], str] | None = None  # token ids to text (None: engine.decode)
+    parse_tools: bool = False  # chat: DeepSeek-V3 tool calls in the answer become tool_calls
+    reasoning: bool = False  # chat: <think>...</think> becomes reasoning_content
+
+    @property
+    def parsed(self) -> bool:
+        """Whether chat answers go through :class:`ChatOutput` (else the text is the content)."""
+        return self.parse_tools or self.reasoning
 
 
 @dataclass(eq=False)
@@ -140,7 +153,7 @@ class _Run:
                     group=group,
                 )
                 timer = metrics.timer(len(prompt) if j == 0 else 0)  # a prompt counts once for its choices
-                self.choices.append(_Choice(req, TextStream(engine.decode, job.stop), i, timer))
+                self.choices.append(_Choice(req, TextStream(job.decode or engine.decode, job.stop), i, timer))
 
     def _push(self, index: int, event: Event) -> None:  # the scheduler thread
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server is going down
@@ -200,7 +213,7 @@ class _Run:
 
     def final_text(self, c: _Choice) -> str:
         """The whole completion decoded at once (as ``dsv3 run`` does), cut at the first stop string."""
-        text = self.engine.decode(c.ids)
+        text = (self.job.decode or self.engine.decode)(c.ids)
         cut = first_stop(text, self.job.stop)
         return text if cut is None else text[:cut]
 
@@ -382,12 +395,16 @@ def _prompt_entries(prompt: list[int], lps: tuple[TokenLogprob, ...]) -> list[tu
     return list(zip(prompt, (None, *lps), strict=True))
 
 
-def _chat_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
-    """The conversation through the tokenizer's chat template, ready for the assistant's turn."""
+def _chat_ids(engine: Engine, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """The conversation (and its tools) through the tokenizer's chat template, ready for the assistant's turn."""
     if not getattr(engine.tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
+    if tools is not None:
+        problem = tool_calls.template_problem(engine.tokenizer, tools)
+        if problem is not None:
+            raise APIError(400, f"'tools' cannot be used: {problem}", "tools")
     try:
-        return engine.encode_chat(messages)
+        return engine.encode_chat(messages, tools)
     except Exception as exc:  # the template rejected the conversation (e.g. role order)
         raise APIError(400, f"the chat template rejected these messages: {exc}", "messages") from None
 
@@ -408,8 +425,13 @@ def _body(run: _Run, head: dict, chat: bool) -> dict:
         text = run.final_text(c)
         choice: dict = {"index": i}
         logprobs = None
+        finish = c.finish
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
+            if job.parsed:
+                choice["message"] |= message(text, job.reasoning, job.parse_tools)
+                if finish == "stop" and "tool_calls" in choice["message"]:
+                    finish = "tool_calls"
             if job.logprobs is not None:
                 logprobs = _chat_logprobs(run.engine, list(zip(c.ids, c.lps, strict=True)))
         else:
@@ -418,7 +440,7 @@ def _body(run: _Run, head: dict, chat: bool) -> dict:
             if job.logprobs is not None:
                 entries = _prompt_entries(c.req.prompt, c.prompt_lps) if job.echo else []
                 logprobs = _logprobs(run.engine, entries + list(zip(c.ids, c.lps, strict=True)), 0)[0]
-        choice |= {"logprobs": logprobs, "finish_reason": c.finish}
+        choice |= {"logprobs": logprobs, "finish_reason": finish}
         if run.job.return_token_ids:
             choice["token_ids"] = c.ids
         choices.append(choice)
@@ -431,16 +453,17 @@ async def _stream_events(request: Request, run: _Run, head: dict, chat: bool) ->
     job = run.job
     offsets = [0] * len(run.choices)  # text_offset so far, per choice
     echoed = [not job.echo] * len(run.choices)
+    outputs = [ChatOutput(job.reasoning, job.parse_tools) if chat and job.parsed else None for _ in run.choices]
 
     def chunk(
         i: int,
-        text: str | None,
+        text: str | dict | None,
         finish: str | None,
         ids: tuple[int, ...] | None = None,
         entries: list[tuple[int, TokenLogprob | None]] | None = None,
     ) -> str:
         if chat:
-            delta = {} if text is None else {"content": text}
+            delta = text if isinstance(text, dict) else {} if text is None else {"content": text}
             choice = {"index": i, "delta": delta}
         else:
             choice = {"index": i, "text": text or ""}
@@ -470,11 +493,18 @@ async def _stream_events(request: Request, run: _Run, head: dict, chat: bool) ->
                 yield chunk(
                     i, job.prompt_texts[c.prompt_index], None, None, _prompt_entries(c.req.prompt, c.prompt_lps)
                 )
+            out, finish = outputs[i], c.finish
+            if out is not None:  # the text split into reasoning_content / content / tool_calls
+                delta = out.feed(delta) if delta else {}
+                if c.finish is not None:
+                    delta = _merge(delta, out.finish())
+                    if finish == "stop" and out.calls:
+                        finish = "tool_calls"
             if delta or (ids and (job.return_token_ids or job.logprobs is not None)):
                 entries = list(zip(ids, ev.logprobs, strict=True)) if job.logprobs is not None else None
                 yield chunk(i, delta, None, ids if job.return_token_ids else None, entries)
             if c.finish is not None:
-                yield chunk(i, None if chat else "", c.finish)
+                yield chunk(i, None if chat else "", finish)
         if run.disconnected:
             return
         if run.job.include_usage:
@@ -482,6 +512,14 @@ async def _stream_events(request: Request, run: _Run, head: dict, chat: bool) ->
         yield _sse("[DONE]")
     finally:
         run.cancel()
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Two chat deltas as one: text fields joined, tool-call entries in order."""
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = out[key] + value if key in out else value
+    return out
 
 
 def http_protocol() -> type:
@@ -638,7 +676,7 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
             text = prompts_of(req.prompt)[0]
             ids = engine.encode(text, chat=False) if req.add_special_tokens else _plain_ids(engine, text)
         else:
-            ids = _chat_ids(engine, messages_of(req.messages))
+            ids = _chat_ids(engine, messages_of(req.messages), tools_list_of(req.tools))
         return {"tokens": ids, "count": len(ids), "max_model_len": settings.max_model_len}
 
     @app.post("/detokenize")
@@ -676,10 +714,15 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         check_auth(request)
         req = parse(ChatRequest, await read_json(request))
         check_model(req.model)
-        ids = _check_ids(_chat_ids(engine, messages_of(req.messages)), "messages", engine.cfg.vocab_size)
+        tools, parse_tools = tools_of(req)
+        ids = _check_ids(_chat_ids(engine, messages_of(req.messages), tools), "messages", engine.cfg.vocab_size)
         if scheduler.mtp and req.logprobs:
             raise APIError(400, "'logprobs' is not supported with speculative decoding (--mtp)", "logprobs")
         job = _job(req, [ids], "messages", settings.max_tokens_limit, settings, engine.eos_ids, engine.cfg.vocab_size)
+        job.parse_tools, job.reasoning = parse_tools, settings.reasoning_parser is not None
+        if job.parsed:  # the parsers read the marker tokens, which a tokenizer may call special
+            markers = (tool_calls.MARKERS if job.parse_tools else ()) + (reasoning.MARKERS if job.reasoning else ())
+            job.decode = marker_decoder(engine.tokenizer, markers)
         return await respond(request, job, chat=True)
 
     async def respond(request: Request, job: _Job, chat: bool):

@@ -3,7 +3,7 @@
 Scalars are checked by pydantic in strict mode (``"max_tokens": "5"`` is an error, not 5);
 ``prompt``, ``stop`` and ``messages`` have several legal shapes and are checked here, so an error
 names the field and what it should be. Unknown fields are ignored; known ones that this server
-does not implement (``suffix``, tools...) are refused rather than ignored.
+does not implement (``suffix``, ``response_format``...) are refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ class TokenizeRequest(BaseModel):
     prompt: StrictStr | None = None
     messages: Any = None
     add_special_tokens: StrictBool = True  # for a prompt: False leaves out the BOS token /v1/completions adds
+    tools: list | None = None  # with messages: passed to the chat template, as chat does
 
 
 class DetokenizeRequest(BaseModel):
@@ -114,6 +115,8 @@ class ChatRequest(_Common):
     logprobs: StrictBool | None = False
     top_logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_LOGPROBS)] | None = None
     tools: list | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: StrictBool | None = None  # accepted; DeepSeek-V3 writes one or more calls as it likes
     response_format: dict | None = None
 
 
@@ -172,8 +175,7 @@ def parse(model: type[BaseModel], data: Any) -> Any:
             raise APIError(400, "'echo' is only supported by /v1/completions", "echo")
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        if req.tools:
-            raise APIError(400, "'tools' (function calling) is not supported", "tools")
+        tools_of(req)  # 400 naming a malformed tools entry or tool_choice
         if req.response_format and req.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
     return req
@@ -238,11 +240,89 @@ def stops_of(value: Any) -> tuple[str, ...]:
     return tuple(items)
 
 
+TOOL_CHOICES = ("none", "auto", "required")
+
+
+def tools_list_of(value: list | None) -> list[dict] | None:
+    """``tools``: None (or empty), or a list of ``{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}``; an APIError (400) naming the bad entry."""
+    for i, tool in enumerate(value or []):
+        where = f"tools.{i}"
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise APIError(400, f"'{where}' must be {{'type': 'function', 'function': {{'name', ...}}}}", where)
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(400, f"'{where}.function.name' must be a non-empty string", f"{where}.function.name")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise APIError(400, f"'{where}.function.description' must be a string", f"{where}.function.description")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise APIError(
+                400, f"'{where}.function.parameters' must be a JSON schema object", f"{where}.function.parameters"
+            )
+    return value or None
+
+
+def tools_of(req: ChatRequest) -> tuple[list[dict] | None, bool]:
+    """``tools`` and ``tool_choice`` checked: (the tools for the chat template or None, whether to parse calls).
+
+    ``tool_choice``: ``"none"`` (calls stay text), ``"auto"`` (the default with tools), ``"required"`` or
+    ``{"type": "function", "function": {"name": one of the tools}}``.
+    """
+    tools = tools_list_of(req.tools)
+    names = [t["function"]["name"] for t in tools or []]
+    choice = req.tool_choice if req.tool_choice is not None else ("auto" if tools else "none")
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise APIError(
+                400,
+                "'tool_choice' must be none, auto, required or {'type': 'function', 'function': {'name'}}",
+                "tool_choice",
+            )
+        if name not in names:
+            raise APIError(400, f"'tool_choice' names the function {name!r}, which is not in 'tools'", "tool_choice")
+    elif choice not in TOOL_CHOICES:
+        raise APIError(
+            400, f"'tool_choice' must be one of {', '.join(TOOL_CHOICES)} or a named function", "tool_choice"
+        )
+    elif choice == "required" and not tools:
+        raise APIError(400, "'tool_choice' 'required' needs 'tools'", "tool_choice")
+    return tools, bool(tools) and choice != "none"
+
+
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def messages_of(value: Any) -> list[dict[str, str]]:
-    """``messages``: a non-empty list of ``{"role", "content"}``; content a string or a list of text parts."""
+def _tool_calls_of(value: Any, where: str) -> list[dict]:
+    """An assistant message's ``tool_calls``, as its chat template reads them (``arguments`` a JSON string)."""
+    if not isinstance(value, list):
+        raise APIError(400, f"'{where}' must be a list of tool calls", where)
+    out = []
+    for j, call in enumerate(value):
+        at = f"{where}.{j}"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise APIError(400, f"'{at}' must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}", at)
+        args = fn.get("arguments", "{}")
+        if isinstance(args, dict):  # OpenAI sends a string; some clients send the object
+            args = json.dumps(args, ensure_ascii=False)
+        if not isinstance(args, str):
+            raise APIError(400, f"'{at}.function.arguments' must be a JSON string", f"{at}.function.arguments")
+        _text(args, f"{at}.function.arguments")
+        entry = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+def messages_of(value: Any) -> list[dict[str, Any]]:
+    """``messages``: a non-empty list of ``{"role", "content"}``; content a string or a list of text parts.
+
+    An assistant message may carry ``tool_calls`` (its content may then be null: it stays None for
+    the template) and a tool message its ``tool_call_id``; both are passed to the chat template.
+    """
     if not isinstance(value, list) or not value:
         raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
     out = []
@@ -254,7 +334,12 @@ def messages_of(value: Any) -> list[dict[str, str]]:
         if role not in ROLES:
             raise APIError(400, f"'{where}.role' must be one of {', '.join(ROLES)} (got {role!r})", f"{where}.role")
         content = m.get("content")
-        if content is None and role == "assistant":
+        calls = (
+            _tool_calls_of(m["tool_calls"], f"{where}.tool_calls")
+            if role == "assistant" and m.get("tool_calls")
+            else None
+        )
+        if content is None and role == "assistant" and calls is None:
             content = ""
         if isinstance(content, list):
             texts = []
@@ -263,8 +348,18 @@ def messages_of(value: Any) -> list[dict[str, str]]:
                     raise APIError(400, f"'{where}.content.{j}': only text parts are supported", f"{where}.content.{j}")
                 texts.append(part["text"])
             content = "".join(texts)
+        if calls is not None and content in (None, ""):
+            out.append({"role": "assistant", "content": None, "tool_calls": calls})
+            continue
         if not isinstance(content, str):
             raise APIError(400, f"'{where}.content' must be a string or a list of text parts", f"{where}.content")
         _text(content, f"{where}.content")
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
+        if calls is not None:
+            msg["tool_calls"] = calls
+        if role == "tool" and m.get("tool_call_id") is not None:
+            if not isinstance(m["tool_call_id"], str):
+                raise APIError(400, f"'{where}.tool_call_id' must be a string", f"{where}.tool_call_id")
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
     return out
