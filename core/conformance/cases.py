@@ -754,7 +754,9 @@ def cases_moe_gate(spec: Spec) -> list[Case]:
         f"V2-Lite: E64 top-6, softmax, D{V2_LITE_HIDDEN}",
         build(3, V2_LITE_HIDDEN, V2_LITE_ROUTING, False),
     )
-    _case(cases, spec, "top-1", "k = 1 (no normalization), 2 groups", build(5, 64, k1, True))
+    _case(cases, spec, "top-1", "k = 1 normalized: every weight is the scale 2.5, 2 groups", build(5, 64, k1, True))
+    k1_raw = dataclasses.replace(k1, norm_topk_prob=False)
+    _case(cases, spec, "top-1-raw", "k = 1 without norm_topk_prob: the score x scale", build(5, 64, k1_raw, True))
     _case(cases, spec, "ties", "two identical experts, both chosen (order free)", build(4, 128, v3, True, "ties"))
     _case(cases, spec, "zeros", "x = 0: equal scores, the bias decides", build(2, 128, v3, True, "zeros"))
     _case(cases, spec, "saturated", "x x 50: sigmoid scores saturate at 0 and 1", build(4, 128, v3, True, "large"))
