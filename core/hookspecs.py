@@ -56,7 +56,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: This contract's version. 1: the unversioned contract of dsv3 0.1 (untyped, ``extra["whole_model"]``).
 #: 2: an operator Protocol per hook, ``BackendInfo.contract_version`` and ``BackendInfo.whole_model``.
-#: 3: the paged latent cache operators ``paged_cache_write`` and ``mla_paged_attention``.
+#: 3: the paged latent cache operators ``paged_cache_write`` and ``mla_paged_attention``. Later stated
+#: within 3, with no signature change (checked by the conformance kit, not by the version): the non-finite
+#: rule of ``dsv3.weights`` for quantized linears and dequantization, and moe_gate's normalization at k = 1.
 CONTRACT_VERSION = 3
 #: The versions whose plugins this dsv3 runs: version 3 only added hooks, which cpu_ref fills for a
 #: plugin written for version 2.
