@@ -68,7 +68,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 #: This contract's version. 1: the unversioned contract of dsv3 0.1 (untyped, ``extra["whole_model"]``).
 #: 2: an operator Protocol per hook, ``BackendInfo.contract_version`` and ``BackendInfo.whole_model``.
-#: 3: the paged latent cache operators ``paged_cache_write`` and ``mla_paged_attention``.
+#: 3: the paged latent cache operators ``paged_cache_write`` and ``mla_paged_attention``. Later stated
+#: within 3, with no signature change (checked by the conformance kit, not by the version): the non-finite
+#: rule of ``dsv3.weights`` for quantized linears and dequantization, and moe_gate's normalization at k = 1.
 #: 4: the FP8 latent cache layout of those two operators and ``BackendInfo.kv_cache_fp8``.
 CONTRACT_VERSION = 4
 #: The versions whose plugins this dsv3 runs: version 3 only added hooks, which cpu_ref fills for a
@@ -388,6 +390,12 @@ class BackendSpec:
         128 channels (s = amax/448, or the e4m3fnuz max 240, rounded up to a power of two when
         ``w.scale_fmt == "ue8m0"``) and int8_w8a8 per token (s = amax/127), then multiplies in the
         low-precision format with float32 accumulation. Declining a format is allowed.
+
+        Non-finite values follow the rule in ``dsv3.weights`` (NaN and inf propagate, nothing becomes
+        finite): with ``"dynamic"``, a 128-channel group (int8: a token) holding a NaN or an inf gets a
+        NaN scale and NaN codes (int8: 0), so every output of that token is NaN, never finite or inf;
+        UE8M0 rounding keeps inf and NaN scales. With ``"none"`` the product follows IEEE arithmetic
+        on the dequantized weight.
         """
 
     @hookspec(firstresult=True)
@@ -395,6 +403,8 @@ class BackendSpec:
         """``dequantize(w: Weight (..., out, in) in request.fmt, dtype) -> (..., out, in) dtype``.
 
         The weight in high precision (block scales or channel scales applied). For ``hp``, a cast.
+        Codes and scales are multiplied as stored, in float32: a NaN code or a NaN/inf scale gives NaN
+        or inf (``0 * inf`` is NaN), never a finite value (``dsv3.weights``, non-finite rule).
         """
 
     # ------------------------------------------------------------------ MoE
@@ -408,7 +418,8 @@ class BackendSpec:
         ``routing.n_group > 1`` groups are ranked (sum of top-2 biased scores per group with a
         bias, else the group's max) and only the ``topk_group`` best groups are eligible. The
         weights are the unbiased scores of the chosen experts, normalized to sum 1 when
-        ``routing.norm_topk_prob`` (and k > 1), then multiplied by ``routing.scale``.
+        ``routing.norm_topk_prob`` (for any k: with k = 1 the weight is ``routing.scale``, as in the
+        official model, transformers and vLLM), then multiplied by ``routing.scale``.
         """
 
     @hookspec(firstresult=True)
@@ -418,7 +429,8 @@ class BackendSpec:
 
         ``sum_k weights[n, k] * w2[e] @ (silu(w1[e] @ x[n]) * (w3[e] @ x[n]))`` with
         ``e = ids[n, k] - expert_offset``; ids outside ``[offset, offset + E)`` belong to another
-        rank and contribute nothing. Weights in request.fmt; linear semantics as ``linear``.
+        rank and contribute nothing. Weights in request.fmt; linear semantics as ``linear``, non-finite
+        values included: a token's NaN or inf reaches only that token's output.
         """
 
     @hookspec(firstresult=True)

@@ -7,6 +7,8 @@ half-to-even), so what is written here is bit-for-bit what a checkpoint in that 
 - fp8_block: ``W (..., out, in)`` is cut into ``block x block`` tiles; each tile has one float32
   scale ``s = amax(|tile|) / FP8_MAX`` (``weight_scale_inv`` in the checkpoint) and
   ``q = fp8(W / s)``; ``dequant = q * s``.
+- non-finite values: a group holding a NaN or an inf gets a NaN scale and NaN codes (int8: 0), see
+  the rule in ``dsv3.weights``; UE8M0 rounding keeps inf and NaN scales.
 - int8 (w8a8 and weight-only): one float32 scale per output channel, ``s = amax(|row|) / 127``
   and ``q = round(W / s)`` in ``[-127, 127]``; ``dequant = q * s``.
 """
@@ -35,15 +37,26 @@ def expand_blocks(scale: torch.Tensor, rows: int, cols: int, block: int = FP8_BL
     return full[..., :rows, :cols]
 
 
+def group_amax(x: torch.Tensor, dim: int | tuple[int, ...]) -> torch.Tensor:
+    """max |x| over ``dim``, floored at AMAX_FLOOR; NaN for a group holding a NaN or an inf (the non-finite
+    rule, ``dsv3.weights``: such a group's scale is NaN)."""
+    amax = x.abs().amax(dim=dim)
+    amax = torch.where(torch.isfinite(x).all(dim=dim), amax, torch.full_like(amax, float("nan")))
+    return amax.clamp(min=AMAX_FLOOR)  # clamp keeps NaN
+
+
 def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
     """Round a positive float32 scale up to the next power of two (the UE8M0 scale format).
 
-    Rounding up (never down) keeps ``amax / scale <= FP8_MAX``, so nothing saturates.
+    Rounding up (never down) keeps ``amax / scale <= FP8_MAX``, so nothing saturates. A ``+inf`` or
+    NaN scale stays what it is (the non-finite rule, ``dsv3.weights``): it is never made finite.
     """
     mantissa, exponent = torch.frexp(scale)  # scale = mantissa * 2**exponent, mantissa in [0.5, 1)
     # exact, unlike exp2(ceil(log2(s))), whose log2 rounds 2**-7 * (1 + 2**-23) down to -7
     exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
-    return torch.ldexp(torch.ones_like(scale), exponent)
+    rounded = torch.ldexp(torch.ones_like(scale), exponent)
+    # frexp gives inf and NaN an exponent of 0: without this they would "round" to 1.0
+    return torch.where(torch.isfinite(scale), rounded, scale)
 
 
 def dequantize(w: Weight, dtype: torch.dtype) -> torch.Tensor:
@@ -76,7 +89,7 @@ def quantize_weight_fp8(
     pr, pc = (-rows) % block, (-cols) % block
     wf = F.pad(w.float(), (0, pc, 0, pr))
     tiles = wf.unflatten(-2, (-1, block)).unflatten(-1, (-1, block))  # (..., R/b, b, C/b, b)
-    amax = tiles.abs().amax(dim=(-3, -1)).clamp(min=AMAX_FLOOR)  # (..., R/b, C/b)
+    amax = group_amax(tiles, dim=(-3, -1))  # (..., R/b, C/b)
     fmax = FP8_MAX[fp8_dtype]
     scale = amax / fmax
     if scale_fmt == "ue8m0":
@@ -92,9 +105,19 @@ def quantize_weight_int8(w: torch.Tensor, fmt: str = INT8_W8A8) -> Weight:
     Symmetric per output channel: ``s = amax(|row|) / 127``, ``q = round(w / s)`` in [-127, 127].
     """
     wf = w.float()
-    scale = wf.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / INT8_MAX
-    q = torch.round(wf / scale.unsqueeze(-1)).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    scale = group_amax(wf, dim=-1) / INT8_MAX
+    q = quantize_int8_values(wf, scale.unsqueeze(-1))
     return Weight(q, fmt, scale)
+
+
+def quantize_int8_values(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 x, scale broadcastable to x -> int8 ``round(x / scale)`` in [-127, 127] (half to even).
+
+    int8 holds no NaN: a NaN quotient (a row with a NaN scale) is stored as 0 and the scale carries
+    the NaN (the non-finite rule, ``dsv3.weights``).
+    """
+    y = torch.round(x / scale).clamp(-INT8_MAX, INT8_MAX)
+    return torch.where(torch.isnan(y), torch.zeros_like(y), y).to(torch.int8)
 
 
 def quantize_weight(w: torch.Tensor, fmt: str, scale_fmt: str | None = None) -> Weight:

@@ -37,7 +37,7 @@ GATING = "npu_moe_gating_top_k"
 @lru_cache(maxsize=64)
 def gating_misfit(routing: Routing, n_experts: int) -> str | None:
     """Why npu_moe_gating_top_k cannot compute this routing (None when it can), from its documented limits."""
-    renorm = routing.norm_topk_prob and routing.top_k > 1
+    renorm = routing.norm_topk_prob  # for k = 1 too (the weight is then the scale), as cpu_ref
     if routing.scoring == "sigmoid" and not renorm:
         return "sigmoid scores without renormalization (it always renormalizes them)"
     if routing.scoring == "softmax" and renorm:

@@ -32,7 +32,7 @@ def moe_gate(
         choice = grouped.masked_fill(keep.unsqueeze(-1) == 0, float("-inf")).flatten(1)  # (N, E)
     ids = choice.topk(routing.top_k, dim=-1).indices
     weights = scores.gather(1, ids)
-    if routing.norm_topk_prob and routing.top_k > 1:
+    if routing.norm_topk_prob:  # k = 1 too: the weight is then 1 x scale (official model, transformers, vLLM)
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * routing.scale, ids
 

@@ -18,6 +18,8 @@ from dsv3.quantize import (  # noqa: F401  (re-exported: kernels' tests import t
     FP8_MAX,
     dequantize,
     expand_blocks,
+    group_amax,
+    quantize_int8_values,
     quantize_weight_fp8,
     quantize_weight_int8,
     round_scale_ue8m0,
@@ -28,12 +30,15 @@ from dsv3.weights import FP8_BLOCK, HP, INT8_W8A8, Weight
 def quantize_act_fp8(
     x: torch.Tensor, block: int = 128, fp8_dtype: torch.dtype = torch.float8_e4m3fn, scale_fmt: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (q (M, K) fp8, s (M, ceil(K/block)) fp32) with x ~= q * s per 1 x block group."""
+    """x (M, K) -> (q (M, K) fp8, s (M, ceil(K/block)) fp32) with x ~= q * s per 1 x block group.
+
+    Non-finite inputs follow the rule in ``dsv3.weights``: a group holding a NaN or an inf gets a NaN
+    scale and NaN in every value.
+    """
     m, k = x.shape
     pad = (-k) % block
     xf = F.pad(x.float(), (0, pad)).view(m, -1, block)  # (M, K/b, b)
-    amax = xf.abs().amax(dim=-1).clamp(min=AMAX_FLOOR)
-    s = amax / FP8_MAX[fp8_dtype]
+    s = group_amax(xf, dim=-1) / FP8_MAX[fp8_dtype]
     if scale_fmt == "ue8m0":
         s = round_scale_ue8m0(s)
     q = (xf / s.unsqueeze(-1)).clamp(-FP8_MAX[fp8_dtype], FP8_MAX[fp8_dtype]).to(fp8_dtype)
@@ -41,11 +46,13 @@ def quantize_act_fp8(
 
 
 def quantize_act_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> (q (M, K) int8, s (M,) fp32), symmetric per token: s = amax / 127."""
+    """x (M, K) -> (q (M, K) int8, s (M,) fp32), symmetric per token: s = amax / 127.
+
+    A row holding a NaN or an inf gets a NaN scale and q = 0 (the non-finite rule, ``dsv3.weights``).
+    """
     xf = x.float()
-    s = xf.abs().amax(dim=-1).clamp(min=AMAX_FLOOR) / 127.0
-    q = torch.round(xf / s.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
-    return q, s
+    s = group_amax(xf, dim=-1) / 127.0
+    return quantize_int8_values(xf, s.unsqueeze(-1)), s
 
 
 def linear_dequant(x: torch.Tensor, w: Weight) -> torch.Tensor:

@@ -61,11 +61,12 @@ def round_to_fp8_grid(y, EMIN: tl.constexpr):
 
 @device_helper
 def round_up_pow2(s):
-    """Positive normal float32 -> the smallest power of two >= s (the UE8M0 scale format)."""
+    """Positive normal float32 -> the smallest power of two >= s (the UE8M0 scale format); +inf and NaN
+    stay as they are (a NaN's mantissa bits would otherwise carry into the sign: -0.0)."""
     bits = s.to(tl.int32, bitcast=True)
     exp = (bits >> 23) & 0xFF
-    exp = tl.where((bits & 0x7FFFFF) != 0, exp + 1, exp)
-    return (exp << 23).to(tl.float32, bitcast=True)
+    up = tl.where((bits & 0x7FFFFF) != 0, exp + 1, exp)
+    return tl.where(exp == 0xFF, s, (up << 23).to(tl.float32, bitcast=True))
 
 
 @device_helper
@@ -73,6 +74,8 @@ def round_to(x, DTYPE: tl.constexpr):
     """float32 -> DTYPE with round-to-nearest-even (bfloat16 rounded by hand, see the module docstring)."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.int32, bitcast=True)
+        # a NaN with a full mantissa (CUDA's 0x7FFFFFFF) would carry into the sign bit: -0.0
+        bits = tl.where(x != x, 0x7FC00000, bits)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
         return bits.to(tl.float32, bitcast=True).to(tl.bfloat16)
     else:
@@ -87,8 +90,16 @@ def row_sum(x, axis: tl.constexpr):
 
 @device_helper
 def row_max(x, axis: tl.constexpr):
-    """Maximum of a tile along ``axis``."""
+    """Maximum of a tile along ``axis``; NaN is ignored (max.f32 on a GPU, ``np.nanmax`` interpreted)."""
     return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+@device_helper
+def nan_if_nonfinite(x, axis: tl.constexpr):
+    """float32 tile -> along ``axis``: NaN where a NaN or an inf lies, else 0. ``row_max(|x|) + this`` is
+    the amax of the non-finite rule (``dsv3.weights``); a NaN-propagating combine function instead
+    would run element by element in the interpreter."""
+    return row_sum(tl.where(tl.abs(x) < float("inf"), 0.0, float("nan")), axis)
 
 
 @device_helper

@@ -395,10 +395,12 @@ def prepare_weight(w: Weight, target: TritonTarget) -> Weight | None:
 
 
 def e4m3fn_to_e4m3fnuz(w: Weight) -> Weight:
-    """An e4m3fn fp8_block weight as e4m3fnuz (MI300): same bits except 0x80 (-0 in fn, NaN in fnuz) -> 0.
+    """An e4m3fn fp8_block weight as e4m3fnuz (MI300): same bits except 0x80 (-0 in fn, NaN in fnuz) -> 0
+    and fn's NaNs 0x7F / 0xFF (+-240 in fnuz) -> 0x80, fnuz's NaN (the non-finite rule, ``dsv3.weights``).
 
     The fnuz exponent bias is one larger, so the same bits mean half the value: the scales double.
     """
     bits = w.data.view(torch.uint8)
     bits = torch.where(bits == 0x80, torch.zeros_like(bits), bits)
+    bits = torch.where((bits & 0x7F) == 0x7F, torch.full_like(bits, 0x80), bits)
     return Weight(bits.view(torch.float8_e4m3fnuz), w.fmt, w.scale * 2.0, w.block_size, w.scale_fmt)

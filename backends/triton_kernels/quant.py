@@ -2,7 +2,10 @@
 
 Same arithmetic as ``dsv3.backends.cpu_ref.quant`` (amax floored at 1e-4, ``s = amax / max``,
 optional UE8M0 power-of-two scales rounded up, clamp, round to nearest even), so the
-quantized bits match the reference exactly.
+quantized bits match the reference exactly, non-finite inputs included (the rule in
+``dsv3.weights``). Triton's ``maximum``/``minimum`` drop NaN by default (fmax semantics on a GPU,
+``np.fmax``/``np.nanmax`` in the interpreter), so a group's NaN or inf is carried past the max
+reduction by a sum (:func:`~.jit_utils.nan_if_nonfinite`) and the clamps say ``PropagateNan.ALL``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import triton.language as tl
 
 from dsv3.weights import AMAX_FLOOR, FP8_DTYPES, FP8_MAX, INT8_MAX
 
-from .jit_utils import round_half_even, round_to_fp8_grid, round_up_pow2, row_max
+from .jit_utils import nan_if_nonfinite, round_half_even, round_to_fp8_grid, round_up_pow2, row_max
 from .runtime import (
     FP8_EMIN,
     HP_DTYPES,
@@ -26,6 +29,10 @@ from .runtime import (
     next_pow2,
     require,
 )
+
+#: The triton type of each fp8 storage dtype, and the byte its quantizer stores for NaN (``dsv3.weights``, rule 2).
+_TL_FP8 = {torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e4m3fnuz: tl.float8e4b8}
+_FP8_NAN = {torch.float8_e4m3fn: 0x7F, torch.float8_e4m3fnuz: 0x80}
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -45,6 +52,8 @@ def _act_quant_fp8_kernel(
     AMAX_MIN: tl.constexpr,
     GROUP: tl.constexpr,
     ROWS: tl.constexpr,
+    FP8_TY: tl.constexpr,
+    NAN_BITS: tl.constexpr,
 ):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     r_ok = rows < M
@@ -53,14 +62,19 @@ def _act_quant_fp8_kernel(
         col = g * GROUP + tl.arange(0, GROUP)
         mask = r_ok[:, None] & (col[None, :] < K)
         x = tl.load(x_ptr + r64[:, None] * stride_xm + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(row_max(tl.abs(x), 1), AMAX_MIN)  # (ROWS,)
+        amax = row_max(tl.abs(x), 1) + nan_if_nonfinite(x, 1)  # (ROWS,): NaN if the group holds a NaN or inf
+        amax = tl.maximum(amax, AMAX_MIN, propagate_nan=tl.PropagateNan.ALL)
         s = tl.math.div_rn(amax, tl.full(amax.shape, FP8_MAX_V, tl.float32))
         if UE8M0:
             s = round_up_pow2(s)
-        y = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))
-        y = tl.minimum(tl.maximum(y, -FP8_MAX_V), FP8_MAX_V)
-        q = round_to_fp8_grid(y, EMIN)
-        tl.store(q_ptr + r64[:, None] * stride_qm + col[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
+        y = tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape))  # NaN in a group with a NaN scale
+        y = tl.minimum(
+            tl.maximum(y, -FP8_MAX_V, propagate_nan=tl.PropagateNan.ALL), FP8_MAX_V, propagate_nan=tl.PropagateNan.ALL
+        )
+        qb = round_to_fp8_grid(y, EMIN).to(FP8_TY).to(tl.uint8, bitcast=True)
+        # q_ptr is the fp8 tensor's bytes: a NaN is stored by its bits (the interpreter's cast makes it 384)
+        qb = tl.where(y != y, tl.full(qb.shape, NAN_BITS, tl.uint8), qb)
+        tl.store(q_ptr + r64[:, None] * stride_qm + col[None, :], qb, mask=mask)
         tl.store(s_ptr + r64 * stride_sm + g, s, mask=r_ok)
 
 
@@ -89,9 +103,10 @@ def act_quant_fp8(
         return q, s
     rows = rows_per_program or _rows_per_program(m)
     _act_quant_fp8_kernel[(cdiv(m, rows),)](
-        x, q, s, m, k, n_groups, x.stride(0), q.stride(0), s.stride(0),
+        x, q.view(torch.uint8), s, m, k, n_groups, x.stride(0), q.stride(0), s.stride(0),
         FP8_MAX_V=FP8_MAX[fp8_dtype], EMIN=FP8_EMIN[fp8_dtype], UE8M0=scale_fmt == "ue8m0",
-        AMAX_MIN=AMAX_FLOOR, GROUP=QBLOCK, ROWS=rows, num_warps=4,
+        AMAX_MIN=AMAX_FLOOR, GROUP=QBLOCK, ROWS=rows, FP8_TY=_TL_FP8[fp8_dtype], NAN_BITS=_FP8_NAN[fp8_dtype],
+        num_warps=4,
     )  # fmt: skip
     return q, s
 
@@ -125,14 +140,15 @@ def _act_quant_int8_kernel(
         col = k0 + tl.arange(0, BLOCK)
         mask = r_ok[:, None] & (col[None, :] < K)
         x = tl.load(x_ptr + r64[:, None] * stride_xm + col[None, :], mask=mask, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    s = tl.math.div_rn(tl.maximum(row_max(amax, 1), AMAX_MIN), tl.full((ROWS,), QMAX, tl.float32))
+        amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)  # keeps NaN and inf
+    amax_row = tl.maximum(row_max(amax, 1) + nan_if_nonfinite(amax, 1), AMAX_MIN, propagate_nan=tl.PropagateNan.ALL)
+    s = tl.math.div_rn(amax_row, tl.full((ROWS,), QMAX, tl.float32))
     for k0 in range(0, K, BLOCK):
         col = k0 + tl.arange(0, BLOCK)
         mask = r_ok[:, None] & (col[None, :] < K)
         x = tl.load(x_ptr + r64[:, None] * stride_xm + col[None, :], mask=mask, other=0.0).to(tl.float32)
         y = round_half_even(tl.math.div_rn(x, tl.broadcast_to(s[:, None], x.shape)))
-        y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+        y = tl.where(y == y, tl.minimum(tl.maximum(y, -QMAX), QMAX), 0.0)  # int8 has no NaN: 0, the scale says NaN
         tl.store(q_ptr + r64[:, None] * stride_qm + col[None, :], y.to(tl.int8), mask=mask)
     tl.store(s_ptr + rows, s, mask=r_ok)
 

@@ -117,10 +117,13 @@ def make_weight(
     dtype: torch.dtype,
     scale_fmt: str | None = None,
     zero_tile: bool = False,
+    nonfinite: bool = False,
 ) -> Weight:
     """A random ``(..., out, in)`` weight in ``fmt``, ~N(0, 1/in), with a gain of 0.1..10 per 128x128 tile.
 
     The uneven tile gains make a block scale applied to the wrong tile (a transposed scale grid) visible.
+    nonfinite: a NaN at (0, 1) and a +inf at (min(out, 130) - 1, min(in, 140) - 1) before quantizing
+    (different 128 x 128 tiles when the weight has them), so quantized formats carry NaN scales there.
     """
     from ..backends.cpu_ref import quant
 
@@ -131,6 +134,9 @@ def make_weight(
     w *= gains.repeat_interleave(128, -2).repeat_interleave(128, -1)[..., :out_f, :in_f]
     if zero_tile:
         w[..., :128, :128] = 0.0
+    if nonfinite:
+        w[..., 0, 1 % in_f] = float("nan")
+        w[..., min(out_f, 130) - 1, min(in_f, 140) - 1] = float("inf")
     if fmt == HP:
         return Weight(w.to(dtype), HP)
     if fmt == FP8_BLOCK:
@@ -142,9 +148,25 @@ def make_weight(
     raise ValueError(f"unknown weight format {fmt!r}")
 
 
-def _activations(g: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, edges: bool) -> torch.Tensor:
-    """Activations ~N(0, 1); with ``edges``: a zero row, -0.0, one outlier per 128 channels, a 1e3 row."""
+def _nonfinite_rows(x: torch.Tensor) -> torch.Tensor:
+    """In place on the rows of ``x (..., K)``: row 0 a NaN in channel 3, row 1 a +inf in the second 128-channel
+    group (or the first), row 2 a -inf in the last channel (a partial group when K % 128 != 0); later
+    rows stay finite (and must stay so). Returns x."""
+    rows, k = x.view(-1, x.shape[-1]), x.shape[-1]
+    for r, (col, value) in enumerate(((3 % k, math.nan), (min(130, k - 1), math.inf), (k - 1, -math.inf))):
+        if r < rows.shape[0]:
+            rows[r, col] = value
+    return x
+
+
+def _activations(
+    g: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype, edges: bool, nonfinite: bool = False
+) -> torch.Tensor:
+    """Activations ~N(0, 1); with ``edges``: a zero row, -0.0, one outlier per 128 channels, a 1e3 row;
+    with ``nonfinite``: NaN, +inf and -inf in rows 0-2 (:func:`_nonfinite_rows`)."""
     x = _randn(g, shape)
+    if nonfinite:
+        return _nonfinite_rows(x).to(dtype)
     if edges:
         rows = x.view(-1, shape[-1])
         rows[0] = 0.0
@@ -734,10 +756,11 @@ def cases_linear(spec: Spec) -> list[Case]:
         edges: bool = False,
         scale_fmt: str | None = None,
         zero_tile: bool = False,
+        nonfinite: str = "",
     ):
         def fn(g: torch.Generator) -> CaseData:
-            w = make_weight(g, (out_f, in_f), spec.fmt, spec.dtype, scale_fmt, zero_tile)
-            return CaseData((_activations(g, (*lead, in_f), spec.dtype, edges), w))
+            w = make_weight(g, (out_f, in_f), spec.fmt, spec.dtype, scale_fmt, zero_tile, nonfinite == "weight")
+            return CaseData((_activations(g, (*lead, in_f), spec.dtype, edges, nonfinite == "x"), w))
 
         return fn
 
@@ -757,6 +780,21 @@ def cases_linear(spec: Spec) -> list[Case]:
         cases, spec, "square-grid", "(4, 256) -> 256: a 2x2 block grid, uneven gains", build((4,), 256, 256, edges=True)
     )
     _case(cases, spec, "grid-3x3", "(3, 300) -> 260, an all-zero tile", build((3,), 300, 260, zero_tile=True))
+    # the non-finite rule (dsv3.weights): quantized, a group holding NaN or inf makes its token's outputs NaN
+    _case(
+        cases,
+        spec,
+        "nonfinite-x",
+        "(4, 300) -> 136: NaN, +inf, -inf (in a partial group) in rows 0-2; row 3 finite",
+        build((4,), 300, 136, nonfinite="x"),
+    )
+    _case(
+        cases,
+        spec,
+        "nonfinite-w",
+        "(3, 300) -> 136: a NaN in weight tile (0, 0), a +inf in tile (1, 1)",
+        build((3,), 300, 136, nonfinite="weight"),
+    )
     if spec.fmt == FP8_BLOCK:
         _case(
             cases,
@@ -764,6 +802,13 @@ def cases_linear(spec: Spec) -> list[Case]:
             "ue8m0",
             "(3, 384) -> 128 with power-of-two activation scales",
             build((3,), 384, 128, edges=True, scale_fmt="ue8m0"),
+        )
+        _case(
+            cases,
+            spec,
+            "ue8m0-nonfinite",
+            "(4, 300) -> 128, power-of-two scales: a NaN or inf group's scale stays NaN (never 1.0)",
+            build((4,), 300, 128, scale_fmt="ue8m0", nonfinite="x"),
         )
     _case(cases, spec, "671B-wq_a", f"(3, {d}) -> {ql}", build((3,), d, ql), quick=False)
     _case(cases, spec, "671B-wq_b", f"(2, {ql}) -> {h * dqk}", build((2,), ql, h * dqk), quick=False)
@@ -789,11 +834,14 @@ def cases_linear(spec: Spec) -> list[Case]:
 def cases_dequantize(spec: Spec) -> list[Case]:
     cases: list[Case] = []
 
-    def build(shape: tuple[int, ...], zero_tile: bool = False):
+    def build(shape: tuple[int, ...], zero_tile: bool = False, nonfinite: bool = False):
         def fn(g: torch.Generator) -> CaseData:
-            w = make_weight(g, shape, spec.fmt, torch.bfloat16, zero_tile=zero_tile)
-            if spec.fmt == HP:
+            w = make_weight(g, shape, spec.fmt, torch.bfloat16, zero_tile=zero_tile, nonfinite=nonfinite)
+            if spec.fmt == HP and not nonfinite:
                 _sprinkle(w.data, 3e4)
+            if nonfinite and w.scale is not None:  # a checkpoint's own inf and NaN scales, applied as stored
+                w.scale.view(-1)[-1] = math.inf
+                w.scale.view(-1)[-2] = math.nan
             return CaseData((w, spec.dtype))
 
         return fn
@@ -804,6 +852,13 @@ def cases_dequantize(spec: Spec) -> list[Case]:
     _case(cases, spec, "awkward", "(200, 72), an all-zero tile", build((200, 72), zero_tile=True))
     _case(cases, spec, "awkward-2", "(130, 257)", build((130, 257)))
     _case(cases, spec, "experts", "(3, 136, 200): a stack of expert weights", build((3, 136, 200)))
+    _case(
+        cases,
+        spec,
+        "nonfinite",
+        "(260, 300): NaN and +inf values (NaN scales when quantized), stored inf and NaN scales",
+        build((260, 300), nonfinite=True),
+    )
     _case(
         cases,
         spec,
@@ -908,7 +963,9 @@ def cases_moe_gate(spec: Spec) -> list[Case]:
         f"V2-Lite: E64 top-6, softmax, D{V2_LITE_HIDDEN}",
         build(3, V2_LITE_HIDDEN, V2_LITE_ROUTING, False),
     )
-    _case(cases, spec, "top-1", "k = 1 (no normalization), 2 groups", build(5, 64, k1, True))
+    _case(cases, spec, "top-1", "k = 1 normalized: every weight is the scale 2.5, 2 groups", build(5, 64, k1, True))
+    k1_raw = dataclasses.replace(k1, norm_topk_prob=False)
+    _case(cases, spec, "top-1-raw", "k = 1 without norm_topk_prob: the score x scale", build(5, 64, k1_raw, True))
     _case(cases, spec, "ties", "two identical experts, both chosen (order free)", build(4, 128, v3, True, "ties"))
     _case(cases, spec, "zeros", "x = 0: equal scores, the bias decides", build(2, 128, v3, True, "zeros"))
     _case(cases, spec, "saturated", "x x 50: sigmoid scores saturate at 0 and 1", build(4, 128, v3, True, "large"))
@@ -918,9 +975,19 @@ def cases_moe_gate(spec: Spec) -> list[Case]:
 def cases_moe_experts(spec: Spec) -> list[Case]:
     cases: list[Case] = []
 
-    def build(n: int, k: int, d: int, inter: int, e_total: int, e_local: int, offset: int, edges: bool = False):
+    def build(
+        n: int,
+        k: int,
+        d: int,
+        inter: int,
+        e_total: int,
+        e_local: int,
+        offset: int,
+        edges: bool = False,
+        nonfinite: bool = False,
+    ):
         def fn(g: torch.Generator) -> CaseData:
-            x = _activations(g, (n, d), spec.dtype, edges)
+            x = _activations(g, (n, d), spec.dtype, edges, nonfinite)
             ids = torch.stack([torch.randperm(e_total, generator=g)[:k] for _ in range(n)])
             if e_local < e_total and e_total - e_local >= k:  # token 0 is wholly another rank's
                 outside = [i for i in range(e_total) if not offset <= i < offset + e_local]
@@ -947,6 +1014,13 @@ def cases_moe_experts(spec: Spec) -> list[Case]:
         build(4, 3, 64, 32, 16, 4, 8),
     )
     _case(cases, spec, "awkward", "N5 top-2 of E3, D200, I72, edge values", build(5, 2, 200, 72, 3, 3, 0, edges=True))
+    _case(
+        cases,
+        spec,
+        "nonfinite",
+        "N5 top-2 of E3, D200, I72: NaN, +inf, -inf in tokens 0-2 reach only their own outputs",
+        build(5, 2, 200, 72, 3, 3, 0, nonfinite=True),
+    )
     _case(
         cases,
         spec,

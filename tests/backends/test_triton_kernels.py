@@ -337,3 +337,88 @@ def test_operator_table_and_reasons(kernels, monkeypatch):
     monkeypatch.setattr(ops.importlib.util, "find_spec", lambda name: None)
     assert ops.triton_unusable_reason() == "triton is not installed (pip install triton)"
     assert ops.unusable_reason(NVIDIA) == ops.unusable_reason(AMD) == "triton is not installed (pip install triton)"
+
+
+# ----------------------------------------------------------------------------- non-finite values (dsv3.weights)
+def nonfinite_acts(m: int, k: int, dtype) -> torch.Tensor:
+    """NaN, +inf and -inf in rows 0-2 (the last one in the partial group), finite rows after them."""
+    x = awkward_activations(m, k, F32)
+    x[0, 3], x[1, min(130, k - 1)], x[2, k - 1] = float("nan"), float("inf"), float("-inf")
+    return x.to(dtype)
+
+
+def same_with_nans(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """NaN exactly where want has NaN (fp8: any NaN code), the same bits everywhere else."""
+    g, w = (got.float(), want.float())
+    nan = w.isnan()
+    if not torch.equal(g.isnan(), nan):
+        return False
+    if got.dtype in (FN, FNUZ):
+        return torch.equal(got.view(torch.uint8)[~nan], want.view(torch.uint8)[~nan])
+    return torch.equal(got[~nan], want[~nan])
+
+
+@pytest.mark.parametrize("fp8", [FN, FNUZ], ids=["e4m3fn", "e4m3fnuz"])
+@pytest.mark.parametrize("scale_fmt", [None, "ue8m0"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_act_quant_fp8_nonfinite_as_cpu_ref(kernels, fp8, scale_fmt, dtype):
+    """A group with a NaN or an inf: NaN scale, NaN codes (the old kernel stored -448 and a finite scale)."""
+    x = nonfinite_acts(5, 300, dtype)
+    q_ref, s_ref = ref.quantize_act_fp8(x, 128, fp8, scale_fmt)
+    assert s_ref[:3].isnan().any(-1).all() and torch.isfinite(s_ref[3:]).all()
+    for rows in (None, 1):
+        q, s = kernels.quant.act_quant_fp8(x, fp8, scale_fmt, rows_per_program=rows)
+        assert same_with_nans(s, s_ref), f"scales: {s.tolist()} vs {s_ref.tolist()}"
+        assert same_with_nans(q, q_ref)
+        nan_bytes = q.view(torch.uint8)[q.float().isnan()]
+        assert nan_bytes.numel() == 3 * 128 - 84 and (nan_bytes == (0x7F if fp8 == FN else 0x80)).all()
+
+
+def test_act_quant_int8_nonfinite_as_cpu_ref(kernels):
+    x = nonfinite_acts(5, 300, F32)
+    q_ref, s_ref = ref.quantize_act_int8(x)
+    for rows in (None, 1):
+        q, s = kernels.quant.act_quant_int8(x, rows_per_program=rows)
+        assert same_with_nans(s, s_ref) and s[:3].isnan().all()
+        assert torch.equal(q, q_ref) and (q[:3] == 0).all()  # the old kernel stored +-127 for NaN
+
+
+def test_round_helpers_keep_nan_and_inf(kernels):
+    """round_up_pow2 (UE8M0) and the bf16 rounding: inf and NaN in, inf and NaN out, whatever the NaN's bits."""
+    import triton
+    import triton.language as tl
+
+    from dsv3.backends.triton_kernels import jit_utils
+
+    global _jit_utils  # the interpreter resolves names in this module's globals, not in closures
+    _jit_utils = jit_utils
+
+    @triton.jit
+    def probe(x_ptr, pow2_ptr, bf16_ptr, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        x = tl.load(x_ptr + offs)
+        tl.store(pow2_ptr + offs, _jit_utils.round_up_pow2(x))
+        tl.store(bf16_ptr + offs, _jit_utils.round_to(x, tl.bfloat16))
+
+    bits = torch.tensor(
+        [0x7F800000, 0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF - 2**32, 0x40400000, 0x3E800001], dtype=torch.int32
+    )
+    x = bits.view(torch.float32)  # inf, NaN, NaN as CUDA makes it, -NaN with a full mantissa, 3.0, 0.25(1 + 2^-23)
+    xs = torch.cat([x, torch.ones(2)])  # a power-of-two length for tl.arange
+    pow2, bf16 = torch.empty(8), torch.empty(8, dtype=BF16)
+    probe[(1,)](xs, pow2, bf16, N=8)
+    assert pow2[0] == float("inf") and pow2[1:4].isnan().all()  # the old helper gave -0.0 for NaN
+    assert pow2[4:6].tolist() == [4.0, 0.5]
+    assert bf16[0] == float("inf") and bf16[1:4].isnan().all()  # the old rounding gave -0.0 for 0x7FFFFFFF
+    assert torch.equal(bf16[4:6], x[4:6].to(BF16))
+
+
+def test_e4m3fn_nan_becomes_the_fnuz_nan(kernels):
+    from dsv3.backends.amd.plugin import prepare_weight
+
+    w = fp8_weight(130, 300, FN, seed=82)
+    w.data.view(torch.uint8)[0, :2] = torch.tensor([0x7F, 0xFF], dtype=torch.uint8)  # fn's NaNs; +-240 in fnuz
+    fnuz = prepare_weight(w)
+    assert (fnuz.data.view(torch.uint8)[0, :2] == 0x80).all()
+    deq = ref.dequantize(fnuz, F32)
+    assert deq[0, :2].isnan().all() and torch.equal(deq[1:], ref.dequantize(w, F32)[1:])

@@ -115,7 +115,8 @@ def _fp8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
     w_scale = _blocks(w.scale.float(), w.out_features, w.scale.shape[-1] * b, b)[:, ::b]  # (out, K/b)
     for j, start in enumerate(range(0, k, b)):
         xb = x2[:, start : start + b]
-        s = xb.abs().amax(-1, keepdim=True).clamp(min=AMAX_FLOOR) / fmax
+        # x * 0 is NaN for NaN and +-inf: a group holding either gets a NaN scale (dsv3.weights, non-finite rule)
+        s = (xb.abs().amax(-1, keepdim=True) + (xb * 0).sum(-1, keepdim=True)).clamp(min=AMAX_FLOOR) / fmax
         if w.scale_fmt == "ue8m0":
             s = torch.exp2(torch.ceil(torch.log2(s)))
         q = (xb * (1.0 / s)).clamp(-fmax, fmax).to(fp8)  # a reciprocal multiply, not cpu_ref's division
@@ -127,8 +128,8 @@ def _fp8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
 def _int8_dynamic(x: torch.Tensor, w: Weight) -> torch.Tensor:
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).float()
-    s = x2.abs().amax(-1, keepdim=True).clamp(min=AMAX_FLOOR) / 127.0
-    q = torch.round(x2 * (1.0 / s)).clamp(-127, 127).long()
+    s = (x2.abs().amax(-1, keepdim=True) + (x2 * 0).sum(-1, keepdim=True)).clamp(min=AMAX_FLOOR) / 127.0
+    q = torch.round(x2 * (1.0 / s)).nan_to_num(0.0).clamp(-127, 127).long()  # int8 stores a NaN row as 0
     acc = q @ w.data.long().t()  # exact integers
     return (acc.float() * s * w.scale.float()[None, :]).to(x.dtype).reshape(*shape[:-1], w.out_features)
 
@@ -354,6 +355,72 @@ def test_transposed_fp8_scale_is_caught():
     assert square and "exceeds" in square[0]  # a square grid runs, and its numbers are wrong
     assert any("raised" in f for f in fails["linear[fp8_block/none] float32"])  # other grids do not even fit
     assert "linear[hp/none]" in report.fallbacks
+
+
+def _old_act_quant_fp8(x, block, fp8, scale_fmt):
+    """The quantizer before issue 24: NaN dropped by the max (as a GPU's max.f32 and the interpreter's nanmax)
+    and by the clamp (fmax/fmin), so a NaN became -448 with a finite scale; UE8M0 made inf scales 1.0."""
+    m, k = x.shape
+    xf = F.pad(x.float(), (0, (-k) % block)).view(m, -1, block)
+    s = xf.abs().nan_to_num(nan=0.0).amax(-1).clamp(min=AMAX_FLOOR) / FP8_MAX[fp8]
+    if scale_fmt == "ue8m0":
+        mantissa, exponent = torch.frexp(s)
+        s = torch.ldexp(torch.ones_like(s), torch.where(mantissa == 0.5, exponent - 1, exponent))  # inf -> 1.0
+    y = (xf / s.unsqueeze(-1)).nan_to_num(nan=-FP8_MAX[fp8]).clamp(-FP8_MAX[fp8], FP8_MAX[fp8])
+    return y.to(fp8).view(m, -1)[:, :k], s
+
+
+def test_old_nonfinite_act_quant_is_caught(monkeypatch):
+    """Issue 24: the Triton act_quant_fp8 turned NaN (and inf over an inf scale) into -448. Planted as
+    cpu_ref's linear with that quantizer: only the non-finite cases fail, and they do."""
+    from dsv3.backends.cpu_ref import quant
+
+    def old_linear(x, w):
+        with monkeypatch.context() as mp:
+            mp.setattr(quant, "quantize_act_fp8", _old_act_quant_fp8)
+            return quant.linear_fp8_dynamic(x, w)
+
+    bad = planted(
+        "nan_to_448", "linear", lambda r: old_linear if r.fmt == FP8_BLOCK and r.act_quant == "dynamic" else None
+    )
+    report = run_conformance(bad, quick=True)
+    assert report.failed_ops() == {"linear"}
+    fails = failures_of(report)
+    assert set(fails) == {"linear[fp8_block/dynamic] float32", "linear[fp8_block/dynamic] bfloat16"}
+    for msgs in fails.values():
+        assert sorted(f.split(":")[0] for f in msgs) == ["nonfinite-x", "ue8m0-nonfinite"]
+        assert all("NaN mismatch" in f and "expected nan" in f for f in msgs)
+
+
+def test_ue8m0_rounding_an_inf_scale_to_one_is_caught(monkeypatch):
+    """Issue 24: cpu_ref's UE8M0 rounding turned an inf scale into 1.0 (the inf then clamped to 448)."""
+    from dsv3.backends.cpu_ref import quant
+
+    def old_round(scale):
+        mantissa, exponent = torch.frexp(scale)
+        return torch.ldexp(torch.ones_like(scale), torch.where(mantissa == 0.5, exponent - 1, exponent))
+
+    def old_quant(x, block, fp8, scale_fmt):  # the old amax (inf for an inf group) with the old rounding
+        m, k = x.shape
+        xf = F.pad(x.float(), (0, (-k) % block)).view(m, -1, block)
+        s = xf.abs().amax(-1).clamp(min=AMAX_FLOOR) / FP8_MAX[fp8]
+        s = old_round(s) if scale_fmt == "ue8m0" else s
+        return (xf / s.unsqueeze(-1)).clamp(-FP8_MAX[fp8], FP8_MAX[fp8]).to(fp8).view(m, -1)[:, :k], s
+
+    def old_linear(x, w):
+        with monkeypatch.context() as mp:
+            mp.setattr(quant, "quantize_act_fp8", old_quant)
+            return quant.linear_fp8_dynamic(x, w)
+
+    bad = planted(
+        "ue8m0_inf_to_1", "linear", lambda r: old_linear if r.fmt == FP8_BLOCK and r.act_quant == "dynamic" else None
+    )
+    report = run_conformance(bad, quick=True, dtypes=(torch.float32,))
+    fails = failures_of(report)
+    assert list(fails) == ["linear[fp8_block/dynamic] float32"]
+    (msg,) = fails["linear[fp8_block/dynamic] float32"]
+    # row 1 holds a +inf: the old rounding gave its group scale 1.0 and the row a finite output
+    assert msg.startswith("ue8m0-nonfinite: NaN mismatch at (1, ") and "expected nan" in msg
 
 
 def test_dropped_routing_bias_is_caught():
