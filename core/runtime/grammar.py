@@ -20,6 +20,7 @@ complete the mask allows only those, so the sequence ends with finish reason "st
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -59,6 +60,10 @@ class Grammar:
 
     def __repr__(self) -> str:
         return f"Grammar({self.kind}, vocab_size={self.vocab_size})"
+
+    def can_start(self, stop_ids: list[int]) -> bool:
+        """Whether some token of the vocabulary may come first (False: the tokenizer cannot spell it)."""
+        return bool(self.row(stop_ids, "cpu").bitmask([], 1).any())
 
     def row(self, stop_ids: list[int], device: torch.device | str) -> GrammarRow:
         """A fresh matcher for one sequence that ends on any of ``stop_ids`` (non-empty)."""
@@ -133,20 +138,22 @@ class GrammarCompiler:
         return self._compile(param, "EBNF grammar", lambda: self._compiler.compile_grammar(grammar))
 
 
+_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # (256, 8): byte value -> its bits
+
+
 class GrammarRow:
     """One sequence's place in its grammar: an xgrammar matcher, advanced with each kept token.
 
-    ``allowed`` scores several positions at once (the speculative verifier's drafted positions) by
+    ``mask_`` scores several positions at once (the speculative verifier's drafted positions) by
     advancing the matcher through the drafts and rolling it back; a position the grammar cannot reach
     (after a draft it rejects, or after its end) is left unconstrained: no token there can be kept.
     """
 
     def __init__(self, matcher: Any, vocab_size: int, device: torch.device):
         self.matcher, self.vocab_size, self.device = matcher, vocab_size, device
-        xgr = _xgrammar()
-        self._xgr = xgr
+        self._xgr = _xgrammar()
         self._words = -(-vocab_size // 32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
+        self._bits = _BITS.to(device) if device.type != "cpu" else None
         self.rejected = 0  # kept tokens the grammar did not accept (0 unless a caller bypassed the mask)
 
     @property
@@ -160,16 +167,14 @@ class GrammarRow:
             if self.matcher.is_terminated() or not self.matcher.accept_token(int(t)):
                 self.rejected += 1
 
-    def allowed(self, prefix: list[int], n_pos: int) -> tuple[torch.Tensor, list[bool]]:
-        """The allowed tokens at ``n_pos`` positions: position p follows ``prefix[:len(prefix) - n_pos + 1 + p]``
-        (prefix: tokens after the kept ones; len(prefix) >= n_pos - 1).
-
-        Returns a (P, V) bool tensor on the row's device (True: allowed) and, per position, whether it is
-        constrained (False: unreachable, its row of the mask is all True). The matcher ends where it began.
+    def bitmask(self, prefix: list[int], n_pos: int) -> torch.Tensor:
+        """The allowed tokens at ``n_pos`` positions as an xgrammar bitmask (P, ceil(V / 32)) int32 on the host
+        (bit j of word w: id 32 w + j allowed). Position p follows ``prefix[:len(prefix) - n_pos + 1 + p]``
+        (prefix: tokens after the kept ones; len(prefix) >= n_pos - 1). An unreachable position is all ones.
+        The matcher ends where it began.
         """
         first = len(prefix) - n_pos + 1
         bitmask = torch.full((n_pos, self._words), -1, dtype=torch.int32)
-        constrained = [False] * n_pos
         m, advanced, alive = self.matcher, 0, True
         for t in prefix[:first]:
             if m.is_terminated() or not m.accept_token(int(t)):
@@ -180,12 +185,27 @@ class GrammarRow:
             if not alive or m.is_terminated():
                 break
             m.fill_next_token_bitmask(bitmask, p)
-            constrained[p] = True
             if p + 1 < n_pos:
                 if not m.accept_token(int(prefix[first + p])):
                     break
                 advanced += 1
         if advanced:
             m.rollback(advanced)
-        bits = (bitmask.unsqueeze(-1) >> self._shifts) & 1  # (P, W, 32): bit j of word w is id 32 w + j
-        return bits.view(n_pos, -1)[:, : self.vocab_size].bool().to(self.device), constrained
+        return bitmask
+
+    def mask_(self, logits: torch.Tensor, prefix: list[int]) -> None:
+        """Set the tokens the grammar does not allow to -inf, in place: logits (P, V) float32, contiguous,
+        position p after ``prefix`` as in :meth:`bitmask`."""
+        bitmask = self.bitmask(prefix, logits.shape[0])
+        if not bool(bitmask.any(-1).all()):  # all -inf: nothing to sample (a vocabulary that cannot spell it)
+            raise Dsv3Error("the grammar allows no token of this vocabulary next (the tokenizer cannot express it)")
+        if logits.device.type == "cpu":  # xgrammar's CPU kernel: the cheapest here (docs/serving.md)
+            self._xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=self.vocab_size, backend="cpu")
+            return
+        # elsewhere plain PyTorch on the logits' device: each byte of the mask -> its 8 bits by a table
+        table = self._bits if self._bits is not None and self._bits.device == logits.device else _BITS.to(logits.device)
+        raw = (
+            bitmask.to(logits.device).view(torch.uint8).long()
+        )  # little-endian: byte k of word w holds ids 32 w + 8 k ..
+        allowed = table[raw].view(logits.shape[0], -1)[:, : logits.shape[-1]]
+        logits.masked_fill_(~allowed, -math.inf)

@@ -275,8 +275,7 @@ def penalize(logits: torch.Tensor, rows: list[RowLogits | None], appended: torch
         g = rows[i].grammar
         if g is not None:
             prefix = appended[i, : first_seen + n_pos - 1].tolist() if n_app else []
-            allowed, _ = g.allowed(prefix, n_pos)
-            out[i].masked_fill_(~allowed, -math.inf)
+            g.mask_(out[i], prefix)
     return out.squeeze(1) if flat else out
 
 

@@ -234,3 +234,17 @@ def test_drafted_positions_get_the_mask_after_the_drafts_before_them(engine, com
     assert len(bad) == 1
     out = penalize(torch.zeros(1, 2, vocab), [row], torch.tensor([bad]))[0]
     assert out[0, bad[0]] == -float("inf") and torch.isfinite(out[1]).all()  # unreachable: left free
+
+
+def test_a_grammar_the_tokenizer_cannot_spell_is_refused_not_sampled_from_nothing(tmp_path):
+    """A word-level tokenizer has no '{': the request is refused up front, and generate raises rather than
+    sampling from all -inf logits."""
+    from tests.helpers import add_tiny_tokenizer, make_checkpoint
+
+    path = make_checkpoint(tmp_path / "tiny", seed=4)
+    add_tiny_tokenizer(path)
+    words = dsv3.load(path, dtype="float32")
+    grammar = GrammarCompiler(words.tokenizer, words.cfg.vocab_size).json_object()
+    assert not grammar.can_start(list(words.eos_ids))
+    with pytest.raises(dsv3.errors.Dsv3Error, match="allows no token"):
+        words.generate(["hello world"], 4, logits=LogitsParams(grammar=grammar))

@@ -14,7 +14,6 @@ import dataclasses
 import threading
 from typing import Any
 
-from ...errors import Dsv3Error
 from ..grammar import Grammar, GrammarCompiler, GrammarError
 from ..logits_processing import LogitsParams
 from ..sampling import SamplingError
@@ -39,8 +38,8 @@ class Grammars:
                     raise APIError(400, f"'{param}' needs the model's tokenizer, and this checkpoint has none", param)
                 try:
                     self._compiler = GrammarCompiler(self.tokenizer, self.vocab_size)
-                except Dsv3Error as exc:  # xgrammar is not installed
-                    raise APIError(400, f"'{param}' is not available on this server: {exc}", param) from None
+                except Exception as exc:  # xgrammar is not installed, or cannot read this tokenizer
+                    raise APIError(400, f"'{param}' is not available on this server: {exc}"[:500], param) from None
             return self._compiler
 
 
@@ -113,6 +112,8 @@ def with_grammar(
         raise APIError(
             400, f"'{param}' needs a stop token to end on: drop 'ignore_eos' or give 'stop_token_ids'", param
         )
+    if not grammar.can_start(sorted(stop_ids)):
+        raise APIError(400, f"'{param}' cannot be written with this model's tokenizer (no token may start it)", param)
     params = dataclasses.replace(processing or LogitsParams(), grammar=grammar)
     try:
         return params.validate(grammars.vocab_size)
