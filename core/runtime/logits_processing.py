@@ -9,7 +9,9 @@ logits before temperature and top-p (the order vLLM's sampler uses):
 3. ``repetition_penalty`` r (Hugging Face / vLLM): for every token that appears in the prompt or in
    the generated tokens, a positive logit is divided by r, a non-positive one multiplied by r;
 4. ``frequency_penalty`` f and ``presence_penalty`` p (OpenAI): ``logit -= f * count + p * (count > 0)``
-   with ``count`` the token's occurrences among the tokens GENERATED so far (not the prompt).
+   with ``count`` the token's occurrences among the tokens GENERATED so far (not the prompt);
+5. ``grammar`` (structured output, :mod:`dsv3.runtime.grammar`): the tokens the sequence's grammar
+   does not allow next at -inf.
 
 That is :func:`penalize`: what log-probabilities are computed from. :func:`truncate` then keeps the
 ``top_k`` best tokens (ties at the k-th kept) and, for a sampled row, the tokens whose probability at
@@ -21,7 +23,8 @@ argmax: a greedy row skips them.
 Speculative decoding scores several positions of one sequence at once: :func:`penalize` takes
 ``appended`` tokens (the drafts) so that position ``p`` sees the sequence's history plus the drafts
 before it (a different history at each position of one verify step), and the verifier's target and
-the drafter's distributions get exactly the processing plain decoding would give them.
+the drafter's distributions get exactly the processing plain decoding would give them (the grammar's
+matcher is advanced through those drafts and rolled back).
 
 A row without processing (None, or params that change nothing) costs nothing: when no row of a
 batch is processed the logits are returned as they are, without a single extra op.
@@ -36,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .grammar import Grammar, GrammarRow
 from .sampling import SamplingError, is_int, is_real
 
 MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: [-2, 2]
@@ -51,7 +55,9 @@ class LogitsParams:
     presence_penalty, frequency_penalty: numbers in [-2, 2] (0: off); repetition_penalty: a number
     in [0.01, 100] (1: off; beyond, float32 logits / r can overflow); logit_bias: {token id (int): bias in [-100, 100]}; top_k: an integer, -1 or 0
     off, else >= 1 (more than the vocabulary keeps it all); min_p: a number in [0, 1] (0: off);
-    min_tokens: an integer >= 0 (tokens generated before a stop id may be sampled).
+    min_tokens: an integer >= 0 (tokens generated before a stop id may be sampled); grammar: a
+    compiled :class:`~dsv3.runtime.grammar.Grammar` the output must follow (None: free text), for the
+    same vocabulary size.
     """
 
     presence_penalty: float = 0.0
@@ -61,6 +67,7 @@ class LogitsParams:
     top_k: int = 0
     min_p: float = 0.0
     min_tokens: int = 0
+    grammar: Grammar | None = None
 
     def validate(self, vocab_size: int | None = None, max_tokens: int | None = None) -> LogitsParams:
         """Return self, or raise SamplingError naming the first bad field.
@@ -91,6 +98,15 @@ class LogitsParams:
             raise SamplingError("min_tokens", f"must be an integer >= 0 (got {self.min_tokens!r})")
         if max_tokens is not None and self.min_tokens > max_tokens:
             raise SamplingError("min_tokens", f"must not exceed max_tokens ({self.min_tokens} > {max_tokens})")
+        if self.grammar is not None:
+            if not isinstance(self.grammar, Grammar):
+                raise SamplingError("grammar", f"must be a compiled Grammar (got {self.grammar!r})")
+            if vocab_size is not None and self.grammar.vocab_size != vocab_size:
+                raise SamplingError(
+                    "grammar", f"was compiled for {self.grammar.vocab_size} token ids, the model has {vocab_size}"
+                )
+            if self.min_tokens:  # the grammar may only allow a stop id, which min_tokens holds back
+                raise SamplingError("min_tokens", "cannot be combined with a grammar (structured output)")
         return self
 
     @property
@@ -98,6 +114,7 @@ class LogitsParams:
         """Whether these params change any logits at all (False: the row takes the fast path)."""
         return (
             bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens)
+            or self.grammar is not None
             or self.repetition_penalty != 1
             or self.top_k > 0
             or self.min_p > 0
@@ -134,7 +151,8 @@ class RowLogits:
     State on ``device``, kept up to date by ``extend`` at the cost of the new tokens only: for
     repetition_penalty the distinct ids of prompt and generated tokens (n,) int64; for the frequency
     and presence penalties a (V,) float32 vector ``f * count + p * (count > 0)`` over the generated
-    tokens and a (V,) bool mask of them. The counts themselves are kept on the host.
+    tokens and a (V,) bool mask of them. The counts themselves are kept on the host. With a grammar, its
+    matcher (:class:`~dsv3.runtime.grammar.GrammarRow`, on the host), advanced by ``extend``.
     """
 
     def __init__(
@@ -169,19 +187,22 @@ class RowLogits:
             self.bias = ids, torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=self.device)
         stops = sorted(set(stop_ids))
         self.stop = torch.tensor(stops, dtype=torch.long, device=self.device) if p.min_tokens and stops else None
+        self.grammar: GrammarRow | None = p.grammar.row(stops, self.device) if p.grammar is not None else None
         self.generated = 0
         self.extend(list(generated))
 
     @property
     def active(self) -> bool:
         """Whether :func:`penalize` changes this row's logits."""
-        return self.penalizes or self.bias is not None or self.stop is not None
+        return self.penalizes or self.bias is not None or self.stop is not None or self.grammar is not None
 
     def extend(self, tokens: list[int]) -> None:
         """Record tokens the sequence generated (in order)."""
         self.generated += len(tokens)
         if not tokens:
             return
+        if self.grammar is not None:
+            self.grammar.extend(tokens)
         if self.counts_tokens:
             for t in tokens:
                 self._counts[t] = self._counts.get(t, 0) + 1
@@ -223,7 +244,8 @@ def penalize(logits: torch.Tensor, rows: list[RowLogits | None], appended: torch
     Returns ``logits`` itself when no row is processed; else a new tensor (the input is not changed).
 
     The work is sparse: each processed row touches its biased, stop, seen and generated ids, not the
-    whole vocabulary (the frequency and presence penalties are one (V,) subtraction per row).
+    whole vocabulary (the frequency and presence penalties are one (V,) subtraction per row; a grammar
+    one (P, V) mask per row, computed on the host).
     """
     idx = [i for i, r in enumerate(rows) if r is not None and r.active]
     if not idx:
@@ -249,6 +271,11 @@ def penalize(logits: torch.Tensor, rows: list[RowLogits | None], appended: torch
     drafted = [i for i in idx if rows[i].penalizes] if n_app else []
     if drafted:
         _penalize_appended(out, [rows[i] for i in drafted], drafted, appended, first_seen)
+    for i in idx:  # last: what the grammar does not allow stays -inf whatever the penalties did
+        g = rows[i].grammar
+        if g is not None:
+            prefix = appended[i, : first_seen + n_pos - 1].tolist() if n_app else []
+            g.mask_(out[i], prefix)
     return out.squeeze(1) if flat else out
 
 

@@ -54,6 +54,7 @@ from .protocol import (
 )
 from .scheduler import Event, Scheduler, SchedulerBusy, TokenLogprob
 from .scheduler import Request as GenRequest
+from .structured import Grammars, with_grammar
 from .text import TextStream, first_stop
 
 
@@ -555,6 +556,7 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
     app = FastAPI(title="dsv3", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     created = int(time.time())
     metrics = ServeMetrics(scheduler.stats)
+    grammars = Grammars(engine.tokenizer, engine.cfg.vocab_size)  # structured output: compiled on first use
     endpoints = {"/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
     endpoints |= {"/tokenize", "/detokenize", "/tokenizer_info", "/version"}
     app.add_middleware(CountRequests, metrics=metrics, endpoints=frozenset(endpoints))
@@ -658,6 +660,7 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         if scheduler.mtp and (req.best_of or 1) > (req.n or 1):
             raise APIError(400, "'best_of' is not supported with speculative decoding (--mtp)", "best_of")
         job = _job(req, prompts, "prompt", settings.default_completion_tokens, settings, engine.eos_ids, vocab)
+        job.processing = with_grammar(job.processing, req, grammars, job.stop_ids)
         if job.echo:
             job.prompt_texts = [
                 p if isinstance(p, str) else engine.decode(ids) for p, ids in zip(given, prompts, strict=True)
@@ -723,6 +726,7 @@ def create_app(engine: Engine, scheduler: Scheduler, settings: ServeSettings) ->
         if job.parsed:  # the parsers read the marker tokens, which a tokenizer may call special
             markers = (tool_calls.MARKERS if job.parse_tools else ()) + (reasoning.MARKERS if job.reasoning else ())
             job.decode = marker_decoder(engine.tokenizer, markers)
+        job.processing = with_grammar(job.processing, req, grammars, job.stop_ids)
         return await respond(request, job, chat=True)
 
     async def respond(request: Request, job: _Job, chat: bool):

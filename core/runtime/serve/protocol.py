@@ -3,7 +3,8 @@
 Scalars are checked by pydantic in strict mode (``"max_tokens": "5"`` is an error, not 5);
 ``prompt``, ``stop`` and ``messages`` have several legal shapes and are checked here, so an error
 names the field and what it should be. Unknown fields are ignored; known ones that this server
-does not implement (``suffix``, ``response_format``...) are refused rather than ignored.
+does not implement (``suffix``...) are refused rather than ignored. Structured output
+(``response_format``, vLLM's ``guided_*``) is checked by ``structured.py``, which needs the tokenizer.
 """
 
 from __future__ import annotations
@@ -176,8 +177,6 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         if req.top_logprobs is not None and not req.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         tools_of(req)  # 400 naming a malformed tools entry or tool_choice
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", "response_format")
     return req
 
 
