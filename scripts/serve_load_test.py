@@ -3,7 +3,8 @@
 For each ``--max-batch`` value it starts ``dsv3 serve`` in a subprocess, sends ``--clients``
 concurrent streaming /v1/completions requests (temperature 0) with the ``openai`` client, checks
 every answer token for token against ``Engine.generate`` on that prompt alone (what ``dsv3 run``
-does), checks /health (every slot free, nothing lost), and prints throughput and latencies.
+does), checks /health (every slot free, nothing lost) and that /metrics moved by exactly the burst
+(requests answered, tokens generated, TTFT and end-to-end observations), and prints throughput and latencies.
 Comparing ``--max-batch 16`` with ``--max-batch 1`` shows what continuous batching buys;
 ``--mtp 0,1`` runs each slot count without and with MTP speculative decoding (``dsv3 serve --mtp``).
 
@@ -114,6 +115,27 @@ async def burst(url: str, model: str, ps: list[str], max_tokens: int, timeout: f
     return results, wall
 
 
+METRICS = (
+    "dsv3_http_requests_total[/v1/completions,200]",
+    "dsv3_generation_tokens_total",
+    "dsv3_time_to_first_token_seconds_count",
+    "dsv3_e2e_request_latency_seconds_count",
+    "dsv3_prefill_tokens_total",
+)
+
+
+def metrics(url: str) -> dict[str, float]:
+    """GET /metrics parsed with prometheus_client's parser: the samples METRICS names."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
+        for s in family.samples:
+            labels = ",".join(s.labels[k] for k in ("endpoint", "status") if k in s.labels)
+            out[s.name + (f"[{labels}]" if labels else "")] = s.value
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
@@ -154,8 +176,10 @@ def main() -> int:
         try:
             model = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
             asyncio.run(burst(url, model, ps[:1], 4, args.timeout))  # warm-up
+            before = metrics(url)
             results, wall = asyncio.run(burst(url, model, ps, args.max_tokens, args.timeout))
             health = httpx.get(url + "/health", timeout=30).json()
+            after = metrics(url)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -187,6 +211,16 @@ def main() -> int:
             "finished": health["finished"],
             "load_avg_after": round(os.getloadavg()[0], 1),
         }
+        # /metrics moved with the load: its counters are this burst's requests and tokens
+        moved = {k: after.get(k, 0) - before.get(k, 0) for k in METRICS}
+        run["metrics_delta"] = moved
+        metrics_ok = (
+            moved["dsv3_http_requests_total[/v1/completions,200]"] == len(ok)
+            and moved["dsv3_generation_tokens_total"] == tokens
+            and moved["dsv3_time_to_first_token_seconds_count"] == len(ok)
+            and moved["dsv3_e2e_request_latency_seconds_count"] == len(ok)
+        )
+        run["metrics_ok"] = metrics_ok
         if mtp:
             run["steps"] = health["steps"]
             run["acceptance_rate"] = round(health["accepted_drafts"] / max(health["drafts"], 1), 3)
@@ -197,7 +231,7 @@ def main() -> int:
         for i in wrong[:3]:
             print(f"  mismatch on prompt {i}: {results[i]['ids']} != {refs[i].token_ids}", flush=True)
         lost = len(ps) - len(ok)
-        if errors or wrong or lost or health["slots_used"] or health["finished"] != len(ps) + 1:
+        if errors or wrong or lost or health["slots_used"] or health["finished"] != len(ps) + 1 or not metrics_ok:
             failed = True
     if len(report["runs"]) >= 2:
         last = report["runs"][-1]
