@@ -31,17 +31,19 @@ from dsv3.weights import FP8_DTYPES
 from .jit_utils import TL_DTYPE, round_to
 from .runtime import (
     HP_DTYPES,
+    MAX_BLOCK_NUMEL,
     QBLOCK,
     cdiv,
     check_device,
     check_tensor,
+    emulated_gpu,
     interpreting,
-    is_hip,
     last_dim_contiguous,
     launch_opts,
     next_pow2,
     require,
     sm_count,
+    tiles_for_hip,
 )
 
 A_HP, A_FP8, A_INT8 = 0, 1, 2
@@ -216,16 +218,18 @@ def pick_config(
     """A tile shape for the problem: small M (decode) gets thin tiles and split-K to fill the GPU.
 
     Under the interpreter every program and every operation costs Python time while numpy does
-    the arithmetic, so tiles are as large as the problem (up to 64 x 2048 x 1024) and there is
-    no split.
+    the arithmetic, so tiles are as large as the problem (up to 64 x 2048 x 1024, each block under
+    Triton's element limit) and there is no split; with ``DSV3_TRITON_TILES=sm_90`` or ``gfx942``
+    the interpreter takes the tiles and split-K that GPU would (``runtime.emulated_gpu``).
     """
     fp8 = a_kind == A_FP8 or b_kind == B_FP8
-    if interpreting():
+    if interpreting() and emulated_gpu() is None:
         bk = 128 if fp8 else min(1024, max(16, next_pow2(k)))
-        return GemmConfig(min(64, max(16, next_pow2(m))), min(2048, max(16, next_pow2(n))), bk, 8, 4, 1, 1)
+        bn = min(2048, max(16, next_pow2(n)), MAX_BLOCK_NUMEL // bk)  # the (K, N) tile stays a legal block
+        return GemmConfig(min(64, max(16, next_pow2(m))), bn, bk, 8, 4, 1, 1)
     bk = 128 if (a_kind != A_HP or fp8) else 64
     bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    if is_hip() or a_dtype == torch.float32:
+    if tiles_for_hip() or a_dtype == torch.float32:
         bm = min(bm, 64)  # MI300 has 64 KiB of LDS per CU; fp32 A tiles are twice as large
     bn = 128 if bm >= 64 else 64
     if dual:

@@ -24,8 +24,30 @@ def interpreting() -> bool:
     return os.environ.get(INTERPRET_ENV, "").strip().lower() in _TRUE
 
 
+#: ``DSV3_TRITON_TILES``: under the interpreter, pick tiles as this GPU would (its name -> compute units).
+TILES_ENV = "DSV3_TRITON_TILES"
+EMULATED_GPUS = {"sm_90": 132, "gfx942": 304}  # H100/H200 SMs, MI300X CUs
+#: Triton's limit on the elements of one block tensor (the interpreter enforces it).
+MAX_BLOCK_NUMEL = 1 << 20
+
+
+def emulated_gpu() -> str | None:
+    """The GPU whose tile choices the interpreter runs (``DSV3_TRITON_TILES``), or None: its own large tiles."""
+    name = os.environ.get(TILES_ENV, "").strip()
+    if not name:
+        return None
+    if name not in EMULATED_GPUS:
+        raise ValueError(f"{TILES_ENV}={name!r}: expected one of {', '.join(EMULATED_GPUS)}")
+    return name
+
+
 def is_hip() -> bool:
     return torch.version.hip is not None
+
+
+def tiles_for_hip() -> bool:
+    """Whether tiles are chosen for an AMD GPU: this one, or the interpreter emulating ``gfx942``."""
+    return emulated_gpu() == "gfx942" if interpreting() else is_hip()
 
 
 class KernelArgumentError(ValueError):
@@ -95,10 +117,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-@functools.cache
 def sm_count(index: int) -> int:
-    """Streaming multiprocessors (compute units on AMD) of a GPU; 1 under the interpreter."""
-    if interpreting() or not torch.cuda.is_available():
+    """Streaming multiprocessors (compute units on AMD) of a GPU; under the interpreter the emulated GPU's
+    (``DSV3_TRITON_TILES``), else 1."""
+    if interpreting():
+        gpu = emulated_gpu()
+        return EMULATED_GPUS[gpu] if gpu is not None else 1
+    return _device_sm_count(index)
+
+
+@functools.cache
+def _device_sm_count(index: int) -> int:
+    if not torch.cuda.is_available():
         return 1
     return torch.cuda.get_device_properties(index).multi_processor_count
 
