@@ -248,3 +248,19 @@ def test_a_grammar_the_tokenizer_cannot_spell_is_refused_not_sampled_from_nothin
     assert not grammar.can_start(list(words.eos_ids))
     with pytest.raises(dsv3.errors.Dsv3Error, match="allows no token"):
         words.generate(["hello world"], 4, logits=LogitsParams(grammar=grammar))
+
+
+def test_logprobs_are_those_of_the_constrained_distribution(engine, served):
+    """logprobs come after the grammar mask: the first token's is log_softmax over the allowed tokens, so it is
+    higher than the same token's unconstrained one, and a disallowed token shows -9999 (MIN_LOGPROB)."""
+    _, _, client = served
+    kw = dict(model=NAME, prompt="Pick:", max_tokens=1, temperature=0, logprobs=5)
+    r = client.completions.create(**kw, extra_body={"guided_choice": ["zebra", "yak"], "return_token_ids": True})
+    first = r.choices[0].model_extra["token_ids"][0]
+    ids = engine.encode("Pick:", chat=False)
+    raw = engine.logits([ids])[0, -1].log_softmax(-1)  # (V,) float32, unconstrained
+    constrained = r.choices[0].logprobs.token_logprobs[0]
+    assert engine.decode([first]) in ("z", "ze", "zeb", "zebr", "zebra", "y", "ya", "yak")
+    assert constrained > raw[first].item() + 1e-3  # renormalized over a handful of tokens, not 4096
+    tops = r.choices[0].logprobs.top_logprobs[0]
+    assert any(v == -9999.0 for v in tops.values())  # fewer than 5 tokens allowed: the rest masked
