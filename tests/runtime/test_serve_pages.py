@@ -178,3 +178,34 @@ def test_a_scored_prompt_is_prefilled_whole_even_when_cached(engine):
     assert len(runs[0]) == len(runs[1]) == len(prompt) - 1
     assert [lp.logprob for lp in runs[0]] == pytest.approx([lp.logprob for lp in runs[1]], abs=1e-5)
     assert stats["pages_cached"] >= 4 and stats["prefix_hit_tokens"] == 0
+
+
+def test_a_failed_first_sample_ends_every_forked_choice(engine, monkeypatch):
+    """n choices forked from one prefill: if their first sample fails, all of them get the error and free their pages."""
+    prompt = _prompts(1, 20, seed=4)[0]
+    sched = Scheduler(engine.model, max_batch=4, max_len=48, page_size=8)
+
+    sample, calls = sched._sample, []
+
+    def broken_once(logits, rows):  # the prompt's first sample fails; later ones would not
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise RuntimeError("sampling broke")
+        return sample(logits, rows)
+
+    monkeypatch.setattr(sched, "_sample", broken_once)
+    gate = hold_decode(sched)
+    sched.start()
+    try:
+        sinks = [Collector() for _ in range(3)]
+        for s in sinks:
+            sched.submit(Request(prompt, 4, s, group=7))
+        gate.set()
+        errors = [s.events.get(timeout=60).error for s in sinks]
+        stats = sched.stats()
+    finally:
+        sched.stop()
+    assert all(e is not None and "sampling broke" in e for e in errors)
+    assert calls == [3]  # one sample for the three choices, and none after: nothing was left decoding
+    assert stats["forked"] == 2 and stats["errors"] == 3
+    assert stats["slots_used"] == 0 and stats["pages_used"] == 0

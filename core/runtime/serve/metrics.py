@@ -156,12 +156,11 @@ class RequestTimer:
         if n <= 0 or self.done:
             return
         now = time.perf_counter()
-        later = n
-        if self.seen == 0:
+        if self.seen == 0:  # the first event's other tokens (MTP) have no gap of their own: the prefill is TTFT's
             self.metrics.ttft.observe(now - self.start)
-            later -= 1
-        for _ in range(later):  # several tokens of one step (MTP) share the gap since the last event
-            self.metrics.inter_token.observe((now - self.last) / n)
+        else:
+            for _ in range(n):  # several tokens of one step (MTP) share the gap since the last event
+                self.metrics.inter_token.observe((now - self.last) / n)
         self.seen += n
         self.last = now
 

@@ -43,7 +43,7 @@ class PagePool:
         self._key_of: dict[int, bytes] = {}  # cached page -> its key
         self._page_of: dict[bytes, int] = {}  # key -> cached page
         self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, refs 0; LRU first
-        self.hit_pages = 0  # pages matched by prefix lookups (each saves page_size positions of prefill)
+        self.hit_pages = 0  # matched pages a request kept (the caller counts them: a failed admission gives them back)
         self.evicted = 0
 
     # ------------------------------------------------------------ counts
@@ -130,7 +130,6 @@ class PagePool:
             if self.refs[page] == 0:
                 del self._evictable[page]
             self.refs[page] += 1
-        self.hit_pages += len(pages)
         return pages
 
     def register(self, pages: Sequence[int], keys: Sequence[bytes]) -> None:

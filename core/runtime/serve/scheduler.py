@@ -362,10 +362,9 @@ class Scheduler:
         pool, seq = self.pool, a.seq
         # the last `recompute` tokens are prefilled even when cached: the first sample needs their logits,
         # and an MTP step's first window needs their hidden states
-        recompute = self._spec.window if self.mtp else 1
         if pool.prefix_caching and a.keys is None:
             a.keys = pool.keys(seq)
-        limit = max(0, len(seq) - recompute) // pool.page_size
+        limit = self._shareable_pages(seq)
         if a.req.prompt_logprobs and not a.resumed:  # every prompt position is scored: nothing may be skipped
             limit = 0
         cached = pool.match(a.keys, limit) if pool.prefix_caching else []
@@ -492,17 +491,21 @@ class Scheduler:
             step(rows)
             return True
         except Exception as exc:  # e.g. out of memory: those requests fail, the others continue
-            message = f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            for a in rows:
-                self.counters["errors"] += 1
-                if not a.req.cancelled:
-                    a.req.sink(Event(error=message))
-                with self._cond:
-                    self._release(a)
+            self._fail(rows, exc)
             return False
 
+    def _fail(self, rows: list[_Active], exc: Exception) -> None:
+        """End ``rows`` with the one-line error of ``exc`` and free their slots and pages."""
+        message = f"generation failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        for a in rows:
+            self.counters["errors"] += 1
+            if not a.req.cancelled:
+                a.req.sink(Event(error=message))
+            with self._cond:
+                self._release(a)
+
     def _release(self, a: _Active) -> None:
-        """Free ``a``'s slot and pages, registering its finished prompt pages first (caller holds the lock)."""
+        """Free ``a``'s slot and pages; its registered pages stay cached (caller holds the lock)."""
         if a.slot < 0:
             return
         if self._active.get(a.slot) is a:
@@ -520,11 +523,18 @@ class Scheduler:
             self._prefilling.remove(a)
             self._active[a.slot] = a
 
+    def _shareable_pages(self, seq: list[int]) -> int:
+        """Pages of ``seq`` that are final once prefilled: the last token (under MTP the last ``window``, which
+        the first steps' MTP window rewrites) is always recomputed, for the first sample's logits."""
+        recompute = self._spec.window if self.mtp else 1
+        return max(0, len(seq) - recompute) // self.pool.page_size
+
     def _prefilled(self, a: _Active, stop: int) -> None:
-        """``a``'s tokens up to ``stop`` are in: its full pages whose keys are known join the prefix cache."""
+        """``a``'s tokens up to ``stop`` are in: its full pages whose keys are known and whose entries no later
+        step rewrites join the prefix cache."""
         a.prefilled = stop
         if self.pool.prefix_caching:
-            done = min(stop // self.pool.page_size, len(a.keys))
+            done = min(stop // self.pool.page_size, len(a.keys), self._shareable_pages(a.seq))
             if done > a.registered:
                 self.pool.register(a.pages[a.registered : done], a.keys[a.registered : done])
                 a.registered = done
@@ -570,8 +580,13 @@ class Scheduler:
         self._activate(a)
         logits = finite_logits(self.model.logits(hidden))  # checked before forking: a failure here is a's alone
         rows = [a, *self._fork(a)]  # the other choices of its group start from the same logits
-        tokens, scored = self._sample(logits.repeat(len(rows), 1), rows)
-        self._advance(rows, [[t] for t in tokens], self._logprobs(scored, rows, tokens))
+        try:
+            tokens, scored = self._sample(logits.repeat(len(rows), 1), rows)
+            lps = self._logprobs(scored, rows, tokens)
+        except Exception as exc:  # the forked choices fail with a (whose error _guarded reports)
+            self._fail(rows[1:], exc)
+            raise
+        self._advance(rows, [[t] for t in tokens], lps)
 
     def _prefill_mtp(self, a: _Active, stop: int) -> None:
         """As ``_prefill``, through the speculative decoder (which also fills the MTP caches)."""
