@@ -98,6 +98,18 @@ class OpRequest:
     dtype: torch.dtype = torch.bfloat16
 
 
+class MoeDispatchOp(Protocol):
+    def __call__(
+        self, x: Tensor, ids: Tensor, weights: Tensor, experts_per_rank: int, group: object, /
+    ) -> tuple[Tensor, Tensor, Tensor, object]:
+        """See ``BackendSpec.dsv3_comm_moe_dispatch``."""
+
+
+class MoeCombineOp(Protocol):
+    def __call__(self, y: Tensor, handle: object, /) -> Tensor:
+        """See ``BackendSpec.dsv3_comm_moe_combine``."""
+
+
 # ---------------------------------------------------------------------- operator signatures
 # What each dsv3_op_* hook returns. Parameters are positional (an implementation may name them as
 # it likes); shapes and semantics are in the hook of the same name below.
@@ -448,6 +460,26 @@ class BackendSpec:
         set always holds the most likely token, so a top_p no token reaches (0) keeps just it.
         Deterministic given the generator's state.
         """
+
+    # ------------------------------------------------------------------ communication (optional)
+    # Not operators (no OpRequest, not in OP_NAMES): a backend returning None gets the reference in
+    # dsv3.model.ep_comm (torch.distributed all_to_all_single, works on gloo). Adding them changes no
+    # existing hook, so plugins of versions 2 to 4 run unchanged (CONTRACT_VERSION stays 4).
+    # Check a pair with dsv3.model.ep_comm.check_moe_comm on every rank of the group.
+    @hookspec(firstresult=True)
+    def dsv3_comm_moe_dispatch(self) -> MoeDispatchOp | None:
+        """``moe_dispatch(x (N, D) compute dtype, ids (N, k) int64 global expert ids, weights (N, k) fp32,
+        experts_per_rank: int, group) -> (recv_x (M, D) x.dtype, recv_local_ids (M,) int64,
+        recv_weights (M,) fp32, handle)``.
+
+        Sends row n once per slot j to rank ``ids[n, j] // experts_per_rank``; ``recv_local_ids`` are
+        ids minus ``rank * experts_per_rank``. Any row order, as long as the paired combine undoes it.
+        """
+
+    @hookspec(firstresult=True)
+    def dsv3_comm_moe_combine(self) -> MoeCombineOp | None:
+        """``moe_combine(y (M, D), handle) -> (N, D) y.dtype``: the expert outputs back to their source
+        ranks, ``out[n] = sum_j weights[n, j] * y_of(n, j)`` summed over slots j = 0..k-1 in order."""
 
 
 #: Names of the operator hooks, without the ``dsv3_op_`` prefix, in contract order.

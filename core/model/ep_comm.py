@@ -1,0 +1,144 @@
+"""Expert-parallel communication: the reference ``moe_dispatch`` / ``moe_combine`` and their check.
+
+The reference is plain ``torch.distributed.all_to_all_single`` (counts first, then payloads), so it
+runs on gloo. A backend may supply its own pair (DeepEP, HCCL/MC2) through the optional hooks
+``dsv3_comm_moe_dispatch`` / ``dsv3_comm_moe_combine`` in ``dsv3.hookspecs``; :func:`check_moe_comm`
+is the conformance check for such a pair. Not yet called by the model graph (issue 23 item 1).
+
+Order (deterministic, so results are exact): each rank sends its (token, slot) pairs grouped by
+destination rank ``ids // experts_per_rank``, within a destination in token-major, slot-minor order;
+a rank receives source rank 0's rows first, then rank 1's, and so on. Combine puts each returned row
+back at its (token, slot) place and sums ``weights[n, j] * y`` over the slots j in order, so the
+result equals the single-process ``(weights[..., None] * out).sum(1)`` bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import Dsv3Error
+
+
+@dataclass
+class DispatchHandle:
+    """What combine needs to send rows back: the source layout of one dispatch.
+
+    order: (N*k,) int64, flat (token * k + slot) index of each sent row, in send order.
+    send_splits / recv_splits: rows sent to / received from each rank.
+    weights: (N, k) fp32 top-k weights of the source tokens.
+    """
+
+    order: Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    weights: Tensor
+    group: object | None
+
+
+def _a2a(x: Tensor, recv: list[int], send: list[int], group) -> Tensor:
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    return out
+
+
+def moe_dispatch(
+    x: Tensor, ids: Tensor, weights: Tensor, experts_per_rank: int, group=None
+) -> tuple[Tensor, Tensor, Tensor, DispatchHandle]:
+    """``moe_dispatch(x (N, D), ids (N, k) int64 global expert ids, weights (N, k) fp32,
+    experts_per_rank: int, group) -> (recv_x (M, D) x.dtype, recv_local_ids (M,) int64,
+    recv_weights (M,) fp32, handle)``.
+
+    Sends each token's row once per top-k slot to the rank owning that expert (``id //
+    experts_per_rank``); ``recv_local_ids`` are ``id - rank * experts_per_rank``. Order: module doc.
+    """
+    if x.dim() != 2 or ids.shape != weights.shape or ids.shape[0] != x.shape[0]:
+        raise Dsv3Error(
+            f"moe_dispatch: x (N, D), ids and weights (N, k) expected, got {tuple(x.shape)}, "
+            f"{tuple(ids.shape)}, {tuple(weights.shape)}"
+        )
+    if experts_per_rank < 1:
+        raise Dsv3Error(f"moe_dispatch: experts_per_rank must be >= 1, got {experts_per_rank}")
+    world = dist.get_world_size(group)
+    k = ids.shape[1]
+    flat_ids = ids.reshape(-1)
+    dest = torch.div(flat_ids, experts_per_rank, rounding_mode="floor")
+    if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(dest.max()) >= world):
+        raise Dsv3Error(f"moe_dispatch: ids must lie in [0, {world * experts_per_rank})")
+    order = torch.sort(dest, stable=True).indices
+    send_counts = torch.bincount(dest, minlength=world).to(torch.int64)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=group)
+    send, recv = send_counts.tolist(), recv_counts.tolist()
+    rank = dist.get_rank(group)
+    recv_x = _a2a(x[order // k], recv, send, group)
+    recv_ids = _a2a(flat_ids[order], recv, send, group) - rank * experts_per_rank
+    recv_w = _a2a(weights.reshape(-1)[order].float(), recv, send, group)
+    return recv_x, recv_ids, recv_w, DispatchHandle(order, send, recv, weights.float(), group)
+
+
+def moe_combine(y: Tensor, handle: DispatchHandle) -> Tensor:
+    """``moe_combine(y (M, D), handle) -> (N, D) y.dtype``: rows back to their source ranks, then
+    ``out[n] = sum_j weights[n, j] * y_of(n, j)`` (slots in order, fp32-exact; module doc)."""
+    back = _a2a(y, handle.send_splits, handle.recv_splits, handle.group)
+    n, k = handle.weights.shape
+    buf = y.new_zeros((n * k, y.shape[1]))
+    buf[handle.order] = back
+    return (handle.weights[..., None].to(y.dtype) * buf.view(n, k, y.shape[1])).sum(1)
+
+
+DispatchFn = Callable[..., tuple[Tensor, Tensor, Tensor, object]]
+CombineFn = Callable[[Tensor, object], Tensor]
+
+
+def check_moe_comm(
+    dispatch: DispatchFn = moe_dispatch,
+    combine: CombineFn = moe_combine,
+    *,
+    group=None,
+    experts_per_rank: int = 3,
+    tokens: int = 17,
+    dim: int = 8,
+    k: int = 4,
+    seed: int = 0,
+) -> None:
+    """Run on every rank of ``group``: random tokens, ids and weights per rank (the token count varies
+    by rank, rank 1 gets none), dispatch -> ``y = x * (global_id + 1)`` -> combine must equal the
+    single-process result exactly (fp32). Raises Dsv3Error naming the rank and the first bad token.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    n = 0 if rank == 1 else tokens + rank
+    x = torch.randn(n, dim, generator=g)
+    ids = (
+        torch.stack([torch.randperm(world * experts_per_rank, generator=g)[:k] for _ in range(n)])
+        if n
+        else (torch.empty(0, k, dtype=torch.int64))
+    )
+    w = torch.rand(n, k, generator=g)
+    recv_x, recv_ids, _recv_w, handle = dispatch(x, ids, w, experts_per_rank, group)
+    gid = recv_ids.to(torch.int64) + rank * experts_per_rank
+    y = recv_x * (gid + 1).to(recv_x.dtype)[:, None]
+    out = combine(y, handle)
+    want = (w[..., None] * (x[:, None, :] * (ids + 1).to(x.dtype)[..., None])).sum(1)
+    if out.shape != want.shape:
+        raise Dsv3Error(f"moe comm check: rank {rank}: combine returned {tuple(out.shape)}, want {tuple(want.shape)}")
+    bad = (out != want).any(-1).nonzero()
+    if bad.numel():
+        t = int(bad[0])
+        raise Dsv3Error(
+            f"moe comm check: rank {rank}: token {t} of {n} differs (max abs err {float((out - want).abs().max()):.3g})"
+        )
+
+
+def resolve_moe_comm(hook) -> tuple[DispatchFn, CombineFn]:
+    """The (dispatch, combine) pair from a plugin manager's ``hook`` relay: the backend's own when it
+    supplies both, else the reference (a lone half is refused: the handle is private to its pair)."""
+    d, c = hook.dsv3_comm_moe_dispatch(), hook.dsv3_comm_moe_combine()
+    if (d is None) != (c is None):
+        raise Dsv3Error("dsv3_comm_moe_dispatch and dsv3_comm_moe_combine: a backend must supply both or neither")
+    return (d, c) if d is not None else (moe_dispatch, moe_combine)
