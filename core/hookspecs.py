@@ -50,6 +50,7 @@ listed), else ``--kv-cache-dtype fp8`` is refused naming the backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -203,6 +204,21 @@ class PrepareWeight(Protocol):
         """A loaded weight (on the backend's device) -> the weight the hardware needs, or None to keep it."""
 
 
+class CaptureGraph(Protocol):
+    def __call__(self, step: Callable[[], Tensor], /) -> Callable[[], Tensor]:
+        """``capture(step) -> replay``: record the device work of ``step`` once; ``replay()`` redoes it.
+
+        ``step`` takes no arguments: it reads static tensors it closes over (inputs the caller refills
+        in place before each replay, weights, the cache) and returns one tensor. ``replay()`` redoes the
+        recorded work on the same memory and returns that same tensor object with new contents, as a CUDA
+        graph does: Python values seen while capturing (shapes, ints, which branch was taken) are fixed.
+        ``step`` may run a few times while capturing (warm-up); it must be safe to repeat (a decode step
+        writes the same cache entries again). It must not copy device data to the host or make shapes that
+        depend on data; ``capture`` raises (any exception) when it cannot record ``step``, and the caller
+        then runs ``step`` eagerly.
+        """
+
+
 class ConvertWeight(Protocol):
     def __call__(self, w: Weight, fmt: str, /) -> Weight:
         """w (out, in) on the CPU in the checkpoint's format -> the same matrix in ``fmt``."""
@@ -269,6 +285,9 @@ class BackendInfo:
     kv_cache_fp8: the fp8 dtypes (``float8_e4m3fn``, ``float8_e4m3fnuz``) of the FP8 latent cache its
         ``paged_cache_write`` and ``mla_paged_attention`` read and write (the module docstring's layout),
         preferred first; empty: no FP8 cache (``--kv-cache-dtype fp8`` is refused on it).
+    capture_graph: a :class:`CaptureGraph` (CUDA graphs on nvidia, HIP graphs on amd) that the runtime
+        uses to replay the decode step, one graph per batch-size bucket (``dsv3.runtime.graphs``); None:
+        every step runs eagerly. Optional and defaulted, so it changes no plugin of versions 2 to 4.
     extra: free-form facts for people (shown by nothing in dsv3's logic; e.g. the fp8 dtype).
     """
 
@@ -284,6 +303,7 @@ class BackendInfo:
     convert_weight: ConvertWeight | None = None
     whole_model: WholeModelFactory | None = None
     kv_cache_fp8: tuple[torch.dtype, ...] = ()
+    capture_graph: CaptureGraph | None = None
     extra: dict = field(default_factory=dict)
 
 

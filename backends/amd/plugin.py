@@ -12,7 +12,7 @@ triton nor the kernels.
 
 from __future__ import annotations
 
-from dsv3.backends.triton_kernels import ops
+from dsv3.backends.triton_kernels import graph_capture, ops
 from dsv3.backends.triton_kernels.plugin_hooks import TritonBackend
 from dsv3.backends.triton_kernels.target import AMD
 from dsv3.hookspecs import CONTRACT_VERSION, BackendInfo, hookimpl
@@ -35,6 +35,7 @@ def dsv3_backend_info() -> BackendInfo:
         unusable_reason=hooks.unusable_reason(),
         kv_cache_fp8=(ops.fp8_compute_dtype(AMD),),  # the fp8 its GPUs convert natively (as for weights)
         prepare_weight=prepare_weight,
+        capture_graph=graph_capture.capture_graph(),  # CUDA graphs (HIP graphs under ROCm)
         extra={"fp8_dtype": "float8_e4m3fnuz (MI300) / float8_e4m3fn", "interpreter": ops.interpreting()},
     )
 

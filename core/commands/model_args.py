@@ -31,6 +31,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "values and the roped key in the compute dtype (656 bytes/token/layer at 671B in bf16, against 1152)",
     )
     p.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run every decode step eagerly; by default a backend that captures graphs (nvidia, amd) replays "
+        "the step from one CUDA/HIP graph per batch-size bucket",
+    )
+    p.add_argument(
         "--weight-format",
         choices=FORMATS,
         default=None,
@@ -41,7 +47,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_from_args(args, parallel: ParallelContext | None = None, progress: bool | None = None) -> Engine:
     """``dsv3.load`` with the model flags of ``add_model_args`` (``--weight-format`` where the command has it)."""
-    return load(
+    engine = load(
         args.ckpt_path,
         args.backend,
         args.dtype,
@@ -53,3 +59,5 @@ def load_from_args(args, parallel: ParallelContext | None = None, progress: bool
         parallel=parallel,
         kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
     )
+    engine.enforce_eager = bool(getattr(args, "enforce_eager", False))
+    return engine

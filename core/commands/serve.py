@@ -220,6 +220,7 @@ def _serve(args, parallel, uvicorn, ServeSettings, create_app, http_protocol) ->
             max_total_tokens=total,
             prefix_caching=args.enable_prefix_caching,
             page_size=args.page_size,
+            enforce_eager=args.enforce_eager,
         )
         app = create_app(engine, scheduler, settings)
         host, port = sock.getsockname()[:2]

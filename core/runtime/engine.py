@@ -35,6 +35,7 @@ class Engine:
     def __init__(self, model: Transformer, tokenizer=None, path: Path | None = None):
         self.model, self.tokenizer, self.path = model, tokenizer, path
         self.cfg = model.cfg
+        self.enforce_eager = False  # True: never replay captured decode steps (dsv3.runtime.graphs)
 
     # ----------------------------------------------------------------- tokens
     def default_chat(self) -> bool:
@@ -186,7 +187,7 @@ class Engine:
         """Plain or speculative decode steps (both end with finish reasons and stats)."""
         if mtp:
             return speculative_steps(self.model, ids, params, mtp)
-        return generate_steps(self.model, ids, params)
+        return generate_steps(self.model, ids, params, self.enforce_eager)
 
     @torch.inference_mode()
     def logits(self, token_ids: torch.Tensor | list[list[int]]) -> torch.Tensor:

@@ -17,6 +17,7 @@ from ..errors import Dsv3Error
 from ..model.cache import ModelCache
 from ..model.graph import Transformer
 from .distributed import agree_on_seed
+from .graphs import DecodeGraphs, backend_capture
 from .logits_processing import LogitsParams, RowLogits, process, row_logits
 from .sampling import SamplingError, finite_logits, is_int, is_real
 
@@ -141,26 +142,32 @@ def collect(steps: Iterable[DecodeStep], batch: int) -> GenerationOutput:
     raise RuntimeError("decode steps ended without finish reasons")  # a bug in the step generator
 
 
-def generate_steps(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> Iterator[DecodeStep]:
+def generate_steps(
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, enforce_eager: bool = False
+) -> Iterator[DecodeStep]:
     """Generate like :func:`generate`, yielding each step's new tokens as soon as they are sampled.
 
     Bad prompts or parameters raise here, at the call. The first step comes after the prefill alone,
     before any decode forward. The last step carries the finish reasons and ``stats``: ``ttft_s``
     (call to first token) and ``decode_s`` (first token to the last), wall clock, including whatever
-    time the consumer spends between steps.
+    time the consumer spends between steps, and the graph counters of :meth:`DecodeGraphs.stats`.
+    Decode steps replay captured graphs when the backend captures (``dsv3.runtime.graphs``), unless
+    ``enforce_eager``.
     """
     start = time.perf_counter()
     total = check_lengths(model, prompts, params.validate(model.cfg.vocab_size).max_new_tokens)
-    return _decode(model, prompts, params, total, start)
+    return _decode(model, prompts, params, total, start, enforce_eager)
 
 
 @torch.inference_mode()
 def _decode(
-    model: Transformer, prompts: list[list[int]], params: SamplingParams, total: int, start: float
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, total: int, start: float, enforce_eager: bool
 ) -> Iterator[DecodeStep]:
     device = model.embed.device
     b = len(prompts)
-    cache = model.new_cache(b, total)
+    capture = backend_capture(model, enforce_eager)
+    cache = model.new_cache(b + (capture is not None), total)  # row b pads captured steps (dsv3.runtime.graphs)
+    graphs = DecodeGraphs(model, cache, pad_row=b, max_batch=b, capture=capture)
     sample = model.ops.sample
     generator = None
     seed = agree_on_seed(model.opts.parallel, params.seed, params.temperature)  # same draws on every rank
@@ -173,13 +180,13 @@ def _decode(
     rows = [params.row_logits(p, model.cfg.vocab_size, device) for p in prompts]
     rows = rows if any(r is not None for r in rows) else None  # None: no processing at all
 
-    hidden = prefill(model, prompts, cache)
+    logits = model.logits(prefill(model, prompts, cache))
     positions = torch.tensor([len(p) for p in prompts], device=device)  # where each row's next token goes
     last: list[int | None] = [None] * b  # each row's newest token
     done = torch.zeros(b, dtype=torch.bool, device=device)
     first = None
     for step in range(params.max_new_tokens):
-        logits = process(finite_logits(model.logits(hidden)), rows, temperature)[1]
+        logits = process(finite_logits(logits), rows, temperature)[1]
         next_tokens = sample(logits, temperature, top_p, generator)  # (B,)
         tokens = next_tokens.tolist()  # one copy to the host per step, not one per row
         new: list[list[int]] = [[] for _ in range(b)]
@@ -193,16 +200,20 @@ def _decode(
         done |= torch.isin(next_tokens, eos)
         if bool(done.all()) or step == params.max_new_tokens - 1:
             reasons = ["stop" if t is not None and t in stop_ids else "length" for t in last]
-            yield DecodeStep(new, reasons, {"ttft_s": first - start, "decode_s": time.perf_counter() - first})
+            stats = {"ttft_s": first - start, "decode_s": time.perf_counter() - first, **graphs.stats()}
+            yield DecodeStep(new, reasons, stats)
             return
         yield DecodeStep(new)
-        hidden = model(next_tokens.unsqueeze(1), positions.unsqueeze(1), cache)[:, 0]
+        logits = graphs(next_tokens, positions, None)
         positions = positions + 1
 
 
-def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> GenerationOutput:
+def generate(
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, enforce_eager: bool = False
+) -> GenerationOutput:
     """Generate up to ``params.max_new_tokens`` tokens after each prompt; stop a row at EOS.
 
-    ``stats``: ``ttft_s`` (call to first token, wall clock) and ``decode_s`` (first token to the last).
+    ``stats``: ``ttft_s`` (call to first token, wall clock) and ``decode_s`` (first token to the last),
+    and the graph counters (:func:`generate_steps`).
     """
-    return collect(generate_steps(model, prompts, params), len(prompts))
+    return collect(generate_steps(model, prompts, params, enforce_eager), len(prompts))

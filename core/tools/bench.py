@@ -135,7 +135,10 @@ class DsRunner:
         """prompts (B, L) int64 -> (B lists of exactly n token ids, stats)."""
         params = SamplingParams(max_new_tokens=n, temperature=0.0, top_p=1.0, seed=None, eos_ids=())
         ids = prompts.tolist()
-        out = generate_speculative(self.model, ids, params, mtp) if mtp else generate(self.model, ids, params)
+        if mtp:
+            out = generate_speculative(self.model, ids, params, mtp)
+        else:
+            out = generate(self.model, ids, params, self.engine.enforce_eager)
         return out.token_ids, out.stats
 
     def weights(self) -> dict:

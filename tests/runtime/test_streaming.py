@@ -74,7 +74,8 @@ def test_generate_is_built_on_the_steps(engine):
     steps = list(generate_steps(engine.model, ids, params))
     assert all(s.finish_reasons is None for s in steps[:-1]) and steps[-1].finish_reasons == out.finish_reasons
     assert [sum((s.tokens[i] for s in steps), []) for i in range(len(ids))] == out.token_ids
-    assert set(out.stats) == {"ttft_s", "decode_s"} == set(steps[-1].stats)
+    graph_counters = {"graph_replays", "eager_steps", "captured_buckets", "failed_buckets"}  # dsv3.runtime.graphs
+    assert set(out.stats) == {"ttft_s", "decode_s"} | graph_counters == set(steps[-1].stats)
 
 
 @pytest.mark.parametrize("mtp", [0, 1])
@@ -109,7 +110,7 @@ def test_a_character_split_over_tokens_comes_out_whole(engine, monkeypatch):
     text = "a中é!"  # 中 is three bytes, é two
     data = text.encode()
 
-    def steps(model, prompts, params):
+    def steps(model, prompts, params, enforce_eager=False):
         for i, b in enumerate(data):
             last = i == len(data) - 1
             yield DecodeStep([[b]], ["length"] if last else None, {} if last else None)

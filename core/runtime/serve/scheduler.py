@@ -59,6 +59,7 @@ import torch
 from ...errors import Dsv3Error
 from ...model.cache import cache_rows
 from ...model.graph import Transformer
+from ..graphs import DecodeGraphs, backend_capture
 from ..logits_processing import LogitsParams, RowLogits, penalize, row_logits, truncate
 from ..sampling import finite_logits, sample_rows
 from ..speculative import RowSampler, SpecDecoder
@@ -182,7 +183,9 @@ class Scheduler:
     prefilled per loop, between two decode steps (0: every admitted prompt whole);
     max_total_tokens: positions the page pool holds (default ``max_batch x`` a slot's positions:
     never a preemption); prefix_caching: keep and reuse prompts' full pages (paged caches only);
-    page_size: positions per page (default the model's BuildOptions.page_size).
+    page_size: positions per page (default the model's BuildOptions.page_size); enforce_eager: never
+    replay captured decode steps (``dsv3.runtime.graphs``; they are used, without MTP, when the backend
+    captures).
     """
 
     def __init__(
@@ -196,6 +199,7 @@ class Scheduler:
         max_total_tokens: int | None = None,
         prefix_caching: bool = True,
         page_size: int | None = None,
+        enforce_eager: bool = False,
     ):
         self.model = model
         self.max_batch = max_batch
@@ -220,6 +224,8 @@ class Scheduler:
         lookahead = min(mtp, len(model.mtp)) if mtp else 0
         self.pool = PagePool(num_pages, page_size, prefix_caching and self.paged, lookahead)
         self.max_total_tokens = num_pages * page_size
+        self._capture = None if mtp else backend_capture(model, enforce_eager)
+        self._graphs: DecodeGraphs | None = None
         self._forking = self.paged and not mtp  # the choices of one prompt fork from its prefill (``_fork``)
         self._cond = threading.Condition()
         self._waiting: collections.deque[_Active] = collections.deque()
@@ -309,15 +315,23 @@ class Scheduler:
         }
         if self.mtp:  # drafts made for running requests, and how many of them the main model accepted
             out.update({k: self.counters[k] for k in ("drafts", "accepted_drafts")})
+        if self._graphs is not None:  # captured decode steps (dsv3.runtime.graphs)
+            out["decode_graphs"] = self._graphs.stats()
         return out
 
     # ------------------------------------------------------------ the scheduler thread
     def _run(self) -> None:
         try:
             with torch.inference_mode():
+                # with graphs, one more row and one more page, outside the pool: captured steps' padding rows
+                pad = self._capture is not None
+                pages = self.pool.num_pages
                 self._cache = self.model.new_cache(
-                    self.max_batch, self.slot_len, page_size=self.pool.page_size, num_pages=self.pool.num_pages
+                    self.max_batch + pad, self.slot_len, page_size=self.pool.page_size, num_pages=pages + pad
                 )
+                if pad:
+                    self.model.set_pages(self._cache, self.max_batch, 0, [pages])
+                self._graphs = DecodeGraphs(self.model, self._cache, self.max_batch, self.max_batch, self._capture)
                 if self.mtp:
                     self._spec = SpecDecoder(self.model, self._cache, self.mtp)
                 self._loop()
@@ -632,14 +646,14 @@ class Scheduler:
     def _decode(self, rows: list[_Active]) -> None:
         rows = sorted(rows, key=lambda a: a.slot)
         device = self.model.embed.device
-        tokens = torch.tensor([[a.token] for a in rows], dtype=torch.long, device=device)  # (B, 1)
-        positions = torch.tensor([[a.pos] for a in rows], dtype=torch.long, device=device)  # (B, 1)
-        hidden = self.model(tokens, positions, self._cache, rows=self._rows([a.slot for a in rows]))[:, 0]  # (B, D)
+        tokens = torch.tensor([a.token for a in rows], dtype=torch.long, device=device)  # (B,)
+        positions = torch.tensor([a.pos for a in rows], dtype=torch.long, device=device)  # (B,)
+        logits = self._graphs(tokens, positions, self._rows([a.slot for a in rows]))  # (B, V), replayed if captured
         self.counters["steps"] += 1
         self.peak_batch = max(self.peak_batch, len(rows))
         for a in rows:
             a.pos += 1
-        tokens, scored = self._sample(self.model.logits(hidden), rows)
+        tokens, scored = self._sample(logits, rows)
         self._advance(rows, [[t] for t in tokens], self._logprobs(scored, rows, tokens))
 
     def _logprobs(self, logits: torch.Tensor, rows: list[_Active], tokens: list[int]) -> list[list[TokenLogprob]]:
