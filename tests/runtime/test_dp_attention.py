@@ -29,8 +29,6 @@ import torch
 import dsv3
 from dsv3.runtime.distributed import init_from_env
 
-pytestmark = pytest.mark.e2e
-
 PROMPTS = [[0, 5, 9, 12, 40, 41, 7], [0, 33, 2, 17], [0, 8, 8, 3, 60, 21, 22, 23, 11]]
 NEW_TOKENS = 8
 MTP_DRAFTS = 2
@@ -117,6 +115,7 @@ def _share(n: int, rank: int, world: int) -> int:
     return n // world + (rank < n % world)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("world", [2, 4])
 def test_dp_attention_gives_the_tokens_of_one_process(world, ckpts, reference, tmp_path):
     from tests.runtime.test_parallel import torchrun
@@ -151,6 +150,46 @@ def test_dp_attention_gives_the_tokens_of_one_process(world, ckpts, reference, t
             assert got["cache_rows"] == [n for n in want if n], where
         # some rank served MoE rounds with no tokens of its own (no prompts, or done before the others)
         assert all(r["results"][str(path)]["empty_rounds"] > 0 for r in ranks[1:]), kind
+
+
+@pytest.mark.e2e
+def test_cli_dp_attention_prints_what_one_process_prints(ckpts, capsys):
+    """``torchrun --no-python dsv3 run --dp-attention`` with 3 prompts on 2 ranks: the JSON lines of one
+    process (rank 0 prints every prompt's completion, in order, once)."""
+    args = ["run", "--ckpt-path", str(ckpts["bf16"]), "--raw", "--temperature", "0", "--max-new-tokens", "5"]
+    args += ["--dtype", "float32", "--output-format", "jsonl", "--mtp", "2"]
+    for text in ("the cat sat", "hello world", "a big dog ran on the mat"):
+        args += ["--prompt", text]
+    from tests.runtime.test_parallel import torchrun
+
+    rc, out, err = torchrun(2, [str(Path(sys.executable).with_name("dsv3")), *args, "--dp-attention"], no_python=True)
+    assert rc == 0, err[-3000:]
+
+    from dsv3.cli import main
+
+    assert main(args) == 0
+    single = capsys.readouterr().out
+
+    def records(text: str) -> list[dict]:
+        rows = [json.loads(line) for line in text.splitlines()]
+        for r in rows:
+            r["mtp"].pop("tokens_per_s")  # wall clock
+        return rows
+
+    assert len(single.splitlines()) == 3
+    assert records(out) == records(single)
+
+
+def test_dp_attention_needs_several_processes(monkeypatch, capsys):
+    from dsv3.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["run", "--prompt", "hi", "--dp-attention"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.strip()
+        == "dsv3: error: --dp-attention needs several processes: launch dsv3 run under torchrun (WORLD_SIZE > 1)"
+    )
 
 
 if __name__ == "__main__":  # under torchrun: one rank of the worker
