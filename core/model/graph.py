@@ -307,7 +307,10 @@ class MoE(nn.Module):
     """DeepSeekMoE: shared experts plus top-k routed experts.
 
     Routed experts are stacked: w1/w3 ``(E_local, I, D)``, w2 ``(E_local, D, I)``; this module holds
-    experts ``[expert_offset, expert_offset + E_local)`` (all of them on one device).
+    experts ``[expert_offset, expert_offset + E_local)`` (all of them on one device). Under tensor
+    parallelism every rank runs its experts for all tokens and one all-reduce sums them; under
+    ``dp_attention`` (:meth:`attach_ep`) each rank's own tokens go to their experts' ranks and back
+    (``dsv3.model.ep_comm``), and the shared experts are replicated.
     """
 
     def __init__(self, cfg: ModelConfig, ops: OpTable, opts: BuildOptions, prefix: str):

@@ -180,6 +180,17 @@ def test_cli_dp_attention_prints_what_one_process_prints(ckpts, capsys):
     assert records(out) == records(single)
 
 
+@pytest.mark.parametrize("n, world", [(3, 2), (1, 4), (10, 4), (0, 3), (8, 8)])
+def test_prompts_are_shared_contiguously_and_as_evenly_as_possible(n, world):
+    from dsv3.runtime.engine import share
+
+    parts = [share(n, r, world) for r in range(world)]
+    assert parts[0][0] == 0 and parts[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(parts, parts[1:], strict=False))  # contiguous, in rank order
+    sizes = [hi - lo for lo, hi in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
 def test_dp_attention_needs_several_processes(monkeypatch, capsys):
     from dsv3.cli import main
 
