@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import select
 import sys
@@ -79,6 +80,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
         metavar="K",
         help="speculative decoding: K draft tokens per step from the MTP module (0: off)",
     )
+    p.add_argument(
+        "--dp-attention",
+        action="store_true",
+        help="under torchrun: data-parallel attention + expert parallelism: every rank holds all but the routed "
+        "experts, completes its share of the prompts over its own cache, and sends tokens to their experts' ranks "
+        "(all-to-all); default: tensor parallelism (docs/parallel.md)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--chat",
@@ -136,6 +144,10 @@ def _read_prompts(args) -> list[str]:
 def main(args) -> int:
     _check_args(args)
     parallel = init_for_backend(args.backend)  # several processes under torchrun (WORLD_SIZE > 1)
+    if getattr(args, "dp_attention", False):
+        if not parallel.distributed:
+            raise Dsv3Error("--dp-attention needs several processes: launch dsv3 run under torchrun (WORLD_SIZE > 1)")
+        parallel = dataclasses.replace(parallel, dp_attention=True)
     try:
         with quiet_unless_rank0(parallel):
             return _main(args, parallel)

@@ -3,7 +3,8 @@
 The reference is plain ``torch.distributed.all_to_all_single`` (counts first, then payloads), so it
 runs on gloo. A backend may supply its own pair (DeepEP, HCCL/MC2) through the optional hooks
 ``dsv3_comm_moe_dispatch`` / ``dsv3_comm_moe_combine`` in ``dsv3.hookspecs``; :func:`check_moe_comm`
-is the conformance check for such a pair. Not yet called by the model graph (issue 23 item 1).
+is the conformance check for such a pair. The MoE layers call the pair under ``--dp-attention``
+through :class:`ExpertParallel`, which also keeps every rank's layers in step.
 
 Order (deterministic, so results are exact): each rank sends its (token, slot) pairs grouped by
 destination rank ``ids // experts_per_rank``, within a destination in token-major, slot-minor order;
@@ -142,3 +143,69 @@ def resolve_moe_comm(hook) -> tuple[DispatchFn, CombineFn]:
     if (d is None) != (c is None):
         raise Dsv3Error("dsv3_comm_moe_dispatch and dsv3_comm_moe_combine: a backend must supply both or neither")
     return (d, c) if d is not None else (moe_dispatch, moe_combine)
+
+
+# ---------------------------------------------------------------- the model's side (--dp-attention)
+IDLE = -1  #: the code of a rank with no MoE layer to run (its requests are done, or it has none)
+
+
+class ExpertParallel:
+    """Keeps the MoE layers of data-parallel ranks in step: each rank runs its own requests, so ranks
+    reach their MoE layers at their own pace, with their own token counts (0 included).
+
+    Before every dispatch the ranks all-gather one integer each: the code of the MoE layer they wait
+    in (``layers`` key: the layer index, MTP layers after the main ones) or :data:`IDLE`. The round
+    runs the smallest code waited on: the ranks waiting there with their tokens, every other rank with
+    none (0 rows out, its experts still serve the rows it receives); a rank waiting on another layer
+    goes round again. So the ranks' forwards need not match call for call (a rank may prefill while
+    another decodes, run MTP drafts or stop early), nothing deadlocks (the smallest code always runs),
+    and a finished rank stays available in :meth:`idle` until every rank is idle.
+
+    Cost: one all-gather of ``world`` int64 per MoE layer call, besides dispatch and combine.
+    """
+
+    def __init__(self, rank: int, world_size: int, group=None, device: str = "cpu"):
+        self.rank, self.world_size, self.group, self.device = rank, world_size, group, device
+        self.layers: dict[int, Callable[[Tensor | None], Tensor]] = {}
+        self.dispatch: DispatchFn = moe_dispatch
+        self.combine: CombineFn = moe_combine
+        self.rounds = 0  # code exchanges so far (a measure of the protocol's cost)
+        self.empty_rounds = 0  # rounds this rank ran a layer with no tokens of its own
+
+    def set_comm(self, dispatch: DispatchFn, combine: CombineFn) -> None:
+        """Use this (dispatch, combine) pair (``resolve_moe_comm``: a backend's own or the reference)."""
+        self.dispatch, self.combine = dispatch, combine
+
+    def _codes(self, code: int) -> list[int]:
+        mine = torch.tensor([code], dtype=torch.int64, device=self.device)
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine, group=self.group)
+        self.rounds += 1
+        return [int(p) for p in parts]
+
+    def _serve(self, codes: list[int]) -> int:
+        """The code this round runs (the smallest waited on); runs it here with no tokens unless it is ours."""
+        run = min(c for c in codes if c != IDLE)
+        if run not in self.layers:
+            raise Dsv3Error(f"--dp-attention: rank {self.rank} has no MoE layer {run} (ranks hold different models)")
+        return run
+
+    def run(self, code: int, x: Tensor) -> Tensor:
+        """Run MoE layer ``code`` on this rank's tokens x (N, D) -> (N, D), joining other layers' rounds
+        with no tokens until it is this layer's turn."""
+        while True:
+            run = self._serve(self._codes(code))
+            if run == code:
+                return self.layers[code](x)
+            self.empty_rounds += 1
+            self.layers[run](None)
+
+    def idle(self) -> None:
+        """Serve other ranks' MoE layers with no tokens until every rank is idle (call on every rank
+        when its requests are done, or at once when it has none)."""
+        while True:
+            codes = self._codes(IDLE)
+            if all(c == IDLE for c in codes):
+                return
+            self.empty_rounds += 1
+            self.layers[self._serve(codes)](None)

@@ -18,6 +18,7 @@ from ..weights import FP8_BLOCK, HP, INT8_W8A8, INT8_WO, Weight
 from . import fp8_cache
 from .cache import LayerCache, ModelCache, PagedLayerCache, page_table
 from .config import ModelConfig
+from .ep_comm import ExpertParallel
 from .fp8_cache import KV_CACHE_DTYPES
 from .parallel import ParallelContext, vocab_parallel_embedding
 from .rope import cos_sin_table
@@ -65,6 +66,11 @@ class BuildOptions:
     def par(self) -> ParallelContext:
         """This process's rank and world (one process holding everything without ``parallel``)."""
         return self.parallel or ParallelContext()
+
+    @property
+    def tp(self) -> ParallelContext:
+        """The context of the tensor-parallel parts: :attr:`par`, or one process under ``dp_attention``."""
+        return self.par.tp
 
 
 class Linear(nn.Module):
@@ -128,7 +134,7 @@ class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: OpTable, opts: BuildOptions, prefix: str):
         super().__init__()
         self.cfg, self.ops = cfg, ops
-        self.par = opts.par
+        self.par = opts.tp
         self.n_heads = cfg.num_attention_heads // self.par.world_size  # this rank's heads
         self.attn_impl = opts.attn_impl
         self.naive_prefill = opts.naive_prefill
@@ -284,7 +290,7 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, inter: int, ops: OpTable, opts: BuildOptions, prefix: str, reduce: bool = True):
         super().__init__()
-        self.par = opts.par
+        self.par = opts.tp
         self.reduce = reduce
         inter = inter // self.par.world_size
         self.w1 = Linear(dim, inter, ops, opts.fmt(f"{prefix}.w1"), opts)
@@ -301,7 +307,10 @@ class MoE(nn.Module):
     """DeepSeekMoE: shared experts plus top-k routed experts.
 
     Routed experts are stacked: w1/w3 ``(E_local, I, D)``, w2 ``(E_local, D, I)``; this module holds
-    experts ``[expert_offset, expert_offset + E_local)`` (all of them on one device).
+    experts ``[expert_offset, expert_offset + E_local)`` (all of them on one device). Under tensor
+    parallelism every rank runs its experts for all tokens and one all-reduce sums them; under
+    ``dp_attention`` (:meth:`attach_ep`) each rank's own tokens go to their experts' ranks and back
+    (``dsv3.model.ep_comm``), and the shared experts are replicated.
     """
 
     def __init__(self, cfg: ModelConfig, ops: OpTable, opts: BuildOptions, prefix: str):
@@ -324,10 +333,55 @@ class MoE(nn.Module):
         self._experts = ops.moe_experts[self.w1.fmt]
         self.load: torch.Tensor | None = None  # set to zeros (E,) to count tokens per expert
         self.last_ids: torch.Tensor | None = None
+        self._ep: ExpertParallel | None = None
+        self._code = -1
+        self._e_local, self._dim, self._dtype = e_local, d, opts.dtype
+
+    def attach_ep(self, ep: ExpertParallel, code: int) -> None:
+        """Dispatch tokens to their experts' ranks through ``ep`` (--dp-attention), as MoE layer ``code``."""
+        self._ep, self._code = ep, code
+        ep.layers[code] = self._ep_forward
+
+    def _ep_forward(self, flat: torch.Tensor | None) -> torch.Tensor:
+        """This rank's tokens flat (N, D) (None: none, N = 0) -> (N, D): gate, dispatch each (token,
+        expert) pair to the expert's rank, run the local experts on the rows received, combine.
+
+        Each token's top-k are put in ascending expert order first, and each received row goes through
+        its one expert with weight 1.0 (the combine applies the real weights, slots in order): in float32
+        the sum is the single-process op's, which adds the experts in ascending order, bit for bit.
+        """
+        device = self.gate_weight.device
+        if flat is None:
+            flat = torch.empty((0, self._dim), dtype=self._dtype, device=device)
+        if flat.shape[0]:
+            weights, ids = self._gate(flat, self.gate_weight, self.gate_bias, self.routing)  # (N, k)
+            if self.load is not None:
+                self.load += torch.bincount(ids.flatten(), minlength=self.load.numel()).to(self.load)
+            ids, order = ids.sort(dim=-1)
+            weights = weights.gather(1, order)
+        else:  # no tokens: ops are not asked to handle empty batches
+            k = self.routing.top_k
+            ids = torch.empty((0, k), dtype=torch.int64, device=device)
+            weights = torch.empty((0, k), dtype=torch.float32, device=device)
+        ep = self._ep
+        recv_x, recv_ids, _recv_w, handle = ep.dispatch(flat, ids, weights, self._e_local, ep.group)  # (M, D), (M,)
+        if recv_x.shape[0]:
+            ones = torch.ones((recv_x.shape[0], 1), dtype=torch.float32, device=recv_x.device)
+            local_ids = recv_ids.to(torch.int64).view(-1, 1)  # (M, 1): this rank's expert index
+            w1, w3, w2 = self.w1.as_weight(), self.w3.as_weight(), self.w2.as_weight()
+            y = self._experts(recv_x, ones, local_ids, w1, w3, w2, 0)  # (M, D)
+        else:
+            y = recv_x
+        routed = ep.combine(y, handle)  # (N, D)
+        if self.shared is not None and flat.shape[0]:
+            routed = routed + self.shared(flat)  # replicated shared experts: no communication
+        return routed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D)."""
         flat = x.reshape(-1, x.shape[-1])  # (N, D)
+        if self._ep is not None:
+            return self._ep.run(self._code, flat).view_as(x)
         weights, ids = self._gate(flat, self.gate_weight, self.gate_bias, self.routing)  # (N, k)
         if self.load is not None:
             self.load += torch.bincount(ids.flatten(), minlength=self.load.numel()).to(self.load)
@@ -368,7 +422,7 @@ class MTPLayer(nn.Module):
         super().__init__()
         prefix = f"mtp.{index}"
         d = cfg.hidden_size
-        self.par = opts.par
+        self.par = opts.tp
         v = cfg.vocab_size // self.par.world_size  # vocab-parallel embedding and head
         self.embed = nn.Parameter(torch.empty(v, d, dtype=opts.dtype, device=opts.device))
         self.enorm = RMSNorm(d, cfg.rms_norm_eps, ops, opts)
@@ -398,7 +452,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg, self.ops, self.opts = cfg, ops, opts
         d = cfg.hidden_size
-        self.par = opts.par
+        self.par = opts.tp
         v = cfg.vocab_size // self.par.world_size  # vocab-parallel embedding and head
         self.embed = nn.Parameter(torch.empty(v, d, dtype=opts.dtype, device=opts.device))
         self.layers = nn.ModuleList(Block(i, cfg, ops, opts) for i in range(cfg.num_hidden_layers))
@@ -411,6 +465,15 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos.to(table_device), persistent=False)  # (P, R/2)
         self.register_buffer("rope_sin", sin.to(table_device), persistent=False)
         self._embedding = ops.embedding
+        # --dp-attention: the MoE layers' all-to-all and the agreement that keeps ranks in step
+        self.ep: ExpertParallel | None = None
+        if opts.par.expert_parallel:
+            p = opts.par
+            self.ep = ExpertParallel(p.rank, p.world_size, p.group, p.device)
+            blocks = [*self.layers, *(m.block for m in self.mtp)]  # codes: layer index, MTP layers after the main
+            for code, block in enumerate(blocks):
+                if isinstance(block.ffn, MoE):
+                    block.ffn.attach_ep(self.ep, code)
 
     def prepare_layouts(self) -> None:
         """Lay out, once, the weights the decode step reads in another shape than stored: each MLA's

@@ -19,6 +19,10 @@ How the model is split (as in DeepSeek's inference demo), ``ws`` = world size:
 
 Sharding is a transform applied at load: :func:`shard_dim` says which dimension of a tensor is split
 and :func:`local_range` which part of the checkpoint tensor a rank reads.
+
+With ``dp_attention`` (``--dp-attention``, docs/parallel.md) only the routed experts are split (as
+above); everything else is replicated and each rank runs its own requests over its own cache; the
+MoE layers move routed tokens to their experts' ranks with all-to-all (``dsv3.model.ep_comm``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class ParallelContext:
         compute device, gloo the CPU.
     owns_group: whether :meth:`close` should destroy the default process group (set by
         :func:`init_from_env` when it created it).
+    dp_attention: data-parallel attention + expert parallelism: only routed experts are split over
+        the ranks; the modules that tensor parallelism splits see :attr:`tp`, a world of one.
     """
 
     rank: int = 0
@@ -52,10 +58,22 @@ class ParallelContext:
     group: Any = None
     device: str = "cpu"
     owns_group: bool = False
+    dp_attention: bool = False
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def tp(self) -> ParallelContext:
+        """The context of the tensor-parallel parts (attention, dense MLPs, shared experts, embeddings,
+        heads): this one, or a single process (replicated weights, no collective) under ``dp_attention``."""
+        return ParallelContext(device=self.device) if self.dp_attention else self
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether MoE layers dispatch tokens to their experts' ranks (``dp_attention`` on several ranks)."""
+        return self.dp_attention and self.world_size > 1
 
     # ------------------------------------------------------------ collectives
     def all_reduce_(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,6 +111,12 @@ class ParallelContext:
             buf = torch.empty(int(n), dtype=torch.uint8, device=self.device)
         dist.broadcast(buf, src, group=self.group)
         return obj if self.rank == src else json.loads(buf.cpu().numpy().tobytes().decode())
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (JSON values only, as :meth:`broadcast_object`), in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        return [self.broadcast_object(obj if r == self.rank else None, src=r) for r in range(self.world_size)]
 
     def on_rank0(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on rank 0 only (reading a file or the terminal) and return its JSON result on
@@ -171,7 +195,7 @@ def local_range(
     ``(out,)`` is cut with the rows and kept whole for a column split.
     """
     dim = shard_dim(name)
-    if par.world_size == 1 or dim is None:
+    if par.world_size == 1 or dim is None or par.dp_attention:  # dp_attention: replicated
         return None
     ws = par.world_size
     if name.endswith(".scale"):
@@ -213,8 +237,12 @@ def split_linears(cfg: ModelConfig, world_size: int) -> list[tuple[str, int, int
     return out
 
 
-def check_layout(cfg: ModelConfig, world_size: int, fmt_of: Callable[[str], str] | None = None) -> None:
+def check_layout(
+    cfg: ModelConfig, world_size: int, fmt_of: Callable[[str], str] | None = None, dp_attention: bool = False
+) -> None:
     """A Dsv3Error, before any weight is read, for a model that cannot be split over ``world_size`` ranks.
+
+    dp_attention: only the routed experts are split; they must exist and divide by the world size.
 
     Heads, routed experts, the vocabulary (not padded: every published vocabulary divides by the
     usual world sizes) and the dense/shared-expert intermediate sizes must divide by the world size;
@@ -226,6 +254,15 @@ def check_layout(cfg: ModelConfig, world_size: int, fmt_of: Callable[[str], str]
     if ws == 1:
         return
     src = cfg.source
+    if dp_attention:
+        if not cfg.n_routed_experts:
+            raise Dsv3Error(f"{src}: --dp-attention splits routed experts over ranks, but the model has none")
+        if cfg.n_routed_experts % ws:
+            raise Dsv3Error(
+                f"{src}: --dp-attention: n_routed_experts ({cfg.n_routed_experts}) is not divisible by the "
+                f"world size {ws}"
+            )
+        return
 
     def need(value: int, what: str) -> None:
         if value % ws:

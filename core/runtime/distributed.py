@@ -73,8 +73,9 @@ def init_from_env(dist_backend: str, device: str = "cpu", env: Mapping[str, str]
 
 def agree_on_seed(par: ParallelContext | None, seed: int | None, temperature: float) -> int | None:
     """The sampling seed every rank uses: sampled tokens must be the same on all ranks (they feed the
-    next step's embedding all-reduce), so without a seed rank 0 draws one and broadcasts it."""
-    if seed is not None or par is None or par.world_size == 1 or temperature <= 0:
+    next step's embedding all-reduce), so without a seed rank 0 draws one and broadcasts it. Under
+    ``dp_attention`` each rank samples its own requests: the seed is kept as given."""
+    if seed is not None or par is None or par.world_size == 1 or temperature <= 0 or par.dp_attention:
         return seed
     return par.broadcast_object(random.SystemRandom().getrandbits(62) if par.rank == 0 else None)
 

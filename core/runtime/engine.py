@@ -12,10 +12,18 @@ import torch
 from ..errors import Dsv3Error
 from ..model.graph import Transformer
 from .distributed import agree_on_seed
-from .generate import DecodeStep, SamplingParams, collect, generate_steps
+from .generate import DecodeStep, SamplingParams, check_lengths, collect, generate_steps
 from .logits_processing import LogitsParams
 from .speculative import check_mtp, speculative_steps
 from .text import IncrementalDecoder, check_text
+
+
+def share(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """``(start, stop)`` of rank ``rank``'s contiguous share of ``n`` items, as even as possible (the
+    first ``n % world_size`` ranks take one more; a rank may get none): 3 over 2 -> (0, 2), (2, 3)."""
+    size, extra = divmod(n, world_size)
+    start = rank * size + min(rank, extra)
+    return start, start + size + (rank < extra)
 
 
 @dataclass
@@ -116,12 +124,51 @@ class Engine:
             prompts = [prompts]
         ids = [self._prompt_ids(p, chat) for p in prompts]
         params = self._params(max_new_tokens, temperature, top_p, seed, logits, stop_token_ids)
+        if (
+            getattr(self.model, "ep", None) is not None
+        ):  # --dp-attention: this rank completes its share, then all are gathered
+            return self._generate_dp(prompts, ids, params, mtp)
         out = collect(self._steps(ids, params, mtp), len(ids))
         rows = out.stats.get("mtp_rows") or [None] * len(ids)
         texts = [self.decode(o) if self.tokenizer is not None else "" for o in out.token_ids]
         return [
             Completion(p, t, o, r, m)
             for p, t, o, r, m in zip(prompts, texts, out.token_ids, out.finish_reasons, rows, strict=True)
+        ]
+
+    def _generate_dp(self, prompts: list, ids: list[list[int]], params: SamplingParams, mtp: int) -> list[Completion]:
+        """Data-parallel generate: every rank holds every prompt; rank r completes its contiguous share
+        (:func:`share`), then serves the other ranks' MoE layers with no tokens until all are done, and
+        every rank returns every Completion (gathered as JSON, in prompt order).
+
+        A failure on one rank (a Dsv3Error or any other exception) still lets the others finish, then
+        is raised on every rank (the original there, a Dsv3Error naming the rank elsewhere).
+        """
+        par = self.model.opts.par
+        check_lengths(self.model, ids, params.validate(self.cfg.vocab_size).max_new_tokens)  # same on every rank
+        lo, hi = share(len(ids), par.rank, par.world_size)
+        mine: list[dict] = []
+        failure: BaseException | None = None
+        try:
+            if hi > lo:
+                out = collect(self._steps(ids[lo:hi], params, mtp), hi - lo)
+                rows = out.stats.get("mtp_rows") or [None] * (hi - lo)
+                for o, r, m in zip(out.token_ids, out.finish_reasons, rows, strict=True):
+                    text = self.decode(o) if self.tokenizer is not None else ""
+                    mine.append({"text": text, "token_ids": o, "finish_reason": r, "mtp": m})
+        except Exception as exc:  # the other ranks must not wait for this one's MoE layers forever
+            failure = exc
+        self.model.ep.idle()
+        parts = par.all_gather_object({"error": f"{type(failure).__name__}: {failure}"} if failure else mine)
+        if failure is not None:
+            raise failure
+        for r, part in enumerate(parts):
+            if isinstance(part, dict):
+                raise Dsv3Error(f"--dp-attention: rank {r} failed: {part['error']}")
+        done = [c for part in parts for c in part]
+        return [
+            Completion(p, c["text"], c["token_ids"], c["finish_reason"], c["mtp"])
+            for p, c in zip(prompts, done, strict=True)
         ]
 
     def stream(

@@ -80,11 +80,16 @@ def build_model(
         reference = backends[registry.REFERENCE]
     torch_dtype = _dtype(dtype)
     if parallel is not None:
-        check_layout(cfg, parallel.world_size, fmt_of)
+        check_layout(cfg, parallel.world_size, fmt_of, parallel.dp_attention)
     ops = registry.resolve_ops(backend, formats, act_quant, torch_dtype, reference)
     opts = BuildOptions(torch_dtype, device or backend.info.device, attn_impl, fmt_of, parallel)
     model = Transformer(cfg, ops, opts)
     model.backend_info = backend.info
+    if model.ep is not None:  # --dp-attention: the backend's own dispatch/combine, else the reference
+        from ..model.ep_comm import moe_combine, moe_dispatch, resolve_moe_comm
+
+        hook = backend.manager.hook if backend.manager is not None else None
+        model.ep.set_comm(*(resolve_moe_comm(hook) if hook is not None else (moe_dispatch, moe_combine)))
     if kv_cache_dtype != "auto":
         model.set_kv_cache_dtype(kv_cache_dtype)  # a Dsv3Error naming the backend when it has no fp8 cache
     return model
@@ -156,7 +161,7 @@ def plan_load(
     check_layers_present(files, cfg)  # before building: the config alone does not decide the model's size
     stored_fmt_of, quant_suffix = format_of_checkpoint(files, cfg)
     if parallel is not None:  # before any weight is read; fp8 splits are checked as stored
-        check_layout(cfg, parallel.world_size, stored_fmt_of)
+        check_layout(cfg, parallel.world_size, stored_fmt_of, parallel.dp_attention)
         progress = False if parallel.rank else progress
     src_fmt = HP if cfg.quantization is None else fmt_of_quantized(cfg)
     dst_fmt = conversion_target(backend.info, src_fmt, weight_format, path)
@@ -258,6 +263,11 @@ def load(
     backends = registry.discover()
     chosen = registry.get_backend(backend, backends)
     if chosen.info.whole_model is not None:  # runs whole exported graphs (onnxruntime): no operator table
+        if parallel is not None and parallel.dp_attention:
+            raise Dsv3Error(
+                f"--dp-attention: backend {chosen.name} runs whole exported graphs, which cannot dispatch tokens "
+                "to other ranks' experts"
+            )
         if kv_cache_dtype != "auto":
             raise Dsv3Error(
                 f"--kv-cache-dtype {kv_cache_dtype}: backend {chosen.name} runs whole exported graphs, which keep "
