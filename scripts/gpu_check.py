@@ -18,8 +18,8 @@ Sections, each guarded (an error is printed with its traceback and the next sect
    bf16 matmuls of the same FLOPs as one dense problem (the ideal of perfect batching).
 4. prefill: one layer's prefill attention at T = S in both MLA forms (naive: wkv_b GEMM + the Triton
    flash attention; absorbed: the Triton latent attention), with torch SDPA as the peer.
-5. decode: end-to-end decode tokens/s of a small random DeepSeek-V3-shaped model on the nvidia
-   backend against cpu_ref on the same GPU, in bf16 and fp8 (act-quant none and dynamic).
+5. decode: end-to-end decode tokens/s, eager and CUDA-graph replayed, of a small random DeepSeek-V3-shaped
+   model on the nvidia backend against cpu_ref on the same GPU, in bf16 and fp8 (act-quant none and dynamic).
 
 The JSON holds every figure and every error; it is rewritten after each section, so a run cut short
 keeps what it measured. ``--budget-s`` bounds the time: benchmarks past it are reported as skipped.
@@ -497,28 +497,37 @@ def build_random(ck: Check, cfg, backend: str, fmt: str, act_quant: str, seed: i
     return model.eval()
 
 
-def decode_rate(ck: Check, model, batch: int, prompt: int, steps: int) -> tuple[float, object]:
-    """Decode tokens/s after a prompt of ``prompt`` tokens (two warm-up steps first), and the first logits."""
+def decode_rate(
+    ck: Check, model, batch: int, prompt: int, steps: int, captured: bool
+) -> tuple[float, object, list, dict]:
+    """Decode tokens/s after a prompt of ``prompt`` tokens (two warm-up steps first, which capture the graph
+    when ``captured`` and the backend captures), the first logits, the greedy tokens and the graph counters."""
     torch = ck.torch
+    from dsv3.runtime.graphs import DecodeGraphs, backend_capture
+
     dev = ck.device
     g = torch.Generator(device=dev).manual_seed(3)
     with torch.inference_mode():
-        cache = model.new_cache(batch, prompt + steps + 2)
+        cache = model.new_cache(batch + 1, prompt + steps + 2)  # row ``batch``: the graphs' padding row
+        capture = backend_capture(model) if captured else None
+        graphs = DecodeGraphs(model, cache, pad_row=batch, max_batch=batch, capture=capture)
         tokens = torch.randint(2, model.cfg.vocab_size, (batch, prompt), generator=g, device=dev)
         hidden = model(tokens, torch.arange(prompt, device=dev).expand(batch, prompt), cache)[:, -1]
         first = model.logits(hidden)
         nxt = first.argmax(-1)
         pos = prompt
-        for _ in range(2):  # compiles every kernel of the decode step
-            hidden = model(nxt.unsqueeze(1), torch.full((batch, 1), pos, device=dev), cache)[:, 0]
-            nxt, pos = model.logits(hidden).argmax(-1), pos + 1
+        out = [nxt]
+        for _ in range(2):  # compiles every kernel of the decode step (and captures it)
+            nxt, pos = graphs(nxt, torch.full((batch,), pos, device=dev), None).argmax(-1), pos + 1
+            out.append(nxt)
         ck.sync()
         t = time.perf_counter()
         for _ in range(steps):
-            hidden = model(nxt.unsqueeze(1), torch.full((batch, 1), pos, device=dev), cache)[:, 0]
-            nxt, pos = model.logits(hidden).argmax(-1), pos + 1
+            nxt, pos = graphs(nxt, torch.full((batch,), pos, device=dev), None).argmax(-1), pos + 1
+            out.append(nxt)
         ck.sync()
-    return batch * steps / (time.perf_counter() - t), first
+        rate = batch * steps / (time.perf_counter() - t)
+    return rate, first, torch.stack(out, 1).tolist(), graphs.stats()
 
 
 def decode(ck: Check) -> None:
@@ -530,17 +539,26 @@ def decode(ck: Check) -> None:
     rows: list[dict] = []
     for fmt, aq in (("hp", "none"), ("fp8_block", "none"), ("fp8_block", "dynamic")):
         firsts = {}
-        for backend in ("nvidia", "cpu_ref"):
+        for backend, modes in (("nvidia", ("eager", "graph")), ("cpu_ref", ("eager",))):
             if ck.over_budget():
                 rows.append({"format": fmt, "act_quant": aq, "backend": backend, "note": "skipped (time budget)"})
                 continue
             try:
                 model = build_random(ck, cfg, backend, fmt, aq)
                 for b in batches:
-                    rate, first = decode_rate(ck, model, b, prompt, steps)
-                    firsts.setdefault(b, {})[backend] = first
-                    rows.append({"format": fmt, "act_quant": aq, "backend": backend, "batch": b, "tokens_per_s": rate})
-                    log(f"  {fmt}/{aq:<8} {backend:<8} batch {b:<3} {rate:9.1f} tokens/s")
+                    eager_tokens = None
+                    for mode in modes:
+                        rate, first, toks, stats = decode_rate(ck, model, b, prompt, steps, mode == "graph")
+                        firsts.setdefault(b, {})[backend] = first
+                        row = {"format": fmt, "act_quant": aq, "backend": backend, "batch": b, "mode": mode}
+                        row.update(tokens_per_s=rate, graph_replays=stats["graph_replays"])
+                        if mode == "eager":
+                            eager_tokens = toks
+                        else:  # greedy tokens of the replayed steps against the eager ones, same weights
+                            row["tokens_equal_eager"] = toks == eager_tokens
+                            row["note"] = "; ".join(f"{k} {v}" for k, v in stats.items() if k.endswith("buckets") and v)
+                        rows.append(row)
+                        log(f"  {fmt}/{aq:<8} {backend:<8} batch {b:<3} {mode:<5} {rate:9.1f} tokens/s {stats}")
                 del model
             except Exception as exc:
                 rows.append(
@@ -561,8 +579,10 @@ def decode(ck: Check) -> None:
     ck.results["sections"]["decode"] = {"rows": rows, "prompt": prompt, "steps": steps, "config": dict(
         hidden=cfg.hidden_size, layers=cfg.num_hidden_layers, experts=cfg.n_routed_experts, top_k=cfg.num_experts_per_tok)}  # fmt: skip
     table(f"decode tokens/s (bf16 activations; {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
-          f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; prompt {prompt}, {steps} timed steps)",
-          rows, ["format", "act_quant", "backend", "batch", "tokens_per_s", "prefill_logits_rel_diff_vs_cpu_ref", "note"])  # fmt: skip
+          f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}; prompt {prompt}, {steps} timed steps; "
+          "graph: CUDA graph replay, eager fallback where capture is absent or failed)",
+          rows, ["format", "act_quant", "backend", "batch", "mode", "tokens_per_s", "graph_replays", "tokens_equal_eager",
+                 "prefill_logits_rel_diff_vs_cpu_ref", "note"])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- main
