@@ -168,3 +168,13 @@ def test_implements_only_paged_attention_and_declines_the_rest():
         others = {f"{op}[hp]" if op in WEIGHT_OPS else op for op in OP_NAMES} - {"mla_paged_attention"}
         assert set(table.fallbacks) == others
     assert plugin.dsv3_op_mla_paged_attention(OpRequest(dtype=torch.float16)) is None  # no float16 kernel
+
+
+@needs_kernels
+def test_passes_the_quick_conformance_kit():
+    """The kit's quick cases (float32 and bfloat16, compute-dtype and both FP8 caches; ~2 s)."""
+    from dsv3.conformance.runner import run_conformance
+
+    report = run_conformance(registry.make_backend(plugin, dist="dsv3"), quick=True)
+    assert report.ok and {row.op for row in report.rows} == {"mla_paged_attention"}
+    assert len(report.rows) == 6  # 2 dtypes x (compute-dtype cache, e4m3fn, e4m3fnuz)
