@@ -28,7 +28,7 @@ from dsv3.errors import Dsv3Error
 from dsv3.hookspecs import CONTRACT_VERSION, OP_NAMES, WEIGHT_OPS, BackendInfo, OpRequest, hookimpl
 from dsv3.weights import ACT_QUANT_MODES, FORMATS
 
-IN_TREE = ("cpu_ref", "nvidia", "amd", "ascend")
+IN_TREE = ("cpu_ref", "cpu", "nvidia", "amd", "ascend")
 SPEC_NAMES = sorted(n for n in vars(hookspecs.BackendSpec) if n.startswith("dsv3_"))
 OP_SPECS = [n for n in SPEC_NAMES if n.startswith("dsv3_op_")]
 DTYPE_WORDS = ("fp32", "float32", "int64", "bf16", "compute dtype", "dtype", "Weight")
