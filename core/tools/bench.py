@@ -356,6 +356,7 @@ def measure_point(runners: list, prompts: torch.Tensor, s: BenchSettings, log, m
     if len(runners) > 1:
         first, peer = runners[0].name, runners[1].name
         out["same_tokens"] = runs[first][-1]["ids"] == runs[peer][-1]["ids"]
+        out["first_difference"] = first_difference(runs[first][-1]["ids"], runs[peer][-1]["ids"])
         out["ratio"] = _ratios(out[first], out[peer])
     log(_point_line(out, [r.name for r in runners]))
     if mtp:
@@ -367,6 +368,16 @@ def measure_point(runners: list, prompts: torch.Tensor, s: BenchSettings, log, m
                 f"tokens/forward, decode {row['decode_tokens_per_s']['median']:.1f} tok/s ({row['speedup']:.2f}x plain)"
             )
     return out
+
+
+def first_difference(a: list[list[int]], b: list[list[int]]) -> dict | None:
+    """Where two implementations' greedy tokens part: the earliest token index (0-based) over the rows and how
+    many rows differ; None when every row is the same."""
+    firsts = [
+        next((i for i, (x, y) in enumerate(zip(r, s, strict=True)) if x != y), None) for r, s in zip(a, b, strict=True)
+    ]
+    diverged = [f for f in firsts if f is not None]
+    return {"token": min(diverged), "rows": len(diverged)} if diverged else None
 
 
 def _ratios(a: dict, b: dict) -> dict:
@@ -426,11 +437,13 @@ def touched_weight_bytes(model: Transformer, cfg) -> dict:
     the same values)."""
     e, k = cfg.n_routed_experts or 0, cfg.num_experts_per_tok or 0
     total, routed = 0, 0
-    state = model.state_dict(keep_vars=True)
-    kept = {id(t) for t in _unique(list(state.values()))}
-    for name, t in state.items():
-        if id(t) not in kept or name.startswith("mtp."):
+    seen = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        # shared tensors once (a meta model, built for the count alone, has no storage to compare)
+        key = id(t) if t.is_meta else (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key in seen or name.startswith("mtp."):
             continue
+        seen.add(key)
         nbytes = t.numel() * t.element_size()
         if name == "embed":
             nbytes = t.shape[-1] * t.element_size()
@@ -442,13 +455,17 @@ def touched_weight_bytes(model: Transformer, cfg) -> dict:
 
 
 def memcpy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> dict:
-    """Memory bandwidth of ``dst.copy_(src)`` over ``nbytes`` buffers (far above any cache), at torch's thread
-    count: bytes read + written per second, best of ``repeats`` copies."""
-    src = torch.ones(nbytes, dtype=torch.uint8)
+    """Memory bandwidth over ``nbytes`` buffers (above the last-level caches of current CPUs), at torch's thread
+    count, best of ``repeats``: ``copy_bytes_per_s`` = bytes read + written per second of ``dst.copy_(src)``,
+    ``read_bytes_per_s`` = bytes read per second of a float32 ``sum`` (what streaming weights does);
+    ``bytes_per_s`` = the faster of the two."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)  # fault the pages in
-    best = min(timed(lambda: dst.copy_(src))[0].wall for _ in range(repeats))
-    return {"buffer_bytes": nbytes, "best_s": round(best, 6), "bytes_per_s": round(2 * nbytes / best)}
+    copy = min(timed(lambda: dst.copy_(src))[0].wall for _ in range(repeats))
+    read = min(timed(lambda: src.sum())[0].wall for _ in range(repeats))
+    rates = {"copy_bytes_per_s": round(2 * nbytes / copy), "read_bytes_per_s": round(nbytes / read)}
+    return {"buffer_bytes": nbytes, **rates, "bytes_per_s": max(rates.values())}
 
 
 def floor_figures(floor: dict, batch_points: list[dict], impls: list[str]) -> dict:
@@ -669,6 +686,9 @@ def _table(r: dict, key: str, label: str) -> list[str]:
         if "ratio" in p:
             q = p["ratio"]
             same = "same tokens" if p["same_tokens"] else "tokens differ"
+            if p.get("first_difference"):
+                d = p["first_difference"]
+                same = f"tokens differ from token {d['token'] + 1} in {d['rows']} row(s)"
             lines.append(
                 f"{'':>7} {'dsv3/peer':<13} {q['ttft_s']:>21.2f}x {q['prefill_tokens_per_s']:>23.2f}x "
                 f"{q['decode_tokens_per_s']:>23.2f}x  ({same})"
@@ -738,14 +758,16 @@ def format_report(r: dict) -> str:
         lines.append(f"  at the 671B shape (C 512, R 64, 61 layers, bf16) per layer: {shown}")
     fl = r.get("bandwidth_floor")
     if fl:
-        t = fl["touched"]
+        t, b, a = fl["touched"], fl["memcpy_before"], fl["memcpy_after"]
         lines += [
             "",
             f"Bandwidth floor, batch-1 decode: a token reads {t['bytes'] / 1e6:.1f} MB of weights (routed experts "
-            f"{t['experts_per_token']}; embedding one row); memcpy {fl['bytes_per_s'] / 1e9:.2f} GB/s (read + write, "
-            f"{fl['memcpy_before']['buffer_bytes'] >> 20} MiB buffers, "
-            f"before {fl['memcpy_before']['bytes_per_s'] / 1e9:.2f} / after {fl['memcpy_after']['bytes_per_s'] / 1e9:.2f})"
-            f" -> floor {fl['floor_ms_per_token']:.2f} ms/token",
+            f"{t['experts_per_token']}; embedding one row) at {fl['bytes_per_s'] / 1e9:.2f} GB/s -> floor "
+            f"{fl['floor_ms_per_token']:.2f} ms/token",
+            f"  bandwidth: the best of {fl['memcpy_before']['buffer_bytes'] >> 20} MiB copies (read + write bytes) and "
+            "sums (read bytes), GB/s before / after the runs: copy "
+            f"{b['copy_bytes_per_s'] / 1e9:.2f} / {a['copy_bytes_per_s'] / 1e9:.2f}, read "
+            f"{b['read_bytes_per_s'] / 1e9:.2f} / {a['read_bytes_per_s'] / 1e9:.2f} (weights the caches hold can beat it)",
         ]
         for name, frac in fl.get("fraction_of_floor", {}).items():
             lines.append(

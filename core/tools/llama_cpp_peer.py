@@ -95,6 +95,8 @@ def write_test_tokenizer(path: Path, vocab_size: int, bos_id: int = 0, eos_id: i
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    if vocab_size < 258:
+        raise Dsv3Error(f"vocab_size {vocab_size}: a byte-level test tokenizer for llama.cpp needs at least 258 ids")
     specials = {bos_id: "<s>", eos_id: "</s>"}
     symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     letters = "abcdefghijklmnopqrstuvwxyz"
