@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -24,7 +25,9 @@ from ..tools.bench import (
     write_json,
     write_plots,
 )
+from ..tools.llama_cpp_peer import find_converter, need_llama_cpp
 from ..tools.output_files import refuse_non_file
+from ..tools.random_checkpoint import make_random_checkpoint
 from .model_args import add_model_args, load_from_args
 
 
@@ -38,14 +41,16 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
-        help="measure speed and memory (optionally against transformers)",
+        help="measure speed and memory (optionally against transformers or llama.cpp)",
         description="Time the model on random prompt tokens: time to first token and prefill speed at batch 1 "
         "for each --prompt-lens, decode speed for each --batch-sizes (prompts of --decode-prompt-len tokens, "
         "--decode-tokens new tokens per row, the first token's time excluded), MTP speculative decoding against "
         "plain decoding at each batch size, KV-cache bytes per token and weight bytes. Each figure is the median "
         "[min-max] of --repeats timed runs after --warmup untimed ones and is printed with what it measured. "
         "--json FILE keeps every figure; --plot-dir DIR draws PNG plots (needs the bench extra: pip install "
-        "'dsv3[bench]'); --against transformers runs the same measurements on transformers' implementation. "
+        "'dsv3[bench]'); --against transformers runs the same measurements on transformers' implementation, "
+        "--against llama.cpp on llama.cpp (llama-cpp-python) with the checkpoint converted to GGUF at the same "
+        "dtype; --random CONFIG benches random weights of a config (e.g. bench-full-width). "
         "Whole-graph backends (onnxruntime) are refused (see docs/benchmarks.md).",
     )
     add_model_args(p)
@@ -64,6 +69,25 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "turns (0: plain decoding, always measured; --mtp 0: no MTP; skipped without MTP layers)",
     )
     p.add_argument("--against", choices=PEERS, help="also measure this implementation on the same checkpoint")
+    p.add_argument(
+        "--llama-cpp-src",
+        default=None,
+        help="--against llama.cpp: llama.cpp's source directory holding convert_hf_to_gguf.py (the llama-cpp-python "
+        "sdist's vendor/llama.cpp; default $DSV3_LLAMA_CPP_SRC)",
+    )
+    p.add_argument(
+        "--gguf-dir", default=None, help="--against llama.cpp: keep (and reuse) the converted GGUF here (default: temp)"
+    )
+    p.add_argument(
+        "--random",
+        metavar="CONFIG",
+        default=None,
+        help="bench a random-weight checkpoint of this config (a file, or a dsv3.configs name such as bench-mid or "
+        "bench-full-width) instead of --ckpt-path; stored in --dtype",
+    )
+    p.add_argument(
+        "--random-dir", default=None, help="--random: write (and reuse) the checkpoint here (default: a temp directory)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt token ids")
     p.add_argument("--json", help="write every figure to this JSON file")
@@ -106,8 +130,31 @@ def main(args) -> int:
         if args.threads < 1:
             raise Dsv3Error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
-    engine = load_from_args(args, progress=False)
-    result = run_bench(engine, settings, backend=args.backend, against=args.against)
+    if args.against == "llama.cpp":  # fail before minutes of loading and converting
+        need_llama_cpp()
+        find_converter(args.llama_cpp_src)
+    tmp = None
+    if args.random:
+        if args.ckpt_path:
+            raise Dsv3Error("--random CONFIG makes its own checkpoint: give --random or --ckpt-path, not both")
+        if args.random_dir is None:
+            tmp = tempfile.TemporaryDirectory(prefix="dsv3-random-")
+        where = Path(args.random_dir or tmp.name)
+        print(f"dsv3: random checkpoint of {args.random} in {where} ...", file=sys.stderr)
+        args.ckpt_path = str(make_random_checkpoint(args.random, where, args.dtype))
+    try:
+        engine = load_from_args(args, progress=False)
+        result = run_bench(
+            engine,
+            settings,
+            backend=args.backend,
+            against=args.against,
+            llama_cpp_src=args.llama_cpp_src,
+            gguf_dir=args.gguf_dir,
+        )
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
     print(format_report(result), flush=True)
     if args.json:
         print(f"dsv3: wrote {write_json(result, args.json)}", file=sys.stderr)

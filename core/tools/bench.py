@@ -46,6 +46,8 @@ from ..runtime.engine import Engine
 from ..runtime.generate import SamplingParams, generate
 from ..runtime.loading import build_model
 from ..runtime.speculative import generate_speculative
+from .llama_cpp_peer import NAME as LLAMA_CPP
+from .llama_cpp_peer import load_llama_cpp
 from .output_files import write_atomically
 
 SCHEMA = 2  # 2: MTP rows at every batch size, timed in the batch sweep's turns; speedup_per_run
@@ -55,7 +57,7 @@ TIMING = (
     "sampled token); prefill tokens/s = B*L/TTFT; decode tokens/s = B*(N-1)/(t(token N) - t(token 1)), i.e. "
     "tokens 2..N of every row, TTFT excluded; MTP uses the same decode window; dsv3/peer: ratios of medians"
 )
-PEERS = ("transformers",)
+PEERS = ("transformers", "llama.cpp")
 
 
 @dataclass
@@ -357,6 +359,7 @@ def measure_point(runners: list, prompts: torch.Tensor, s: BenchSettings, log, m
     if len(runners) > 1:
         first, peer = runners[0].name, runners[1].name
         out["same_tokens"] = runs[first][-1]["ids"] == runs[peer][-1]["ids"]
+        out["first_difference"] = first_difference(runs[first][-1]["ids"], runs[peer][-1]["ids"])
         out["ratio"] = _ratios(out[first], out[peer])
     log(_point_line(out, [r.name for r in runners]))
     if mtp:
@@ -368,6 +371,16 @@ def measure_point(runners: list, prompts: torch.Tensor, s: BenchSettings, log, m
                 f"tokens/forward, decode {row['decode_tokens_per_s']['median']:.1f} tok/s ({row['speedup']:.2f}x plain)"
             )
     return out
+
+
+def first_difference(a: list[list[int]], b: list[list[int]]) -> dict | None:
+    """Where two implementations' greedy tokens part: the earliest token index (0-based) over the rows and how
+    many rows differ; None when every row is the same."""
+    firsts = [
+        next((i for i, (x, y) in enumerate(zip(r, s, strict=True)) if x != y), None) for r, s in zip(a, b, strict=True)
+    ]
+    diverged = [f for f in firsts if f is not None]
+    return {"token": min(diverged), "rows": len(diverged)} if diverged else None
 
 
 def _ratios(a: dict, b: dict) -> dict:
@@ -404,6 +417,73 @@ def _point_line(p: dict, names: list[str]) -> str:
         for n in names
     ]
     return f"  batch {p['batch']}, prompt {p['prompt_len']}: " + "; ".join(parts)
+
+
+def greedy_check(first, peer, vocab: int, seed: int, prompt_len: int = 16, n: int = 8) -> dict:
+    """Both implementations' greedy tokens for one short random-id prompt, and where they first differ."""
+    prompts = _prompts(1, prompt_len, vocab, seed + 7)
+    a, _ = first.generate(prompts, n)
+    b, _ = peer.generate(prompts, n)
+    diff = next((i for i, (x, y) in enumerate(zip(a[0], b[0], strict=True)) if x != y), None)
+    summary = (
+        f"same {n} greedy tokens after a {prompt_len}-token prompt"
+        if diff is None
+        else f"greedy tokens differ from token {diff + 1} of {n} (after a {prompt_len}-token prompt)"
+    )
+    return {"same": diff is None, "first_difference": diff, first.name: a[0], peer.name: b[0], "summary": summary}
+
+
+def touched_weight_bytes(model: Transformer, cfg) -> dict:
+    """Bytes of weights one batch-1 decode token reads: every unique weight tensor (data + scales) of the main
+    model (not the MTP layers), with the embedding counted as one row and each MoE layer's routed experts as
+    top-k of n_routed_experts (``ffn.w*`` tensors of shape (E, ...)); ``wkv_b`` once (its absorbed halves hold
+    the same values)."""
+    e, k = cfg.n_routed_experts or 0, cfg.num_experts_per_tok or 0
+    total, routed = 0, 0
+    seen = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        # shared tensors once (a meta model, built for the count alone, has no storage to compare)
+        key = id(t) if t.is_meta else (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key in seen or name.startswith("mtp."):
+            continue
+        seen.add(key)
+        nbytes = t.numel() * t.element_size()
+        if name == "embed":
+            nbytes = t.shape[-1] * t.element_size()
+        elif e and ".ffn.w" in name and t.dim() == 3 and t.shape[0] == e:
+            nbytes = nbytes * k // e
+            routed += nbytes
+        total += nbytes
+    return {"bytes": total, "routed_expert_bytes": routed, "experts_per_token": f"{k} of {e}"}
+
+
+def memcpy_bandwidth(nbytes: int = 256 * 2**20, repeats: int = 5) -> dict:
+    """Memory bandwidth over ``nbytes`` buffers (above the last-level caches of current CPUs), at torch's thread
+    count, best of ``repeats``: ``copy_bytes_per_s`` = bytes read + written per second of ``dst.copy_(src)``,
+    ``read_bytes_per_s`` = bytes read per second of a float32 ``sum`` (what streaming weights does);
+    ``bytes_per_s`` = the faster of the two."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # fault the pages in
+    copy = min(timed(lambda: dst.copy_(src))[0].wall for _ in range(repeats))
+    read = min(timed(lambda: src.sum())[0].wall for _ in range(repeats))
+    rates = {"copy_bytes_per_s": round(2 * nbytes / copy), "read_bytes_per_s": round(nbytes / read)}
+    return {"buffer_bytes": nbytes, **rates, "bytes_per_s": max(rates.values())}
+
+
+def floor_figures(floor: dict, batch_points: list[dict], impls: list[str]) -> dict:
+    """The bandwidth floor of a batch-1 decode token (touched bytes / the faster memcpy bandwidth of the run)
+    and each implementation's batch-1 decode time as a fraction of it (floor / time per token; 1 = at the
+    floor)."""
+    bw = max(floor["memcpy_before"]["bytes_per_s"], floor["memcpy_after"]["bytes_per_s"])
+    floor_s = floor["touched"]["bytes"] / bw
+    out = {**floor, "bytes_per_s": bw, "floor_ms_per_token": round(1e3 * floor_s, 4)}
+    one = next((p for p in batch_points if p["batch"] == 1), None)
+    if one is not None:
+        out["fraction_of_floor"] = {
+            name: round(floor_s * one[name]["decode_tokens_per_s"]["median"], 3) for name in impls
+        }
+    return out
 
 
 def machine_info() -> dict:
@@ -449,8 +529,14 @@ def run_bench(
     backend: str = registry.REFERENCE,
     against: str | None = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    llama_cpp_src: str | None = None,
+    gguf_dir: str | Path | None = None,
 ) -> dict:
-    """Measure ``engine`` (and the peer named by ``against``) and return every figure as a JSON-ready dict."""
+    """Measure ``engine`` (and the peer named by ``against``) and return every figure as a JSON-ready dict.
+
+    ``llama_cpp_src`` / ``gguf_dir``: for ``against="llama.cpp"``, where llama.cpp's converter is and where to
+    keep the converted GGUF (default: a temporary directory); see ``dsv3.tools.llama_cpp_peer``.
+    """
     model, cfg = engine.model, engine.cfg
     check_settings(settings, cfg.max_position_embeddings)
     if settings.mtp and not len(model.mtp):
@@ -474,19 +560,31 @@ def run_bench(
         if against not in PEERS:
             raise Dsv3Error(f"--against {against!r}: choose one of {', '.join(PEERS)}")
         log(f"loading {against} ...")
-        peer, why = load_peer(engine.path, dtype, model.embed.device)
-        if peer is None:
-            peer_status = why
-            log(f"note: {why}")
-        else:
+        if against == LLAMA_CPP:  # a missing llama-cpp-python or converter is a Dsv3Error: asked for, not optional
+            peer, notes = load_llama_cpp(
+                engine.path, dtype, torch.get_num_threads(), llama_cpp_src, gguf_dir and Path(gguf_dir), log
+            )
             runners.append(peer)
-            peer_status = "ok"
-            result["peer_config"] = {
-                "class": type(peer.model).__name__,
-                "attn_implementation": getattr(peer.model.config, "_attn_implementation", None),
-                "experts_implementation": getattr(peer.model.config, "_experts_implementation", None),
-            }
+            peer_status = "ok" + (f" ({notes['fallback']})" if "fallback" in notes else "")
+            result["peer_config"] = notes
+        else:
+            peer, why = load_peer(engine.path, dtype, model.embed.device)
+            if peer is None:
+                peer_status = why
+                log(f"note: {why}")
+            else:
+                runners.append(peer)
+                peer_status = "ok"
+                result["peer_config"] = {
+                    "class": type(peer.model).__name__,
+                    "attn_implementation": getattr(peer.model.config, "_attn_implementation", None),
+                    "experts_implementation": getattr(peer.model.config, "_experts_implementation", None),
+                }
     result["against"] = {"name": against, "status": peer_status} if against else None
+    if len(runners) > 1:
+        result["against"]["greedy_check"] = greedy_check(runners[0], runners[1], cfg.vocab_size, settings.seed)
+        log(f"greedy check: {result['against']['greedy_check']['summary']}")
+    result["bandwidth_floor"] = {"touched": touched_weight_bytes(model, cfg), "memcpy_before": memcpy_bandwidth()}
     result["impls"] = [r.name for r in runners]
     vocab = cfg.vocab_size
 
@@ -509,11 +607,21 @@ def run_bench(
     note = None if rows else (mtp_note or "not asked (--mtp 0)")
     result["mtp"] = {"rows": rows, "note": note}
 
+    result["bandwidth_floor"]["memcpy_after"] = memcpy_bandwidth()
+    result["bandwidth_floor"] = floor_figures(result["bandwidth_floor"], result["batch_sizes"], result["impls"])
     kv = {f"dsv3_{form}": v for form, v in dsv3_kv_bytes(engine, backend, dtype).items()}
     weights = {"dsv3": runners[0].weights()}
     if len(runners) > 1:
-        kv["transformers"] = runners[1].kv_bytes_per_token()
-        weights["transformers"] = runners[1].weights()
+        peer = runners[1]
+        if hasattr(peer, "kv_bytes_per_token"):
+            kv[peer.name] = peer.kv_bytes_per_token()
+        w = peer.weights()
+        if "params" not in w:  # a GGUF file: per parameter of the same checkpoint (no MTP layers in GGUF)
+            params = weights["dsv3"]["params"] - sum(p.numel() for p in model.mtp.parameters())
+            w.update(params=params, bytes_per_param=round(w["bytes"] / max(params, 1), 4))
+        weights[peer.name] = w
+        if hasattr(peer, "close"):
+            peer.close()
     result["kv_cache"] = kv
     result["kv_cache_671b"] = kv_bytes_671b()
     result["weights"] = weights
@@ -581,6 +689,9 @@ def _table(r: dict, key: str, label: str) -> list[str]:
         if "ratio" in p:
             q = p["ratio"]
             same = "same tokens" if p["same_tokens"] else "tokens differ"
+            if p.get("first_difference"):
+                d = p["first_difference"]
+                same = f"tokens differ from token {d['token'] + 1} in {d['rows']} row(s)"
             lines.append(
                 f"{'':>7} {'dsv3/peer':<13} {q['ttft_s']:>21.2f}x {q['prefill_tokens_per_s']:>23.2f}x "
                 f"{q['decode_tokens_per_s']:>23.2f}x  ({same})"
@@ -621,6 +732,14 @@ def format_report(r: dict) -> str:
         lines.append(f"  {note}")
     if r["against"]:
         lines.append(f"  against {r['against']['name']}: {r['against']['status']}")
+        if "greedy_check" in r["against"]:
+            lines.append(f"  greedy check: {r['against']['greedy_check']['summary']}")
+        peer_cfg = r.get("peer_config") or {}
+        if "gguf" in peer_cfg:
+            lines.append(
+                f"  llama.cpp: {peer_cfg['gguf']} ({peer_cfg['outtype']} weights, {peer_cfg['kv_cache_type']} KV "
+                f"cache), {m['torch_threads']} thread(s) for decode and prefill, token ids through llama_decode"
+            )
         if len(r["impls"]) > 1:
             lines.append("  dsv3/peer rows: ratios of medians (tokens/s > 1 and TTFT < 1: dsv3 is faster)")
     lines += ["", f"By prompt length: batch 1, {n} new tokens", *_table(r, "prompt_lengths", "prompt")]
@@ -640,6 +759,23 @@ def format_report(r: dict) -> str:
             f"{k} {v['bytes_per_token_per_layer']} ({v['bytes_per_token']} all layers)" for k, v in at.items()
         )
         lines.append(f"  at the 671B shape (C 512, R 64, 61 layers, bf16) per layer: {shown}")
+    fl = r.get("bandwidth_floor")
+    if fl:
+        t, b, a = fl["touched"], fl["memcpy_before"], fl["memcpy_after"]
+        lines += [
+            "",
+            f"Bandwidth floor, batch-1 decode: a token reads {t['bytes'] / 1e6:.1f} MB of weights (routed experts "
+            f"{t['experts_per_token']}; embedding one row) at {fl['bytes_per_s'] / 1e9:.2f} GB/s -> floor "
+            f"{fl['floor_ms_per_token']:.2f} ms/token",
+            f"  bandwidth: the best of {fl['memcpy_before']['buffer_bytes'] >> 20} MiB copies (read + write bytes) and "
+            "sums (read bytes), GB/s before / after the runs: copy "
+            f"{b['copy_bytes_per_s'] / 1e9:.2f} / {a['copy_bytes_per_s'] / 1e9:.2f}, read "
+            f"{b['read_bytes_per_s'] / 1e9:.2f} / {a['read_bytes_per_s'] / 1e9:.2f} (weights the caches hold can beat it)",
+        ]
+        for name, frac in fl.get("fraction_of_floor", {}).items():
+            lines.append(
+                f"  {name:<14} batch-1 decode at {frac:.2f} of the floor's speed (floor time / time per token)"
+            )
     lines += ["", "Resident weights"]
     for name, v in r["weights"].items():
         lines.append(
