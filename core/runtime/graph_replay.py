@@ -11,7 +11,7 @@ that a step is capturable before trying it on hardware. It is not faster than th
   replaced by the replay's. Python values (ints, shapes, branches taken) are those seen at capture.
 - What a CUDA graph cannot capture raises :class:`CaptureError` at capture, naming the operator: a copy of
   device data to the host (``.item()``, ``int(t)``, ``bool(t)``) and operators whose output shape depends
-  on the data (``nonzero``, ``unique``, ``masked_select``, indexing with a boolean mask). ``.tolist()`` and
+  on the data (``nonzero``, ``unique``, ``bincount``, ``masked_select``, indexing with a boolean mask). ``.tolist()`` and
   ``.numpy()`` read CPU memory without an ATen call, so they go unseen here: a step using them replays
   the values seen at capture, which a test comparing replay with eager steps catches.
 """
@@ -31,6 +31,7 @@ aten = torch.ops.aten
 HOST_SYNC_OPS = frozenset(
     {
         aten._local_scalar_dense,
+        aten.bincount,
         aten.nonzero,
         aten.nonzero_static,
         aten.unique_consecutive,

@@ -47,7 +47,8 @@ def test_every_shipped_config_loads_and_validates(name):
     cfg = dsv3.load_config(path)
     assert cfg.validate() is cfg
     assert cfg.model_type in ("deepseek_v2", "deepseek_v3")
-    assert cfg.yarn is not None and cfg.yarn.factor > 1
+    if not name.startswith("bench-mid"):  # bench-mid: issue 22's timing shapes (profile_decode.py's MID), no YaRN
+        assert cfg.yarn is not None and cfg.yarn.factor > 1
     raw = json.loads(path.read_text()) if name.endswith(".json") else yaml.safe_load(path.read_text())
     for key in ("hidden_size", "num_hidden_layers", "n_routed_experts", "num_experts_per_tok", "kv_lora_rank"):
         assert getattr(cfg, key) == raw[key], key  # nothing silently replaced by a default
