@@ -137,8 +137,11 @@ def check_moe_comm(
 
 
 def resolve_moe_comm(hook) -> tuple[DispatchFn, CombineFn]:
-    """The (dispatch, combine) pair from a plugin manager's ``hook`` relay: the backend's own when it
-    supplies both, else the reference (a lone half is refused: the handle is private to its pair)."""
+    """The (dispatch, combine) pair from a plugin manager's ``hook`` relay (None: no plugin manager): the
+    backend's own when it supplies both, else the reference (a lone half is refused: the handle is
+    private to its pair)."""
+    if hook is None:
+        return moe_dispatch, moe_combine
     d, c = hook.dsv3_comm_moe_dispatch(), hook.dsv3_comm_moe_combine()
     if (d is None) != (c is None):
         raise Dsv3Error("dsv3_comm_moe_dispatch and dsv3_comm_moe_combine: a backend must supply both or neither")

@@ -337,6 +337,11 @@ class MoE(nn.Module):
         self._code = -1
         self._e_local, self._dim, self._dtype = e_local, d, opts.dtype
 
+    def _count(self, ids: torch.Tensor) -> None:
+        """Add ids (N, k)'s tokens per expert to ``load`` when counting."""
+        if self.load is not None:
+            self.load += torch.bincount(ids.flatten(), minlength=self.load.numel()).to(self.load)
+
     def attach_ep(self, ep: ExpertParallel, code: int) -> None:
         """Dispatch tokens to their experts' ranks through ``ep`` (--dp-attention), as MoE layer ``code``."""
         self._ep, self._code = ep, code
@@ -355,8 +360,7 @@ class MoE(nn.Module):
             flat = torch.empty((0, self._dim), dtype=self._dtype, device=device)
         if flat.shape[0]:
             weights, ids = self._gate(flat, self.gate_weight, self.gate_bias, self.routing)  # (N, k)
-            if self.load is not None:
-                self.load += torch.bincount(ids.flatten(), minlength=self.load.numel()).to(self.load)
+            self._count(ids)
             ids, order = ids.sort(dim=-1)
             weights = weights.gather(1, order)
         else:  # no tokens: ops are not asked to handle empty batches
@@ -383,8 +387,7 @@ class MoE(nn.Module):
         if self._ep is not None:
             return self._ep.run(self._code, flat).view_as(x)
         weights, ids = self._gate(flat, self.gate_weight, self.gate_bias, self.routing)  # (N, k)
-        if self.load is not None:
-            self.load += torch.bincount(ids.flatten(), minlength=self.load.numel()).to(self.load)
+        self._count(ids)
         routed = self._experts(
             flat, weights, ids, self.w1.as_weight(), self.w3.as_weight(), self.w2.as_weight(), self.expert_offset
         )

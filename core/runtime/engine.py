@@ -124,9 +124,7 @@ class Engine:
             prompts = [prompts]
         ids = [self._prompt_ids(p, chat) for p in prompts]
         params = self._params(max_new_tokens, temperature, top_p, seed, logits, stop_token_ids)
-        if (
-            getattr(self.model, "ep", None) is not None
-        ):  # --dp-attention: this rank completes its share, then all are gathered
+        if getattr(self.model, "ep", None) is not None:  # --dp-attention: this rank's share, then all gathered
             return self._generate_dp(prompts, ids, params, mtp)
         out = collect(self._steps(ids, params, mtp), len(ids))
         rows = out.stats.get("mtp_rows") or [None] * len(ids)

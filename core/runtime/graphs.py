@@ -57,10 +57,10 @@ def bucket_for(n: int, sizes: tuple[int, ...]) -> int | None:
 
 
 def backend_capture(model: Transformer, enforce_eager: bool = False) -> CaptureGraph | None:
-    """The model's backend's ``BackendInfo.capture_graph``; None with ``enforce_eager`` or under tensor
-    parallelism (where every step stays eager for now)."""
+    """The model's backend's ``BackendInfo.capture_graph``; None with ``enforce_eager`` or with several
+    processes (tensor parallelism or --dp-attention: their collectives are not captured; steps stay eager)."""
     info = getattr(model, "backend_info", None)  # set by dsv3.runtime.loading.build_model
-    if info is None or enforce_eager or model.par.distributed:
+    if info is None or enforce_eager or model.opts.par.distributed:
         return None
     return info.capture_graph
 

@@ -86,10 +86,9 @@ def build_model(
     model = Transformer(cfg, ops, opts)
     model.backend_info = backend.info
     if model.ep is not None:  # --dp-attention: the backend's own dispatch/combine, else the reference
-        from ..model.ep_comm import moe_combine, moe_dispatch, resolve_moe_comm
+        from ..model.ep_comm import resolve_moe_comm
 
-        hook = backend.manager.hook if backend.manager is not None else None
-        model.ep.set_comm(*(resolve_moe_comm(hook) if hook is not None else (moe_dispatch, moe_combine)))
+        model.ep.set_comm(*resolve_moe_comm(backend.manager.hook if backend.manager is not None else None))
     if kv_cache_dtype != "auto":
         model.set_kv_cache_dtype(kv_cache_dtype)  # a Dsv3Error naming the backend when it has no fp8 cache
     return model
